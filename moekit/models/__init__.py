@@ -1,0 +1,100 @@
+"""The MoE view: `load(path_or_model)` -> MoEView. Adapters are registered in moekit/models/families.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.errors import UserError
+from moekit.models import families  # noqa: F401  (registers the adapters)
+from moekit.models.registry import Adapter, ExpertLayout, get, register, supported
+from moekit.models.view import MoELayer, MoEView
+from moekit.ops.activations import glu
+
+
+def load(model_or_path, *, dtype: torch.dtype | str | None = None, meta: bool = False) -> MoEView:
+    """A view of a transformers MoE causal LM, given the model or a checkpoint folder.
+
+    meta=True builds the model on the meta device from its config (no weights read): enough for shapes and counts.
+    """
+    if isinstance(model_or_path, nn.Module):
+        return view(model_or_path)
+    return view(_load_model(Path(model_or_path), dtype=dtype, meta=meta))
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+
+    if not path.exists():
+        raise UserError(f"no model at {path}: give a Hugging Face checkpoint folder (config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: give a Hugging Face checkpoint folder (config.json + weights)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read {path / 'config.json'}: {str(err).splitlines()[0]}") from None
+
+
+def _load_model(path: Path, *, dtype, meta: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path)
+    get(config.model_type)  # unsupported families fail here, before any weight is read
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+    try:
+        # eager experts are the fastest on CPU for inference-sized batches (measured; see README)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", experts_implementation="eager")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
+
+
+def view(model: nn.Module) -> MoEView:
+    adapter = get(model.config.model_type)
+    moe, dense = [], []
+    for i, decoder_layer in enumerate(_decoder_layers(model)):
+        block = getattr(decoder_layer, adapter.block, None)
+        if block is not None and hasattr(block, adapter.experts):
+            moe.append(_moe_layer(i, block, adapter, model.config))
+        else:
+            dense.append(i)
+    if not moe:
+        raise UserError(f"this {adapter.model_type} model has no MoE layers (all {len(dense)} layers are dense)")
+    return MoEView(model=model, adapter=adapter, layers=moe, dense_layers=dense)
+
+
+def _decoder_layers(model: nn.Module):
+    base = getattr(model, "model", None) or model.base_model
+    return base.layers
+
+
+def _moe_layer(index: int, block: nn.Module, adapter: Adapter, config) -> MoELayer:
+    router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
+    return MoELayer(
+        index=index,
+        block=block,
+        router=router,
+        experts=experts,
+        rule=adapter.rule(config, router),
+        layout=adapter.layout or _layout_from_flags(experts),
+        activation=adapter.activation(config) if adapter.activation else glu(config.hidden_act),
+        adapter=adapter,
+        shared=getattr(block, adapter.shared) if adapter.shared else None,
+        shared_gate=getattr(block, adapter.shared_gate) if adapter.shared_gate else None,
+    )
+
+
+def _layout_from_flags(experts: nn.Module) -> ExpertLayout:
+    """transformers' `use_experts_implementation` decorator records the storage layout on the experts module."""
+    return ExpertLayout(
+        transposed=experts.is_transposed,
+        interleaved=not experts.is_concatenated,
+        has_bias=experts.has_bias,
+        has_gate=experts.has_gate,
+    )
+
+
+__all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "get", "load", "load_config", "register", "supported"]

@@ -1,0 +1,68 @@
+"""Adapters: where a transformers MoE family keeps its router, experts and shared experts, and its routing rule.
+
+An adapter is data. Add a family by calling `register(Adapter(...))` in a small module under moekit/models/ and importing
+it in moekit/models/__init__.py. Looked up by `config.model_type` (megablocks `dmlp_registry` style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moekit.errors import UserError
+from moekit.ops.routing import RoutingRule
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How the fused expert tensors are stored (transformers' `use_experts_implementation` flags)."""
+
+    transposed: bool = False  # [E, H, 2I] and [E, I, H] (x @ W) instead of [E, 2I, H] and [E, H, I] (F.linear)
+    interleaved: bool = False  # gate/up columns interleaved g0, u0, g1, u1, ... (GPT-OSS) instead of [gate; up]
+    has_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
+    has_gate: bool = True  # False: up_proj only, act(up)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    rule: Callable  # (config, router module) -> RoutingRule
+    expert_count_keys: tuple[str, ...]  # config keys that hold the routed expert count
+    top_k_key: str = "num_experts_per_tok"
+    block: str = "mlp"  # decoder-layer attribute of the MoE block
+    router: str = "gate"  # MoE-block attributes ...
+    experts: str = "experts"
+    shared: str | None = None  # shared expert MLP, added to every token's output
+    shared_gate: str | None = None  # Linear(H, 1) whose sigmoid scales the shared expert (Qwen2-MoE)
+    correction_bias: str | None = None  # router attribute path of e_score_correction_bias
+    router_fp32: bool = False  # router linear computed in float32 whatever the model dtype
+    layout: ExpertLayout | None = None  # None: read the flags use_experts_implementation sets on the experts module
+    activation: Callable | None = None  # (config) -> gated activation; None: act(gate) * up with config.hidden_act
+    router_output: str = "logits_weights_ids"  # what the router returns; "scores_logits" for Llama 4
+    notes: str = ""
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    if adapter.model_type in _ADAPTERS:
+        raise ValueError(f"an adapter for {adapter.model_type!r} is already registered")
+    _ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def supported() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get(model_type: str) -> Adapter:
+    try:
+        return _ADAPTERS[model_type]
+    except KeyError:
+        raise UserError(
+            f"model type {model_type!r} is not a supported MoE family; supported: {', '.join(supported())}"
+        ) from None
+
+
+__all__ = ["Adapter", "ExpertLayout", "RoutingRule", "get", "register", "supported"]

@@ -1,0 +1,68 @@
+"""Tiny random models of every supported family, built from the real transformers config classes (float32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+_COMMON = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=128, max_position_embeddings=128,
+)
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+# model_type -> (config class, overrides). >= 8 experts, 3 layers; some families keep a dense first layer.
+TINY = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, mlp_only_layers=[0])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
+                                         norm_topk_prob=True)),
+    "qwen3_next": ("Qwen3NextConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=16, norm_topk_prob=True,
+                                           layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                           linear_num_value_heads=4, linear_num_key_heads=2,
+                                           linear_key_head_dim=8, linear_value_head_dim=8)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2)),
+    "deepseek_v2": ("DeepseekV2Config", dict(_MLA, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy",
+                                             n_group=4, topk_group=2, routed_scaling_factor=1.5)),
+    "deepseek_v3": ("DeepseekV3Config", dict(_MLA, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                             routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                       n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                       routed_scaling_factor=1.5, norm_topk_prob=True)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["full_attention"] * 3)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1)),
+    "llama4_text": ("Llama4TextConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size_mlp=48,
+                                             moe_layers=[1, 2])),
+}
+
+
+def tiny_config(model_type: str):
+    cls_name, overrides = TINY[model_type]
+    return getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A tiny random model in float32 eval mode, with eager experts and non-trivial routing parameters."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        for name, buf in list(model.named_parameters()) + list(model.named_buffers()):
+            if "e_score_correction_bias" in name:
+                buf.copy_(torch.rand_like(buf) * 0.1)  # exercise selection-only bias
+            elif "experts" in name and "bias" in name:
+                buf.normal_(0, 0.02)  # gpt-oss expert biases start empty
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY))
+def family(request):
+    return request.param
