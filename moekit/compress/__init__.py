@@ -1,0 +1,1 @@
+"""Compression: calibration statistics in, a plan out; applying a plan edits the model's experts in place."""

@@ -1,0 +1,42 @@
+"""Writing output checkpoints atomically: a temporary folder beside the target, renamed into place when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from moekit.errors import UserError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, report: dict | None = None,
+                    overwrite: bool = False) -> Path:
+    """save_pretrained (per-expert keys, the format vLLM and SGLang load) + tokenizer files copied from `source` +
+    compression.json, into `out`, atomically: nothing half-written is ever left at `out`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: choose another --out or remove it")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (Path(source) / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(Path(source) / name, tmp / name)
+        if report is not None:
+            (tmp / "compression.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
