@@ -1,0 +1,135 @@
+"""What gets traced: data specs -> documents -> token sequences (non-overlapping windows that never cross a document).
+
+Everything here streams: a document at a time, a window at a time, so any amount of data fits in memory. The order is
+deterministic, which is what makes --resume exact: a resumed run regenerates the same sequence stream and skips the
+sequences of completed chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moekit.errors import UserError
+
+DOC_SEP = "<|endoftext|>"  # a line holding only this separates documents in a .txt file (the demo corpus format)
+CORPUS_DIRS = (Path("demo/corpus/heldout"), Path(__file__).resolve().parents[2] / "demo/corpus/heldout")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str  # as the user wrote it
+    path: Path
+    kind: str  # txt | jsonl
+    domain: str  # default domain (a JSONL row's `domain` or `label` field overrides it)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "domain": self.domain}
+
+
+@dataclass(frozen=True)
+class Sequence:
+    seq_id: int
+    domain: str
+    token_ids: np.ndarray  # [S] int32, S <= seq_len
+    start: int  # position of the first token within its document
+
+
+def resolve_data(specs: Iterable[str], corpus_dirs: Iterable[Path] = CORPUS_DIRS) -> list[Source]:
+    """--data values (each may be comma-separated) -> sources. A spec is a .txt / .jsonl file, or a demo-corpus domain."""
+    names = [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UserError("no data given: pass --data FILE.txt, FILE.jsonl or a demo-corpus domain such as --data code,prose")
+    return [_resolve_one(name, list(corpus_dirs)) for name in names]
+
+
+def _resolve_one(name: str, corpus_dirs: list[Path]) -> Source:
+    path = Path(name)
+    if path.is_file():
+        kind = "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "txt"
+        return Source(name, path, kind, path.stem)
+    for folder in corpus_dirs:
+        candidate = folder / f"{name}.txt"
+        if "/" not in name and candidate.is_file():
+            return Source(name, candidate, "txt", name)
+    known = sorted({p.stem for d in corpus_dirs if d.is_dir() for p in d.glob("*.txt")})
+    hint = f"; demo-corpus domains: {', '.join(known)}" if known else ""
+    raise UserError(f"--data {name}: no such file and not a demo-corpus domain{hint}")
+
+
+def documents(source: Source) -> Iterator[tuple[str, str]]:
+    """(text, domain) per document, read line by line."""
+    if source.kind == "jsonl":
+        yield from _jsonl_documents(source)
+    else:
+        yield from ((text, source.domain) for text in _txt_documents(source.path))
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.rstrip("\r\n") == DOC_SEP:
+                if "".join(lines).strip():
+                    yield "".join(lines).strip("\n")
+                lines = []
+            else:
+                lines.append(line)
+    if "".join(lines).strip():
+        yield "".join(lines).strip("\n")
+
+
+def _jsonl_documents(source: Source) -> Iterator[tuple[str, str]]:
+    with open(source.path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{source.path}:{n}: not valid JSON ({err.msg}); give one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{source.path}:{n}: each JSONL line needs a string field `text`")
+            domain = row.get("domain", row.get("label", source.domain))
+            yield row["text"], str(domain)
+
+
+def encoder(tokenizer) -> Callable[[str], list[int]]:
+    """A tokenizer (transformers or `tokenizers`) -> text -> ids, with the eos token appended when the tokenizer has
+    one, as the demo model saw every document in training."""
+    if hasattr(tokenizer, "encode_plus") or hasattr(tokenizer, "apply_chat_template"):  # transformers tokenizer
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return lambda text: list(tokenizer.encode(text, add_special_tokens=False)) + eos
+    if hasattr(tokenizer, "encode"):  # tokenizers.Tokenizer or anything with encode(text) -> ids / Encoding
+        def encode(text: str) -> list[int]:
+            out = tokenizer.encode(text)
+            return list(getattr(out, "ids", out))
+
+        return encode
+    raise ValueError(f"cannot tokenize with a {type(tokenizer).__name__}: it has no encode()")
+
+
+def sequences(
+    sources: list[Source], encode: Callable[[str], list[int]], seq_len: int, max_tokens: int | None = None
+) -> Iterator[Sequence]:
+    """Non-overlapping windows of at most seq_len tokens of each document, sources in order; stops at max_tokens
+    (the last window is cut to fit)."""
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be >= 1, got {seq_len}")
+    seq_id, total = 0, 0
+    for source in sources:
+        for text, domain in documents(source):
+            ids = np.asarray(encode(text), dtype=np.int32)  # [N]
+            for start in range(0, len(ids), seq_len):
+                window = ids[start:start + seq_len]
+                if max_tokens is not None:
+                    window = window[: max_tokens - total]
+                if len(window) == 0:
+                    return
+                yield Sequence(seq_id, domain, window, start)
+                seq_id, total = seq_id + 1, total + len(window)

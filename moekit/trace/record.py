@@ -1,0 +1,253 @@
+"""`record`: run a model over data with router hooks and write the routing trace, chunk by chunk, resumably.
+
+A chunk is a fixed number of consecutive sequences (chunk_tokens // seq_len), so chunk boundaries depend only on the
+options and the data: a resumed run skips the sequences of the chunks the manifest lists and recomputes the rest in the
+same batches, which gives the same trace as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit.errors import UserError
+from moekit.trace import schema, store
+from moekit.trace.capture import RouterCapture
+from moekit.trace.data import Sequence, Source, encoder, resolve_data, sequences
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    seq_len: int = 512
+    batch_size: int = 8
+    max_tokens: int | None = None
+    chunk_tokens: int = 65536  # tokens per chunk file (rounded to whole sequences): bounds memory
+    logits: bool = False  # also store the full router logits (float16)
+    activation_stats: bool = False  # per layer x expert max |in| / |out| of the down projection
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def chunk_sequences(self) -> int:
+        return max(1, self.chunk_tokens // self.seq_len)
+
+
+def record(
+    model,
+    data: list[str] | list[Source],
+    out: Path,
+    *,
+    tokenizer=None,
+    options: TraceOptions = TraceOptions(),
+    resume: bool = False,
+    dtype=None,
+    on_tokens: Callable[[int], None] | None = None,
+    _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
+) -> dict:
+    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest."""
+    view, model_name = _view(model, dtype)
+    sources = data if data and isinstance(data[0], Source) else resolve_data(data)
+    encode = encoder(tokenizer if tokenizer is not None else _load_tokenizer(model))
+    out = Path(out)
+    manifest = _prepare(out, new_manifest(view, model_name, sources, options), resume)
+    if manifest["completed"]:
+        return manifest
+    stream = sequences(sources, encode, options.seq_len, options.max_tokens)
+    done = len(manifest["chunks"])
+    stream = islice(stream, done * options.chunk_sequences, None)  # completed chunks: skip their sequences
+    pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits)
+    with RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats) as cap:
+        for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
+            if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
+                return manifest
+            arrays = _trace_chunk(view, cap, chunk, options, manifest["domain_names"], on_tokens)
+            store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
+            _add_chunk(manifest, i, chunk)
+            store.write_manifest(out, manifest)
+    manifest["completed"] = True
+    store.write_manifest(out, manifest)
+    return manifest
+
+
+def new_manifest(view, model_name: str, sources: list[Source], options: TraceOptions) -> dict:
+    import moekit
+
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "kind": schema.KIND_TOKENS,
+        "moekit_version": getattr(moekit, "__version__", "unknown"),
+        "model": model_name,
+        "model_type": view.model_type,
+        "config_hash": config_hash(view.config),
+        "data": [s.describe() for s in sources],
+        "options": {**asdict(options), "chunk_sequences": options.chunk_sequences},
+        "seq_len": options.seq_len,
+        "layers": [layer.index for layer in view.layers],
+        "top_k": view.top_k,
+        "num_experts": view.num_experts,
+        "ids_dtype": schema.ids_dtype(view.num_experts).name,
+        "logits": options.logits,
+        "activation_stats": options.activation_stats,
+        "domain_names": [],
+        "tokens": 0,
+        "sequences": 0,
+        "chunks": [],
+        "completed": False,
+    }
+
+
+# what must match for a resumed run to continue an earlier one
+RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts")
+
+
+def config_hash(config) -> str:
+    """sha256 of the model config, without bookkeeping keys that do not change the model (paths, versions, backends)."""
+    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
+    """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not resume:
+            raise UserError(f"--out {out} is not empty: pass --resume to continue that trace, or choose another --out")
+        return _reopen(out, fresh)
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_manifest(out, fresh)
+    return fresh
+
+
+def _reopen(out: Path, fresh: dict) -> dict:
+    from moekit.trace.reader import check_chunk, read_manifest
+
+    old = read_manifest(out)
+    for key in RESUME_KEYS:
+        if old.get(key) != fresh.get(key):
+            raise UserError(f"cannot --resume {out}: its {key} differs from this run's (was {old.get(key)!r}); "
+                            f"rerun with the same model, data and options, or choose another --out")
+    store.discard_temp_files(out)
+    _drop_damaged_chunks(out, old, check_chunk)
+    listed = {c["file"] for c in old["chunks"]}
+    for orphan in out.glob("chunk-*.parquet"):  # written but killed before the manifest listed it: redo it
+        if orphan.name not in listed:
+            orphan.unlink()
+    return {**old, "model": fresh["model"]}
+
+
+def _drop_damaged_chunks(out: Path, manifest: dict, check) -> None:
+    """Forget the first missing or unreadable chunk and every chunk after it, so --resume rewrites them."""
+    for k, c in enumerate(manifest["chunks"]):
+        if not check(out / c["file"]):
+            for later in manifest["chunks"][k:]:
+                manifest["tokens"] -= later["tokens"]
+                manifest["sequences"] -= later["sequences"]
+            del manifest["chunks"][k:]
+            manifest["completed"] = False
+            return
+
+
+def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domain_names, on_tokens) -> store.ChunkArrays:
+    meta, per_layer = [], {layer.index: [] for layer in view.layers}
+    for start in range(0, len(chunk), options.batch_size):
+        batch = chunk[start:start + options.batch_size]
+        input_ids, keep = _pad(batch)  # [B, S], [B*S]
+        with torch.inference_mode():
+            _base(view.model)(input_ids=input_ids, use_cache=False)
+        for index, arrays in cap.take(keep).items():
+            per_layer[index].append(arrays)
+        meta.append(_token_meta(batch, domain_names))
+        if on_tokens is not None:
+            on_tokens(int(keep.sum()))
+    cat = lambda xs: np.concatenate(xs) if xs[0] is not None else None  # noqa: E731
+    layers = {i: [cat([a[j] for a in arrs]) for j in range(3)] for i, arrs in per_layer.items()}
+    return store.ChunkArrays(
+        seq_id=np.concatenate([m[0] for m in meta]),
+        position=np.concatenate([m[1] for m in meta]),
+        token_id=np.concatenate([m[2] for m in meta]),
+        domain=np.concatenate([m[3] for m in meta]),
+        domain_names=list(domain_names),
+        ids={i: v[0] for i, v in layers.items()},
+        weights={i: v[1] for i, v in layers.items()},
+        logits={i: v[2] for i, v in layers.items() if v[2] is not None},
+        act_max=cap.pop_activation_maxima() if options.activation_stats else None,
+    )
+
+
+def _pad(batch: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence. Causal attention: real tokens never see the padding after them, and routing
+    is per token, so padding changes nothing that is recorded; it is dropped by `keep`."""
+    S = max(len(s.token_ids) for s in batch)
+    ids = torch.zeros((len(batch), S), dtype=torch.long)  # [B, S]
+    keep = torch.zeros((len(batch), S), dtype=torch.bool)
+    for b, s in enumerate(batch):
+        ids[b, : len(s.token_ids)] = torch.from_numpy(s.token_ids)
+        keep[b, : len(s.token_ids)] = True
+    return ids, keep.reshape(-1)  # [B*S] in the routers' (row-major) token order
+
+
+def _token_meta(batch: list[Sequence], domain_names: list[str]):
+    for s in batch:
+        if s.domain not in domain_names:
+            domain_names.append(s.domain)
+    seq = np.concatenate([np.full(len(s.token_ids), s.seq_id, np.int64) for s in batch])
+    pos = np.concatenate([np.arange(s.start, s.start + len(s.token_ids), dtype=np.int32) for s in batch])
+    tok = np.concatenate([s.token_ids for s in batch]).astype(np.int32)
+    dom = np.concatenate([np.full(len(s.token_ids), domain_names.index(s.domain), np.int32) for s in batch])
+    return seq, pos, tok, dom
+
+
+def _add_chunk(manifest: dict, i: int, chunk: list[Sequence]) -> None:
+    tokens = sum(len(s.token_ids) for s in chunk)
+    manifest["chunks"].append({"file": schema.chunk_name(i), "first_seq_id": chunk[0].seq_id,
+                               "sequences": len(chunk), "tokens": tokens})
+    manifest["tokens"] += tokens
+    manifest["sequences"] += len(chunk)
+
+
+def _batched(it: Iterator, n: int) -> Iterator[list]:
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head: the trace needs only the routers, not the vocabulary projection."""
+    return getattr(model, "model", None) or model.base_model
+
+
+def _view(model, dtype):
+    import moekit.models
+    from moekit.models import MoEView
+
+    if isinstance(model, MoEView):
+        return model, type(model.model).__name__
+    if isinstance(model, nn.Module):
+        return moekit.models.load(model), type(model).__name__
+    view = moekit.models.load(model, dtype=dtype)
+    view.model.eval()
+    return view, str(model)
+
+
+def _load_tokenizer(model):
+    if isinstance(model, (str, Path)):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the tokenizer of {model}: {str(err).splitlines()[0]}") from None
+    raise ValueError("tracing an in-memory model needs tokenizer=...")
