@@ -1,0 +1,76 @@
+"""Expert-cache hit rate versus capacity for LRU, LFU and Belady MIN, per layer.
+
+Conventions (SCH's, from the moe-lrc released code, arXiv 2505.16056, so that these curves and SCH share one plot): each
+sequence is its own stream starting from an empty cache; a token's K experts are judged hit or miss against the cache as it
+was before the token, then inserted in order (an insertion may evict another expert of the same token); the first C
+distinct experts of a sequence fill free space and count as hits; hit rate = hits / (T_s * K) per sequence, then the mean
+over sequences. A running system (the runtime's simulator) counts cold misses as misses instead: with these conventions a
+cache of capacity >= E always scores 1.0.
+
+Policies (all evict the resident with the lowest priority, so all are stack algorithms, Mattson et al. 1970, and every
+capacity comes out of one pass of the priority-stack kernel in _stack.py):
+  lru     priority = last use.
+  lfu     priority = uses so far in the sequence (perfect LFU: counts survive eviction), ties by last use.
+  belady  priority = sooner next use (Belady 1966, MIN): the offline ceiling for a demand-fetch cache.
+Slow literal simulations (_reference.py) are the references; `cache_hit_rate_reference` runs them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moekit.analysis import _reference, _stack
+from moekit.analysis._common import check_capacities, check_ids, sequence_bounds
+
+POLICIES = ("lru", "lfu", "belady")
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown cache policy {policy!r}; supported: {', '.join(POLICIES)}")
+    return policy
+
+
+def cache_hit_rates(ids, seq_id, n_experts: int, capacities, policy: str = "lru") -> np.ndarray:
+    """Hit rate for each capacity: ids [T, K] -> [C]; ids [L, T, K] (layers sharing seq_id) -> [L, C].
+
+    See the module docstring for the conventions. Capacities are in experts (use `capacities_for(top_k)` for multiples
+    of top-k).
+    """
+    _check_policy(policy)
+    ids = check_ids(ids, n_experts, allow_layers=True)
+    caps = check_capacities(capacities)
+    batch = _stack.make_batch(ids if ids.ndim == 3 else ids[None], *sequence_bounds(seq_id, ids.shape[-2]), n_experts)
+    rates = hit_rates_from_batch(batch, caps, policy)  # [L, C]
+    return rates if ids.ndim == 3 else rates[0]
+
+
+def hit_rates_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, policy: str) -> np.ndarray:
+    """[L, C] hit rates of an already laid-out batch (lets one layout serve several policies)."""
+    width = int(min(batch.n_experts, caps.max()))
+    eff = _stack.effective_depths(batch, width, _check_policy(policy))
+    return _stack.hit_rates(eff, batch, caps)
+
+
+def capacities_for(top_k: int, multiples=(1, 2, 3, 4)) -> np.ndarray:
+    """Cache sizes given as multiples of top-k, [C]."""
+    return np.asarray(multiples, dtype=np.int64) * int(top_k)
+
+
+def cache_hit_rate_reference(ids, seq_id, n_experts: int, capacity: int, policy: str = "lru") -> float:
+    """Slow literal simulation of one capacity, for tests: same conventions as `cache_hit_rates`. ids [T, K]."""
+    _check_policy(policy)
+    ids = check_ids(ids, n_experts)
+    starts, lengths = sequence_bounds(seq_id, ids.shape[0])
+    rates = []
+    for start, length in zip(starts, lengths):
+        rows = ids[start:start + length].tolist()
+        state: dict = {}
+        if policy == "lru":
+            prio = _reference.lru_priority(state)
+        elif policy == "lfu":
+            prio = _reference.lfu_priority(state)
+        else:
+            prio = _reference.belady_priority(rows, state)
+        rates.append(_reference.simulate_hits(rows, int(capacity), prio, state) / (length * ids.shape[1]))
+    return float(np.mean(rates)) if rates else float("nan")

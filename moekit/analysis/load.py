@@ -1,0 +1,131 @@
+"""Expert load: frequency, soft usage, load-balance loss, MaxVio and routing entropy of one MoE layer.
+
+ids [T, K] selected experts (weight-descending), weights [T, K], logits [T, E] optional, seq_id [T].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moekit.analysis._common import (check_ids, check_logits, check_weights, entropy_bits, sequence_bounds,
+                                     sequence_index, softmax)
+
+
+def expert_counts(ids, n_experts: int) -> np.ndarray:
+    """Number of tokens that selected each expert, [E] int64."""
+    ids = check_ids(ids, n_experts)
+    return np.bincount(ids.ravel(), minlength=n_experts).astype(np.int64)
+
+
+def expert_frequency(ids, n_experts: int) -> np.ndarray:
+    """f_e = count(e in K_t) / sum of counts, [E] (ALGORITHMS.md §1). Sums to 1; uniform routing gives 1/E."""
+    counts = expert_counts(ids, n_experts)
+    return counts / max(int(counts.sum()), 1)
+
+
+def soft_usage(logits) -> np.ndarray:
+    """Mean gate probability mean_t softmax(s_t)_e, [E] (ALGORITHMS.md §1)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape [T, E] with T >= 1, got {logits.shape}")
+    return softmax(check_logits(logits, *logits.shape)).mean(axis=0)
+
+
+def gate_probs(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
+    """Per-token gate probabilities [T, E] and their source ("logits" or "topk_weights").
+
+    With logits: softmax(s_t). Without: the approximation p_t,e = w_t,e / sum_k w_t,k for the selected experts and 0
+    elsewhere (the renormalised top-k weights), which ignores the probability mass the router gave unselected experts.
+    """
+    ids = check_ids(ids, n_experts)
+    if logits is not None:
+        return softmax(check_logits(logits, ids.shape[0], n_experts)), "logits"
+    if weights is None:
+        raise ValueError("gate probabilities need logits or top-k weights")
+    w = check_weights(weights, ids)
+    total = w.sum(axis=1, keepdims=True)  # [T, 1]
+    if (total <= 0).any():
+        raise ValueError("every token needs a positive total top-k weight to renormalise")
+    probs = np.zeros((ids.shape[0], n_experts))  # [T, E]
+    np.put_along_axis(probs, ids, w / total, axis=1)
+    return probs, "topk_weights"
+
+
+@dataclass(frozen=True)
+class LoadBalance:
+    """Load-balance loss at two granularities ("Demons in the Detail", arXiv 2501.11873)."""
+
+    global_lbl: float  # E * sum_i f_i P_i over all tokens
+    sequence_lbl: float  # mean over sequences of the per-sequence LBL
+    p_source: str  # "logits" or "topk_weights" (see gate_probs)
+
+
+def load_balance_loss(ids, n_experts: int, seq_id, weights=None, logits=None) -> LoadBalance:
+    """LBL = E * sum_i f_i * P_i, f_i = selection frequency (sums to 1), P_i = mean gate probability (arXiv 2501.11873,
+    Eq. 1 with ALGORITHMS.md §1's normalisation: perfectly balanced routing gives 1.0).
+
+    Global: f and P over all tokens (global-batch balancing). Sequence: f and P within each sequence, LBL per sequence,
+    then the mean (what micro-batch balancing with one sequence per micro-batch optimises). P uses softmax(logits) when
+    given, else the renormalised top-k weights (see `gate_probs`).
+    """
+    ids = check_ids(ids, n_experts)
+    probs, source = gate_probs(ids, n_experts, weights, logits)  # [T, E]
+    starts, lengths = sequence_bounds(seq_id, ids.shape[0])  # [S], [S]
+    seq = np.repeat(np.arange(starts.size), lengths)  # [T]
+    n_seq, (n_tok, top_k) = starts.size, ids.shape
+    f_global = np.bincount(ids.ravel(), minlength=n_experts) / max(n_tok * top_k, 1)  # [E]
+    lbl_global = n_experts * float(f_global @ probs.mean(axis=0)) if n_tok else float("nan")
+    counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
+    f_seq = counts.reshape(n_seq, n_experts) / (lengths[:, None] * top_k)  # [S, E]
+    p_seq = np.add.reduceat(probs, starts, axis=0) / lengths[:, None] if n_seq else probs[:0]  # [S, E] contiguous
+    per_seq = n_experts * (f_seq * p_seq).sum(axis=1)  # [S]
+    return LoadBalance(lbl_global, float(per_seq.mean()) if n_seq else float("nan"), source)
+
+
+def max_violation(load) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load (arXiv 2408.15664, Sec. 4.1). 0 = perfectly balanced."""
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim != 1 or load.size == 0:
+        raise ValueError(f"load must be a non-empty vector [E], got shape {load.shape}")
+    mean = load.mean()
+    return float((load.max() - mean) / mean) if mean > 0 else float("nan")
+
+
+def sequence_max_violation(ids, n_experts: int, seq_id) -> float:
+    """Mean over sequences of MaxVio of the per-sequence expert counts (the batch-level MaxVio of arXiv 2408.15664 with
+    one sequence per batch)."""
+    ids = check_ids(ids, n_experts)
+    seq, n_seq = sequence_index(seq_id, ids.shape[0])
+    counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
+    counts = counts.reshape(n_seq, n_experts).astype(np.float64)  # [S, E]
+    mean = counts.mean(axis=1)  # [S]
+    return float(((counts.max(axis=1) - mean) / mean).mean()) if n_seq else float("nan")
+
+
+def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
+    """Routing entropy of each token in bits, [T], and its source.
+
+    From logits: H(softmax(s_t)) over all E experts (max log2 E). Without logits: H of the renormalised top-k weights
+    (max log2 K), a different, smaller quantity; the source string says which.
+    """
+    ids = check_ids(ids, n_experts)
+    if logits is not None:
+        return entropy_bits(softmax(check_logits(logits, ids.shape[0], n_experts))), "logits"
+    if weights is None:
+        raise ValueError("token entropy needs logits or top-k weights")
+    w = check_weights(weights, ids)
+    total = w.sum(axis=1, keepdims=True)
+    if (total <= 0).any():
+        raise ValueError("every token needs a positive total top-k weight to renormalise")
+    return entropy_bits(w / total), "topk_weights"
+
+
+def layer_entropy(frequency) -> float:
+    """Entropy in bits of the layer's expert frequency distribution f (ALGORITHMS.md §1); log2 E = perfectly even."""
+    f = np.asarray(frequency, dtype=np.float64)
+    if f.ndim != 1 or f.size == 0 or (f < 0).any():
+        raise ValueError("frequency must be a non-negative vector [E]")
+    total = f.sum()
+    return float(entropy_bits(f / total)) if total > 0 else float("nan")
