@@ -1,4 +1,4 @@
-"""The MoE view: `load(path_or_model)` -> MoEView. Adapters are registered in moekit/models/families.py."""
+"""The MoE view: `load(path_or_model)` -> MoEView. Adapters are registered in moekit/models/families*.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moekit.errors import UserError
-from moekit.models import families  # noqa: F401  (registers the adapters)
+from moekit.models import families, families_sigmoid, families_softmax  # noqa: F401  (registers the adapters)
 from moekit.models.registry import Adapter, ExpertLayout, get, register, supported
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.activations import glu

@@ -34,7 +34,9 @@ class Adapter:
     experts: str = "experts"
     shared: str | None = None  # shared expert MLP, added to every token's output
     shared_gate: str | None = None  # Linear(H, 1) whose sigmoid scales the shared expert (Qwen2-MoE)
-    correction_bias: str | None = None  # router attribute path of e_score_correction_bias
+    router_linear: str | None = None  # router attribute holding the Linear with the router weight (HunYuan `wg`)
+    correction_bias: str | None = None  # attribute path of e_score_correction_bias, under the router ...
+    correction_bias_on_block: bool = False  # ... or under the MoE block, which hands it to the router (MiniMax-M2)
     router_fp32: bool = False  # router linear computed in float32 whatever the model dtype
     layout: ExpertLayout | None = None  # None: read the flags use_experts_implementation sets on the experts module
     activation: Callable | None = None  # (config) -> gated activation; None: act(gate) * up with config.hidden_act

@@ -42,17 +42,25 @@ class MoELayer:
 
     @property
     def correction_bias(self) -> torch.Tensor | None:  # [E], selection only
-        if self.adapter.correction_bias is None:
-            return None
-        return _get_path(self.router, self.adapter.correction_bias).reshape(-1)
+        if self.adapter.correction_bias is None or not self.rule.correction_bias:
+            return None  # LFM2-MoE: the bias exists only when config.use_expert_bias
+        owner = self.block if self.adapter.correction_bias_on_block else self.router
+        return _get_path(owner, self.adapter.correction_bias).reshape(-1)
+
+    @property
+    def router_linear(self) -> nn.Module:
+        """The module holding the router weight [E, H] (and bias): the router itself, or a Linear inside it."""
+        return _get_path(self.router, self.adapter.router_linear) if self.adapter.router_linear else self.router
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] for MoE-block inputs x [T, H], computed as the family's router does."""
-        weight, bias = self.router.weight, getattr(self.router, "bias", None)
+        linear = self.router_linear
+        weight, bias = linear.weight, getattr(linear, "bias", None)
         if self.adapter.router_fp32:
             x, weight = x.float(), weight.float()
             bias = bias.float() if bias is not None else None
-        return F.linear(x, weight, bias)
+        # routers whose weight dtype differs from the activations' (HunYuan's float32 `wg`) cast the input to it
+        return F.linear(x.to(weight.dtype), weight, bias)
 
     def parse_router_output(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router module's return value -> (logits [T, E], weights [T, K], ids [T, K]) as the model used them."""

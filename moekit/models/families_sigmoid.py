@@ -1,0 +1,75 @@
+"""Adapters for further sigmoid-routed families (transformers 5.23): DeepSeek-V3-style routers (sigmoid, selection-only
+score-correction bias, optional group limit, renormalise, scale) and their lighter variants.
+
+Data only; the DeepSeek-V3 rule is reused wherever the router is a copy of DeepseekV3TopkRouter (same op order)."""
+
+from __future__ import annotations
+
+from moekit.models.families import deepseek_v3
+from moekit.models.registry import Adapter, register
+from moekit.ops.activations import glu
+from moekit.ops.routing import RoutingRule
+
+
+def sigmoid_bias_topk_renorm(config, router) -> RoutingRule:
+    """MiniMax-M2: sigmoid; top-k on score + e_score_correction_bias (no groups); weights are the plain sigmoid scores
+    divided by their sum (no epsilon, no scaling)."""
+    return RoutingRule(top_k=router.top_k, scoring="sigmoid", correction_bias=True, renormalize=True)
+
+
+def lfm2_moe(config, router) -> RoutingRule:
+    """LFM2-MoE: sigmoid; top-k on score + expert_bias when use_expert_bias; weights renormalised with +1e-6 in the
+    denominator when norm_topk_prob; x routed_scaling_factor."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        correction_bias=bool(router.use_expert_bias),
+        renormalize=bool(router.norm_topk_prob),
+        renorm_eps=1e-6,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+    )
+
+
+def afmoe(config, router) -> RoutingRule:
+    """AFMoE: sigmoid; top-k on score + expert_bias; weights always renormalised (+1e-20) and x route_scale."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        correction_bias=True,
+        renormalize=True,
+        renorm_eps=1e-20,
+        routed_scaling_factor=float(router.route_scale),
+    )
+
+
+# Routers copied from DeepseekV3TopkRouter; shared experts (when any) summed unconditionally.
+_DEEPSEEK_V3_STYLE = [
+    # model_type, expert-count key, top-k key, shared-expert attribute
+    ("dots1", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("glm4_moe_lite", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("deepseek_v32", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("exaone_moe", "num_experts", "num_experts_per_tok", "shared_experts"),
+    ("solar_open", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("mimo_v2_flash", "n_routed_experts", "num_experts_per_tok", None),
+    ("bailing_hybrid", "num_experts", "num_experts_per_token", "shared_experts"),
+    ("kimi_linear", "num_experts", "num_experts_per_token", "shared_experts"),
+]
+for _t, _count, _top_k, _shared in _DEEPSEEK_V3_STYLE:
+    register(
+        Adapter(_t, deepseek_v3, expert_count_keys=(_count,), top_k_key=_top_k, shared=_shared,
+                correction_bias="e_score_correction_bias", router_fp32=True)
+    )
+
+register(
+    Adapter("minimax_m2", sigmoid_bias_topk_renorm, expert_count_keys=("num_local_experts",),
+            correction_bias="e_score_correction_bias", correction_bias_on_block=True)
+)
+register(
+    Adapter("lfm2_moe", lfm2_moe, expert_count_keys=("num_experts",), block="feed_forward",
+            correction_bias="expert_bias", correction_bias_on_block=True,
+            activation=lambda config: glu("silu"))  # Lfm2MoeExperts hard-codes F.silu; the config has no hidden_act
+)
+register(
+    Adapter("afmoe", afmoe, expert_count_keys=("num_experts",), router="router", router_linear="gate",
+            shared="shared_experts", correction_bias="expert_bias", correction_bias_on_block=True)
+)

@@ -1,0 +1,33 @@
+"""Adapters for further softmax-routed families (transformers 5.23): softmax over all experts, then top-k.
+
+Data only; the rules are the ones in moekit/models/families.py where the router's op order is identical."""
+
+from __future__ import annotations
+
+from moekit.models.families import softmax_topk, softmax_topk_renorm
+from moekit.models.registry import Adapter, register
+from moekit.ops.routing import RoutingRule
+
+
+def softmax_topk_unnormalised(config, router) -> RoutingRule:
+    """Jamba: softmax over all experts -> top-k; the K weights are used as they are (no renormalisation)."""
+    return RoutingRule(top_k=router.top_k)
+
+
+# Qwen3.5-MoE always renormalises (its router has no norm_topk_prob), like Mixtral; gated shared expert like Qwen2-MoE.
+# Only the text model: "qwen3_5_moe" is the vision-language wrapper.
+register(
+    Adapter("qwen3_5_moe_text", softmax_topk_renorm, expert_count_keys=("num_experts",), shared="shared_expert",
+            shared_gate="shared_expert_gate")
+)
+register(Adapter("minimax", softmax_topk_renorm, expert_count_keys=("num_local_experts",)))
+register(Adapter("flex_olmo", softmax_topk, expert_count_keys=("num_experts",)))
+register(
+    Adapter("hunyuan_v1_moe", softmax_topk_renorm, expert_count_keys=("num_experts",), top_k_key="moe_topk",
+            router_linear="wg", shared="shared_mlp",
+            notes="router weight `gate.wg` is kept in float32; num_experts / moe_topk may be per-layer lists")
+)
+register(
+    Adapter("jamba", softmax_topk_unnormalised, expert_count_keys=("num_experts",), block="feed_forward",
+            router="router", notes="MoE every expert_layer_period layers, dense MLP elsewhere")
+)
