@@ -37,6 +37,7 @@ def print_json(obj) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from moekit.cli import info  # noqa: F401  (registers subcommands)
+    from moekit.cli import trace  # noqa: F401
 
     try:
         app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)

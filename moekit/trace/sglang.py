@@ -1,0 +1,171 @@
+"""Import SGLang expert-distribution recorder dumps into moekit traces.
+
+SGLang (python/sglang/srt/eplb/expert_distribution.py) writes one `torch.save` dict per dump, named
+`expert_distribution_recorder_{time}[_{rank}].pt`, under SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR:
+- mode `per_token` (_DetailAccumulator): {"records": [one dict per forward pass: forward_pass_id, rank, gatherer_key,
+  input_ids list[int], positions list[int], extend_seq_lens list[int] | None, forward_mode int,
+  topk_ids_of_layer int32 [num_layers, num_tokens, 8] (physical expert ids, -1 padded past top-k and on dense layers),
+  misc_objects, global_physical_count [num_layers, num_physical_experts]], "last_physical_to_logical_map":
+  [num_layers, num_physical_experts]}. One file per rank.
+- mode `stat` (_StatAccumulator): {"rank", "logical_count": int [buffered_steps, num_layers, num_logical_experts],
+  "average_utilization_rate_over_window": float | None}, written by rank 0 after an all-reduce.
+per_token becomes a token trace without weights (NaN: SGLang records ids only; ids keep SGLang's order). Sequences:
+each extend/prefill segment (extend_seq_lens) is one sequence, each decode token its own (the dump has no request ids).
+stat becomes an aggregate trace: counts per layer x expert only (Trace.counts(); frequency, load balance and MaxVio
+work on it; anything per token does not).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekit.errors import UserError
+from moekit.trace import schema, store
+from moekit.trace.store import ChunkArrays
+
+PAD = -1
+
+
+def import_sglang(dump: Path, out: Path, *, domain: str = "sglang", top_k: int | None = None,
+                  chunk_tokens: int = 65536) -> dict:
+    """An SGLang dump (.pt, mode per_token or stat) -> a trace folder `out`; returns its manifest."""
+    dump, out = Path(dump), Path(out)
+    data = _load(dump)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} is not empty: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, dict) and "records" in data:
+        return _import_per_token(data, dump, out, domain, chunk_tokens)
+    if isinstance(data, dict) and "logical_count" in data:
+        return _import_stat(data, dump, out, top_k)
+    raise UserError(f"{dump} is not an SGLang expert-distribution dump: expected a dict with `records` (mode "
+                    f"per_token) or `logical_count` (mode stat)")
+
+
+def _load(dump: Path):
+    if not dump.is_file():
+        raise UserError(f"no file at {dump}: give an expert_distribution_recorder_*.pt file SGLang wrote")
+    try:
+        return torch.load(dump, map_location="cpu", weights_only=True)  # tensors, lists and numbers only
+    except Exception as err:  # torch raises many types for a bad file; all mean the same to the user
+        raise UserError(f"cannot read {dump} as a torch.save file ({str(err).splitlines()[0]}); give an "
+                        f"expert_distribution_recorder_*.pt file SGLang wrote") from None
+
+
+def _import_per_token(data: dict, dump: Path, out: Path, domain: str, chunk_tokens: int) -> dict:
+    records = sorted(data["records"], key=lambda r: r["forward_pass_id"])
+    if not records:
+        raise UserError(f"{dump} holds no forward passes: record some traffic between start and dump")
+    p2l = data.get("last_physical_to_logical_map")
+    ids_all = [_to_logical(torch.as_tensor(r["topk_ids_of_layer"]).numpy(), p2l) for r in records]  # [Lall, t, 8]
+    layers, top_k = _used_layers_and_k(ids_all)
+    num_experts = _num_experts(p2l, ids_all)
+    manifest = _manifest(dump, "sglang_per_token", layers, top_k, num_experts, [domain])
+    pa_schema = schema.token_schema(layers, top_k, num_experts, logits=False)
+    pending, seq0 = [], 0
+    for r, ids in zip(records, ids_all):
+        meta = _record_meta(r, seq0)
+        seq0 = int(meta[0][-1]) + 1 if len(meta[0]) else seq0
+        pending.append((meta, ids[layers][:, :, :top_k]))
+        if sum(len(m[0]) for m, _ in pending) >= chunk_tokens:
+            _flush(out, manifest, pending, pa_schema, layers, num_experts)
+    if pending:
+        _flush(out, manifest, pending, pa_schema, layers, num_experts)
+    manifest["completed"] = True
+    store.write_manifest(out, manifest)
+    return manifest
+
+
+def _to_logical(ids: np.ndarray, p2l) -> np.ndarray:
+    """Physical expert ids (EPLB replicas) -> logical ids, per layer; -1 padding stays -1."""
+    if p2l is None:
+        return ids.astype(np.int64)
+    table = torch.as_tensor(p2l).numpy().astype(np.int64)  # [Lall, P]
+    layer = np.arange(ids.shape[0])[:, None, None]
+    return np.where(ids >= 0, table[layer, np.clip(ids, 0, None)], PAD)
+
+
+def _used_layers_and_k(ids_all: list[np.ndarray]) -> tuple[list[int], int]:
+    used = np.zeros(ids_all[0].shape[0], bool)  # dense layers never select: all -1
+    cols = np.zeros(ids_all[0].shape[2], bool)
+    for ids in ids_all:
+        used |= (ids >= 0).any(axis=(1, 2))
+        cols |= (ids >= 0).any(axis=(0, 1))
+    if not used.any():
+        raise UserError("the SGLang dump records no expert selection in any layer")
+    return np.flatnonzero(used).tolist(), int(cols.sum())
+
+
+def _num_experts(p2l, ids_all) -> int:
+    if p2l is not None:
+        return int(torch.as_tensor(p2l).max()) + 1
+    return int(max(ids.max() for ids in ids_all)) + 1
+
+
+def _record_meta(r: dict, seq0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seq_id, position, token_id), [t] each, for one forward pass."""
+    n = len(r["input_ids"])
+    lens = r.get("extend_seq_lens") or [1] * n  # decode passes: one token per request
+    if sum(lens) != n:
+        raise UserError(f"SGLang record {r.get('forward_pass_id')}: extend_seq_lens sum to {sum(lens)}, "
+                        f"but it has {n} tokens")
+    seq = np.repeat(np.arange(seq0, seq0 + len(lens), dtype=np.int64), lens)
+    return seq, np.asarray(r["positions"], np.int32), np.asarray(r["input_ids"], np.int32)
+
+
+def _flush(out: Path, manifest: dict, pending: list, pa_schema, layers, num_experts) -> None:
+    seq = np.concatenate([m[0] for m, _ in pending])
+    ids = np.concatenate([i for _, i in pending], axis=1)  # [L, T, K]
+    if (ids[:, :, :] < 0).any():
+        raise UserError("an SGLang record has fewer expert ids than top-k for some token; cannot import it")
+    dt = schema.ids_dtype(num_experts)
+    chunk = ChunkArrays(
+        seq_id=seq, position=np.concatenate([m[1] for m, _ in pending]),
+        token_id=np.concatenate([m[2] for m, _ in pending]), domain=np.zeros(len(seq), np.int32),
+        domain_names=manifest["domain_names"],
+        ids={l: ids[j].astype(dt) for j, l in enumerate(layers)},
+        weights={l: np.full(ids[j].shape, schema.WEIGHT_NO_VALUE, np.float32) for j, l in enumerate(layers)},
+    )
+    i = len(manifest["chunks"])
+    store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(chunk, pa_schema))
+    manifest["chunks"].append({"file": schema.chunk_name(i), "first_seq_id": int(seq[0]),
+                               "sequences": len(np.unique(seq)), "tokens": len(seq)})
+    manifest["tokens"] += len(seq)
+    manifest["sequences"] += len(np.unique(seq))
+    store.write_manifest(out, manifest)
+    pending.clear()
+
+
+def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
+    import pyarrow as pa
+
+    counts = torch.as_tensor(data["logical_count"]).to(torch.int64)
+    counts = counts.sum(dim=0) if counts.dim() == 3 else counts  # [steps, Lall, E] -> [Lall, E]
+    if counts.dim() != 2:
+        raise UserError(f"{dump}: logical_count has shape {tuple(counts.shape)}, expected [steps, layers, experts]")
+    counts = counts.numpy()
+    layers = np.flatnonzero(counts.sum(axis=1) > 0).tolist()  # dense layers count nothing
+    L, E = len(layers), counts.shape[1]
+    table = pa.table({"layer": pa.array(np.repeat(layers, E), pa.int32()),
+                      "expert": pa.array(np.tile(np.arange(E), L), pa.int32()),
+                      "count": pa.array(counts[layers].reshape(-1), pa.int64())}, schema=schema.counts_schema())
+    store.write_table_atomic(out / schema.COUNTS_FILE, table)
+    manifest = _manifest(dump, "sglang_stat", layers, top_k, E, [])
+    manifest.update(kind=schema.KIND_COUNTS, completed=True,
+                    tokens=int(counts[layers[0]].sum() // top_k) if top_k and layers else None)
+    store.write_manifest(out, manifest)
+    return manifest
+
+
+def _manifest(dump: Path, kind: str, layers, top_k, num_experts, domains) -> dict:
+    import moekit
+
+    return {"schema_version": schema.SCHEMA_VERSION, "kind": schema.KIND_TOKENS,
+            "moekit_version": getattr(moekit, "__version__", "unknown"), "model": f"sglang dump {dump}",
+            "model_type": None, "config_hash": None, "data": [{"spec": str(dump), "path": str(dump), "kind": kind}],
+            "options": {}, "seq_len": None, "layers": layers, "top_k": top_k, "num_experts": num_experts,
+            "ids_dtype": schema.ids_dtype(num_experts).name, "logits": False, "activation_stats": False,
+            "domain_names": list(domains), "tokens": 0, "sequences": 0, "chunks": [], "completed": False}
