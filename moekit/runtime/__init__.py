@@ -1,0 +1,15 @@
+"""Offloaded execution: expert store (disk -> RAM -> GPU), cache policies, pre-gating prefetch, what-if simulator.
+
+    store = moekit.runtime.build_store(view, "store/")
+    om = moekit.runtime.offload(view, "store/", "512MB", policy="lfru")   # view.model now runs offloaded
+    om.stats()                                                           # per-layer hits, misses, bytes, prefetch
+
+Spec: ALGORITHMS.md §6; conventions of hit rates: §1 (a running system: cold misses count as misses). docs/runtime.md.
+"""
+
+from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offload, parse_bytes
+from moekit.runtime.policies import available as policies, make as make_policy, register
+from moekit.runtime.store import ExpertStore, build_store
+
+__all__ = ["ExpertStore", "OffloadedModel", "build_store", "format_bytes", "make_policy", "min_budget", "offload",
+           "parse_bytes", "policies", "register"]

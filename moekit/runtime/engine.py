@@ -1,0 +1,300 @@
+"""Offloaded MoE execution through transformers' public experts interface (`ALL_EXPERTS_FUNCTIONS.register` +
+`model.set_experts_implementation`): no edits to transformers, no patched methods.
+
+Per call of a layer's experts module (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]):
+  group the T*K (token, slot) pairs by expert in eager's order -> for each selected expert, ascending: cache hit, or a miss
+  served by a finished prefetch or a positioned read from the store -> the expert on its tokens with the family's own gate
+  function (native weight slices, see store.py) -> weighted index_add_, exactly as transformers' eager loop, so logits
+  match the in-memory model bit for bit in float32.
+Prefetch (pre-gating: ExpertFlow arXiv 2410.17954, Pre-gated MoE arXiv 2308.12066): before computing layer l, layer l+1's
+router is applied to layer l's input, and its predicted experts that are not resident are read on a background thread
+while layer l computes. Prefetched experts sit in a staging dict outside the cache (at most top-k x T per layer) and do not
+touch the policy: hit/miss counters are the same with or without prefetch, which is what the simulator models.
+Dimension legend: T tokens, E experts, K selected per token, H hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.errors import UserError
+from moekit.ops.routing import route
+from moekit.runtime import policies
+from moekit.runtime.store import ExpertStore
+
+IMPLEMENTATION = "moekit_offload"
+_RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, LayerRuntime]" = weakref.WeakKeyDictionary()
+
+
+def _experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The registered experts implementation: dispatch to the layer's runtime."""
+    runtime = _RUNTIMES.get(self)
+    if runtime is None:
+        raise RuntimeError(f"{IMPLEMENTATION}: this experts module was not offloaded by moekit.runtime.offload")
+    return runtime.forward(hidden_states, top_k_index, top_k_weights)
+
+
+def _register_once() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _experts_forward)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """'512MB' -> 512_000_000, '1.5GiB' -> 1610612736, 4096 -> 4096."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UserError(f"cannot read the size {text!r}: write e.g. 512MB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    steps: int = 0
+    bytes_read: int = 0  # demand reads + prefetch reads (used or wasted)
+    prefetch_reads: int = 0
+    prefetch_used: int = 0  # misses served by a finished or in-flight prefetch
+    predicted: int = 0  # |predicted set| summed over steps
+    actual: int = 0  # |selected set| summed over steps
+    correct: int = 0  # |predicted & selected|
+    wait_s: float = 0.0  # blocked on reads (demand reads + waiting for prefetches)
+    total_s: float = 0.0  # whole experts call
+    routing: list = field(default_factory=list)  # ids [T, K] per step when recording
+
+    def as_dict(self, policy) -> dict:
+        c = policy.counters()
+        looked = c["hits"] + c["misses"]
+        return {
+            "layer": self.layer, **c, "hit_rate": c["hits"] / looked if looked else float("nan"),
+            "bytes_read": self.bytes_read, "prefetch_reads": self.prefetch_reads, "prefetch_used": self.prefetch_used,
+            "prefetch_precision": self.correct / self.predicted if self.predicted else float("nan"),
+            "prefetch_recall": self.correct / self.actual if self.actual else float("nan"),
+            "compute_s": self.total_s - self.wait_s, "wait_s": self.wait_s,
+        }
+
+
+class LayerRuntime:
+    """One MoE layer's expert cache, store access, prefetch and counters."""
+
+    def __init__(self, layer, policy, store: ExpertStore, pool, device, record: bool):
+        self.layer, self.policy, self.store, self.pool = layer, policy, store, pool
+        self.device = device
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.pending: dict = {}  # expert -> Future of a prefetch read
+        self.predicted: set[int] | None = None
+        self.next: LayerRuntime | None = None  # the next MoE layer, target of this layer's prefetch
+        self.stats = LayerStats(layer.index)
+        self.record = record
+        self.kernel = _kernel(layer.layout)  # chosen once per layer
+        self.policy_wants_weights = type(policy).begin_step is not policies.CachePolicy.begin_step
+
+    # hot path ------------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        T, K = ids.shape
+        flat = ids.T.reshape(-1)  # [K*T], slot-major: eager walks torch.where(expert_mask[e]) over [K, T]
+        order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
+        counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()
+        if self.next is not None and self.pool is not None:
+            self.next.prefetch(x)
+        self._begin_step(ids, weights, counts)
+        out = torch.zeros_like(x)  # [T, H]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sel = order[start:start + c]
+            start += c
+            tok, slot = sel % T, sel // T  # [c], [c]
+            y = self.kernel(self.layer.experts, x[tok], self._fetch(e))  # [c, H]
+            y = y * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        self._end_step()
+        self.stats.total_s += time.perf_counter() - t0
+        return out
+
+    def _begin_step(self, ids, weights, counts) -> None:
+        self.stats.steps += 1
+        ids_np = ids.cpu().numpy() if (self.record or self.policy_wants_weights) else None
+        if self.record:
+            self.stats.routing.append(ids_np.copy())
+        self.policy.begin_step(ids_np, weights.float().cpu().numpy() if self.policy_wants_weights else None)
+        if self.predicted is not None:
+            actual = {e for e, c in enumerate(counts) if c}
+            self.stats.predicted += len(self.predicted)
+            self.stats.actual += len(actual)
+            self.stats.correct += len(self.predicted & actual)
+
+    def _end_step(self) -> None:
+        self.predicted = None
+        if self.pending:  # mispredicted reads: wait for them (their buffers must not outlive the step), then drop
+            for fut in self.pending.values():
+                fut.result()
+            self.pending.clear()
+
+    def _fetch(self, e: int) -> dict[str, torch.Tensor]:
+        if self.policy.lookup(e):
+            return self.cache[e]
+        t0 = time.perf_counter()
+        fut = self.pending.pop(e, None)
+        if fut is not None:
+            w = fut.result()
+            self.stats.prefetch_used += 1
+        else:
+            w = self._load(e)
+            self.stats.bytes_read += self.store.expert_bytes
+        self.stats.wait_s += time.perf_counter() - t0
+        victim = self.policy.admit(e)
+        if victim is not None:
+            del self.cache[victim]
+        self.cache[e] = w
+        return w
+
+    def _load(self, e: int) -> dict[str, torch.Tensor]:
+        w = self.store.read(self.layer.index, e)
+        if self.device.type != "cpu":  # GPU tier: pinned host buffer -> device copy
+            w = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in w.items()}
+        return w
+
+    # prefetch (called by the previous MoE layer, before it computes) ----------------------------------------------
+    def prefetch(self, x: torch.Tensor) -> None:
+        """Pre-gating: this layer's router on the previous layer's input x [T, H] -> predicted experts; read the
+        non-resident ones in the background."""
+        _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
+        self.predicted = set(torch.unique(pred).tolist())
+        for e in self.predicted:
+            if e not in self.policy.resident and e not in self.pending:
+                self.pending[e] = self.pool.submit(self._load, e)
+                self.stats.prefetch_reads += 1
+                self.stats.bytes_read += self.store.expert_bytes
+
+
+def _kernel(layout):
+    """The family's eager per-expert computation on native slices (transformers' modeling_*.py experts loops):
+    F.linear for [out, in] storage; x @ W + b for transposed storage (GPT-OSS). Gate via the module's own _apply_gate."""
+
+    def gate(m, y):
+        return m._apply_gate(y) if layout.has_gate else m.act_fn(y)
+
+    def post(m, y):
+        return m.post_expert_norm(y) if getattr(m, "has_post_expert_norm", False) else y
+
+    if layout.transposed:
+        def transposed(m, x, w):
+            h = x @ w["gate_up"]  # [c, 2I]
+            h = h + w["gate_up_bias"] if "gate_up_bias" in w else h
+            h = gate(m, h) @ w["down"]  # [c, H]
+            return post(m, h + w["down_bias"] if "down_bias" in w else h)
+
+        return transposed
+
+    def linear(m, x, w):
+        h = F.linear(x, w["gate_up"], w.get("gate_up_bias"))  # [c, 2I]
+        return post(m, F.linear(gate(m, h), w["down"], w.get("down_bias")))  # [c, H]
+
+    return linear
+
+
+class OffloadedModel:
+    """A transformers MoE model whose routed experts live in an ExpertStore behind per-layer caches."""
+
+    def __init__(self, view, layers: list[LayerRuntime], budget: int, capacity: int, pool):
+        self.view, self.model, self.layers = view, view.model, layers
+        self.budget, self.capacity, self._pool = budget, capacity, pool
+
+    def stats(self) -> list[dict]:
+        return [rt.stats.as_dict(rt.policy) for rt in self.layers]
+
+    def totals(self) -> dict:
+        rows = self.stats()
+        tot = {k: sum(r[k] for r in rows) for k in ("hits", "misses", "evictions", "bytes_read", "prefetch_reads",
+                                                        "prefetch_used", "compute_s", "wait_s")}
+        pred = sum(rt.stats.predicted for rt in self.layers)
+        act = sum(rt.stats.actual for rt in self.layers)
+        ok = sum(rt.stats.correct for rt in self.layers)
+        looked = tot["hits"] + tot["misses"]
+        tot.update(hit_rate=tot["hits"] / looked if looked else float("nan"),
+                   prefetch_precision=ok / pred if pred else float("nan"),
+                   prefetch_recall=ok / act if act else float("nan"))
+        return tot
+
+    def routing(self) -> list[np.ndarray]:
+        """Recorded routing per MoE layer, [T, K] each (record=True)."""
+        return [np.concatenate(rt.stats.routing) if rt.stats.routing else np.zeros((0, 0), np.int64)
+                for rt in self.layers]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for rt in self.layers:
+            rt.cache.clear()
+            rt.store.close()
+
+
+def min_budget(view, expert_bytes: int) -> int:
+    """The smallest budget: top-k experts resident in every MoE layer."""
+    return len(view.layers) * view.top_k * expert_bytes
+
+
+def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
+            device: str | None = None, record: bool = False) -> OffloadedModel:
+    """Serve `view`'s routed experts from the store in `store_dir` (see store.build_store) under a byte budget split
+    evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel."""
+    for layer in view.layers:
+        if not hasattr(layer.experts, "is_transposed") or layer.rule.weight_on_input:
+            raise UserError(f"{view.model_type}: its experts do not go through transformers' experts interface "
+                            f"(weights applied on the input); offloading is not supported for this family")
+    store = ExpertStore(store_dir, drop_cache=drop_cache)
+    if store.manifest["layers"] != [m.index for m in view.layers]:
+        raise UserError(f"{store_dir} was built from another model (MoE layers {store.manifest['layers']})")
+    budget = parse_bytes(budget)
+    capacity = min(budget // (len(view.layers) * store.expert_bytes), view.num_experts)
+    if capacity < view.top_k:
+        need = min_budget(view, store.expert_bytes)
+        raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
+                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: minimum budget {format_bytes(need)} "
+                        f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
+    if policy == "belady":
+        raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, not `run`")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch") if prefetch else None
+    layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record) for m in view.layers]
+    for rt, nxt in zip(layers, layers[1:]):
+        rt.next = nxt
+    _register_once()
+    for rt in layers:
+        _free_fused(rt.layer.experts)
+        _RUNTIMES[rt.layer.experts] = rt
+    view.model.set_experts_implementation(IMPLEMENTATION)
+    return OffloadedModel(view, layers, budget, capacity, pool)
+
+
+def _free_fused(experts: nn.Module) -> None:
+    """Replace the fused expert parameters by meta tensors of the same shape: shapes stay readable (the MoE view uses
+    them), the memory is released."""
+    for name, p in list(experts.named_parameters(recurse=False)):
+        setattr(experts, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))

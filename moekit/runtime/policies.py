@@ -1,0 +1,202 @@
+"""Expert-cache policies: one small object per MoE layer, shared by the runtime and the simulator (same classes, same
+calls, so their counters agree by construction; tests/runtime/test_agreement.py checks it).
+
+Protocol, once per step (a forward call of the layer: one token in decode):
+  policy.begin_step(ids, weights)   # the step's selected experts [T, K] and routing weights, before any lookup
+  for e in sorted(set(ids)):        # ascending expert id, the order the runtime computes in
+      if not policy.lookup(e): policy.admit(e)   # a miss loads e and admits it, evicting one resident when full
+Counting follows a running system (ALGORITHMS.md §1, the simulator's convention): cold misses are misses, no free fill.
+Belady needs the future and exists for the simulator only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from moekit.errors import UserError
+
+_POLICIES: dict[str, Callable[..., "CachePolicy"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a policy available by name (`make("lru", capacity)`, `--policy lru`)."""
+
+    def deco(cls):
+        _POLICIES[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def make(name: str, capacity: int, **kwargs) -> "CachePolicy":
+    if name not in _POLICIES:
+        raise UserError(f"unknown cache policy {name!r}; available: {', '.join(available())}")
+    return _POLICIES[name](capacity, **kwargs)
+
+
+class CachePolicy:
+    """Resident set of at most `capacity` experts, with hit/miss/eviction counters. Subclasses define `priority(e)`:
+    the resident with the lowest priority is evicted (ties: lowest expert id, deterministic)."""
+
+    name = "base"
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 expert, got {capacity}")
+        self.capacity = int(capacity)
+        self.resident: set[int] = set()
+        self.hits = self.misses = self.evictions = 0
+        self.clock = 0  # steps seen
+
+    def begin_step(self, ids, weights=None) -> None:
+        self.clock += 1
+
+    def lookup(self, e: int) -> bool:
+        if e in self.resident:
+            self.hits += 1
+            self.on_use(e)
+            return True
+        self.misses += 1
+        return False
+
+    def admit(self, e: int) -> int | None:
+        """Make e resident (after a miss); returns the evicted expert, if any."""
+        victim = None
+        if len(self.resident) >= self.capacity:
+            victim = min(self.resident, key=lambda r: (self.priority(r), r))
+            self.resident.remove(victim)
+            self.evictions += 1
+            self.on_evict(victim)
+        self.resident.add(e)
+        self.on_use(e)
+        return victim
+
+    def on_use(self, e: int) -> None: ...
+
+    def on_evict(self, e: int) -> None: ...
+
+    def priority(self, e: int) -> float:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+@register("lru")
+class LRU(CachePolicy):
+    """Evict the least recently used (mixtral-offloading, arXiv 2312.17238)."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.last: dict[int, int] = {}
+        self.tick = 0  # per use, so experts of one step keep their processing order
+
+    def on_use(self, e):
+        self.tick += 1
+        self.last[e] = self.tick
+
+    def priority(self, e):
+        return self.last[e]
+
+
+@register("lfu")
+class LFU(CachePolicy):
+    """Evict the least frequently used; counts survive eviction (perfect LFU, as MoE-Infinity's activation counts,
+    arXiv 2401.14361); ties by least recent use."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.count: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.tick = 0
+
+    def on_use(self, e):
+        self.tick += 1
+        self.count[e] = self.count.get(e, 0) + 1
+        self.last[e] = self.tick
+
+    def priority(self, e):
+        return (self.count[e], self.last[e])
+
+
+@register("lfru")
+class LFRU(CachePolicy):
+    """Frequency over age (vLLM expert weight provider's LFRU): priority = uses / (steps since last use + 1); counts
+    survive eviction. Frequent experts stay, but an expert not seen for long loses to a recent one."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.count: dict[int, int] = {}
+        self.last_step: dict[int, int] = {}
+
+    def on_use(self, e):
+        self.count[e] = self.count.get(e, 0) + 1
+        self.last_step[e] = self.clock
+
+    def priority(self, e):
+        return self.count[e] / (self.clock - self.last_step[e] + 1)
+
+
+@register("score")
+class Score(CachePolicy):
+    """HybriMoE's score-aware cache (arXiv 2504.05897): S <- 0.5 * topP(s) + 0.5 * S every step for every expert, where
+    topP(s) is the routing weight an expert received this step (summed over the step's tokens; 0 when not selected, so
+    the routing weights of the top-k play the role of the top-P scores). Evict the lowest S."""
+
+    def __init__(self, capacity: int, num_experts: int | None = None):
+        super().__init__(capacity)
+        self.score: dict[int, float] = {}
+
+    def begin_step(self, ids, weights=None):
+        super().begin_step(ids, weights)
+        ids = np.asarray(ids).reshape(-1)
+        w = np.ones(ids.shape, dtype=np.float64) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+        top = {}
+        for e, x in zip(ids.tolist(), w.tolist()):
+            top[e] = top.get(e, 0.0) + x
+        for e in set(self.score) | set(top):
+            self.score[e] = 0.5 * top.get(e, 0.0) + 0.5 * self.score.get(e, 0.0)
+
+    def priority(self, e):
+        return self.score.get(e, 0.0)
+
+
+@register("belady")
+class Belady(CachePolicy):
+    """Belady's MIN (1966): evict the resident whose next use is farthest in the future; the offline ceiling of any
+    demand-fetch policy at this capacity. Needs the whole future: `steps` = the list of each step's sorted unique
+    experts, exactly as they will be looked up."""
+
+    def __init__(self, capacity: int, steps=None):
+        super().__init__(capacity)
+        if steps is None:
+            raise UserError("belady is an offline oracle: it needs the future trace (simulate only, not run)")
+        self.next_use = _next_use_table(steps)
+        self.pos = 0  # index into the flattened lookup sequence
+        self.upcoming: dict[int, int] = {}
+
+    def lookup(self, e):
+        self.upcoming[e] = self.next_use[self.pos]
+        self.pos += 1
+        return super().lookup(e)
+
+    def priority(self, e):
+        return -self.upcoming[e]  # farthest next use = lowest priority
+
+
+def _next_use_table(steps) -> list[int]:
+    """For each lookup in the flattened sequence, the position of the next lookup of the same expert (inf if none).
+    A use inside the same step counts as later than the current one: experts of one step are distinct, so no tie."""
+    flat = [e for step in steps for e in step]
+    nxt, seen = [0] * len(flat), {}
+    for i in range(len(flat) - 1, -1, -1):
+        nxt[i] = seen.get(flat[i], float("inf"))
+        seen[flat[i]] = i
+    return nxt

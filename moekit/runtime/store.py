@@ -1,0 +1,180 @@
+"""Expert store: every routed expert of a checkpoint unfused into its own byte range on disk, one safetensors file per
+MoE layer, read back one expert at a time with a single positioned read.
+
+Layout (schema version 1, `manifest.json` next to the files):
+  layer_{index:03d}.safetensors  tensors "{e:05d}.gate_up", "{e:05d}.down" (+ "{e:05d}.gate_up_bias", "{e:05d}.down_bias")
+Each tensor is the family's *native* per-expert slice (`experts.gate_up_proj[e]` etc.: concatenated or interleaved gate/up,
+transposed where the family stores it transposed), not the canonical gate/up/down of `MoELayer.get_expert`: computing with
+the native slice and the experts module's own gate function reproduces transformers' eager forward bit for bit, while the
+canonical split drifts by ~1e-10 (float32, measured on qwen3_moe/mixtral/gpt_oss). `canonical()` converts for readers.
+safetensors writes tensors sorted by name, so an expert's tensors are adjacent: one `os.preadv` per expert, no mmap, which
+lets the reader drop the pages it read (POSIX_FADV_DONTNEED) so the OS page cache cannot hide disk reads in benchmarks.
+The files stay ordinary safetensors files (`safe_open` reads them; tests check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moekit.errors import UserError
+
+SCHEMA_VERSION = 1
+_NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _native_names(layout) -> dict[str, str]:
+    """store name -> fused parameter name of the experts module."""
+    names = {"gate_up": "gate_up_proj" if layout.has_gate else "up_proj", "down": "down_proj"}
+    if layout.has_bias:
+        names["gate_up_bias"] = names["gate_up"] + "_bias"
+        names["down_bias"] = "down_proj_bias"
+    return names
+
+
+def build_store(view, directory, *, progress=None) -> Path:
+    """Write every routed expert of `view` (a moekit MoEView with real weights) to `directory`; returns it.
+
+    Idempotent: an existing store whose manifest matches the model is kept.
+    """
+    directory = Path(directory)
+    manifest = _manifest(view)
+    if (directory / "manifest.json").is_file():
+        if json.loads((directory / "manifest.json").read_text()) == manifest:
+            return directory
+        raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
+    directory.mkdir(parents=True, exist_ok=True)
+    for layer in view.layers:
+        names = _native_names(layer.layout)
+        fused = {k: getattr(layer.experts, v).detach() for k, v in names.items()}
+        tensors = {f"{e:05d}.{k}": t[e].contiguous() for e in range(layer.num_experts) for k, t in fused.items()}
+        tmp = directory / f".layer_{layer.index:03d}.tmp"
+        save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION)})
+        tmp.replace(directory / f"layer_{layer.index:03d}.safetensors")  # atomic: a killed build leaves no half file
+        if progress is not None:
+            progress()
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return directory
+
+
+def _manifest(view) -> dict:
+    layer = view.layers[0]
+    lay = layer.layout
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_type": view.model_type,
+        "layers": [m.index for m in view.layers],
+        "num_experts": view.num_experts,
+        "dtype": str(layer.expert_params()[0].dtype),
+        "layout": {"transposed": lay.transposed, "interleaved": lay.interleaved, "has_bias": lay.has_bias,
+                   "has_gate": lay.has_gate},
+        "shapes": {k: list(getattr(layer.experts, v).shape[1:]) for k, v in _native_names(lay).items()},
+    }
+
+
+@dataclass(frozen=True)
+class _Entry:  # one expert's byte range in a layer file
+    offset: int
+    nbytes: int
+    parts: tuple  # ((name, dtype, shape, start, end), ...) relative to offset
+
+
+class ExpertStore:
+    """Reads experts from a store directory: `read(layer_index, e) -> {name: tensor}` (fresh tensors, owned by caller).
+
+    drop_cache=True advises the kernel to drop the pages just read, so every miss is a real device read.
+    """
+
+    def __init__(self, directory, *, drop_cache: bool = False):
+        self.directory = Path(directory)
+        path = self.directory / "manifest.json"
+        if not path.is_file():
+            raise UserError(f"{self.directory} is not an expert store (no manifest.json); build one with build_store")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{self.directory}: store schema {self.manifest.get('schema_version')}, "
+                            f"this moekit reads {SCHEMA_VERSION}; rebuild the store")
+        self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
+        self._fds: dict[int, int] = {}
+        self._index: dict[int, list[_Entry]] = {}
+        for li in self.manifest["layers"]:
+            file = self.directory / f"layer_{li:03d}.safetensors"
+            self._fds[li] = os.open(file, os.O_RDONLY)
+            self._index[li] = _read_index(file)
+        self.expert_bytes = self._index[self.manifest["layers"][0]][0].nbytes
+        self.bytes_read = 0  # only the caller's thread count is exact; the engine keeps its own per-layer counts
+
+    def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        entry = self._index[layer][e]
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        fd = self._fds[layer]
+        got = os.preadv(fd, [memoryview(buf.numpy())], entry.offset)
+        if got != entry.nbytes:
+            raise OSError(f"short read in layer {layer} expert {e}: {got} of {entry.nbytes} bytes")
+        if self.drop_cache:
+            os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += entry.nbytes
+        return {name: buf[a:b].view(dtype).view(shape) for name, dtype, shape, a, b in entry.parts}
+
+    def drop_page_cache(self) -> None:
+        """Evict every store page from the OS page cache (benchmarks start cold)."""
+        for fd in self._fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _read_index(file: Path) -> list[_Entry]:
+    """Parse the safetensors header (8-byte little-endian length + JSON) into per-expert contiguous byte ranges."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    base, experts = 8 + n, {}
+    for key, meta in header.items():
+        e, name = key.split(".", 1)
+        a, b = meta["data_offsets"]
+        experts.setdefault(int(e), []).append((name, _DTYPES[meta["dtype"]], tuple(meta["shape"]), a, b))
+    entries = []
+    for e in range(len(experts)):
+        parts = sorted(experts[e], key=lambda p: p[3])
+        start, end = parts[0][3], parts[-1][4]
+        assert all(p[3] == q[4] for q, p in zip(parts, parts[1:])), "an expert's tensors must be adjacent"
+        rel = tuple((name, dt, shape, a - start, b - start) for name, dt, shape, a, b in parts)
+        entries.append(_Entry(offset=base + start, nbytes=end - start, parts=rel))
+    return entries
+
+
+def canonical(weights: dict[str, torch.Tensor], layout) -> dict[str, torch.Tensor]:
+    """Native per-expert slices from the store -> canonical gate/up [I, H], down [H, I] (+ biases), as get_expert gives."""
+    gu = weights["gate_up"].T if layout.transposed else weights["gate_up"]  # [2I, H] or [I, H]
+    out = {}
+    if layout.has_gate:
+        out["gate"], out["up"] = (gu[0::2], gu[1::2]) if layout.interleaved else gu.chunk(2, dim=0)
+    else:
+        out["up"] = gu
+    out["down"] = weights["down"].T if layout.transposed else weights["down"]
+    if layout.has_bias:
+        b = weights["gate_up_bias"]
+        if layout.has_gate:
+            out["gate_bias"], out["up_bias"] = (b[0::2], b[1::2]) if layout.interleaved else b.chunk(2)
+        else:
+            out["up_bias"] = b
+        out["down_bias"] = weights["down_bias"]
+    return {k: v.contiguous() for k, v in out.items()}
