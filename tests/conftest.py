@@ -103,6 +103,22 @@ TINY = {
     "afmoe": ("AfmoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_dense_layers=1,
                                   num_shared_experts=1, route_scale=1.5, sliding_window=8,
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        shared_intermediate_size=24)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        shared_intermediate_size=24,
+                                                        layer_types=["mamba", "attention", "mamba"],
+                                                        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                                                        mamba_chunk_size=8)),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16,
+                                             prefix_dense_intermediate_size=48, num_shared_experts=1,
+                                             shared_expert_combination_strategy="average",
+                                             mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=8,
+                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "laguna": ("LagunaConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=16, mlp_layer_types=["dense", "sparse", "sparse"],
+                                    num_attention_heads_per_layer=[4, 4, 4], layer_types=["full_attention"] * 3,
+                                    moe_routed_scaling_factor=1.7, moe_router_logit_softcapping=0.5)),
 }
 
 

@@ -58,7 +58,7 @@ def view(model: nn.Module) -> MoEView:
     for i, decoder_layer in enumerate(_decoder_layers(model)):
         block = getattr(decoder_layer, adapter.block, None)
         if block is not None and hasattr(block, adapter.experts):
-            moe.append(_moe_layer(i, block, adapter, model.config))
+            moe.append(_moe_layer(i, decoder_layer, block, adapter, model.config))
         else:
             dense.append(i)
     if not moe:
@@ -71,8 +71,12 @@ def _decoder_layers(model: nn.Module):
     return base.layers
 
 
-def _moe_layer(index: int, block: nn.Module, adapter: Adapter, config) -> MoELayer:
+def _moe_layer(index: int, decoder_layer: nn.Module, block: nn.Module, adapter: Adapter, config) -> MoELayer:
     router, experts = getattr(block, adapter.router), getattr(block, adapter.experts)
+    shared_owner = decoder_layer if adapter.shared_on_layer else block
+    shared_mix = getattr(config, adapter.shared_mix_key) if adapter.shared_mix_key else "sum"
+    if shared_mix not in ("sum", "average"):
+        raise UserError(f"{adapter.shared_mix_key}={shared_mix!r}: moekit knows how to combine 'sum' and 'average'")
     return MoELayer(
         index=index,
         block=block,
@@ -82,8 +86,11 @@ def _moe_layer(index: int, block: nn.Module, adapter: Adapter, config) -> MoELay
         layout=adapter.layout or _layout_from_flags(experts),
         activation=adapter.activation(config) if adapter.activation else glu(config.hidden_act),
         adapter=adapter,
-        shared=getattr(block, adapter.shared) if adapter.shared else None,
+        shared=getattr(shared_owner, adapter.shared, None) if adapter.shared else None,  # absent or None: no shared
         shared_gate=getattr(block, adapter.shared_gate) if adapter.shared_gate else None,
+        shared_mix=shared_mix,
+        routed_scale=float(getattr(config, adapter.routed_scale_key)) if adapter.routed_scale_key else 1.0,
+        router_softcap=float(getattr(config, adapter.router_softcap_key) or 0.0) if adapter.router_softcap_key else 0.0,
     )
 
 

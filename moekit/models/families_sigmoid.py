@@ -42,6 +42,12 @@ def afmoe(config, router) -> RoutingRule:
     )
 
 
+def sigmoid_bias_topk_normalised(config, router) -> RoutingRule:
+    """Laguna: (logits soft-capped by the view) sigmoid; top-k on score + e_score_correction_bias; weights divided by
+    their sum. The block, not the router, multiplies the routed sum by moe_routed_scaling_factor."""
+    return RoutingRule(top_k=router.top_k, scoring="sigmoid", correction_bias=True, renormalize=True)
+
+
 # Routers copied from DeepseekV3TopkRouter; shared experts (when any) summed unconditionally.
 _DEEPSEEK_V3_STYLE = [
     # model_type, expert-count key, top-k key, shared-expert attribute
@@ -72,4 +78,9 @@ register(
 register(
     Adapter("afmoe", afmoe, expert_count_keys=("num_experts",), router="router", router_linear="gate",
             shared="shared_experts", correction_bias="expert_bias", correction_bias_on_block=True)
+)
+register(
+    Adapter("laguna", sigmoid_bias_topk_normalised, expert_count_keys=("num_experts",), shared="shared_experts",
+            correction_bias="e_score_correction_bias", router_softcap_key="moe_router_logit_softcapping",
+            routed_scale_key="moe_routed_scaling_factor")
 )

@@ -4,7 +4,7 @@ Data only; the rules are the ones in moekit/models/families.py where the router'
 
 from __future__ import annotations
 
-from moekit.models.families import softmax_topk, softmax_topk_renorm
+from moekit.models.families import softmax_topk, softmax_topk_renorm, topk_then_softmax
 from moekit.models.registry import Adapter, register
 from moekit.ops.routing import RoutingRule
 
@@ -12,6 +12,18 @@ from moekit.ops.routing import RoutingRule
 def softmax_topk_unnormalised(config, router) -> RoutingRule:
     """Jamba: softmax over all experts -> top-k; the K weights are used as they are (no renormalisation)."""
     return RoutingRule(top_k=router.top_k)
+
+
+def cohere2_moe(config, router) -> RoutingRule:
+    """Cohere2-MoE: top-k on logits, then softmax over the K kept, or (expert_selection_fn="sigmoid") their sigmoid,
+    renormalised (no epsilon) when norm_topk_prob."""
+    sigmoid = router.expert_selection_fn == "sigmoid"
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid" if sigmoid else "softmax",
+        score_after_topk=True,
+        renormalize=sigmoid and bool(router.norm_topk_prob),
+    )
 
 
 # Qwen3.5-MoE always renormalises (its router has no norm_topk_prob), like Mixtral; gated shared expert like Qwen2-MoE.
@@ -30,4 +42,16 @@ register(
 register(
     Adapter("jamba", softmax_topk_unnormalised, expert_count_keys=("num_experts",), block="feed_forward",
             router="router", notes="MoE every expert_layer_period layers, dense MLP elsewhere")
+)
+
+# Granite 4 variants: the GraniteMoE router, plus a shared MLP that the decoder layer (not the MoE block) adds to the
+# block's output on the same input.
+for _t in ("granitemoeshared", "granitemoehybrid"):
+    register(
+        Adapter(_t, topk_then_softmax, expert_count_keys=("num_local_experts",), block="block_sparse_moe",
+                router="router", shared="shared_mlp", shared_on_layer=True)
+    )
+register(
+    Adapter("cohere2_moe", cohere2_moe, expert_count_keys=("num_experts",), shared="shared_experts",
+            shared_mix_key="shared_expert_combination_strategy")
 )

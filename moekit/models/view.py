@@ -16,7 +16,7 @@ from torch import nn
 
 from moekit.models.registry import Adapter, ExpertLayout
 from moekit.ops.activations import GatedActivation
-from moekit.ops.routing import RoutingRule
+from moekit.ops.routing import RoutingRule, softcap
 
 
 @dataclass
@@ -31,6 +31,9 @@ class MoELayer:
     adapter: Adapter
     shared: nn.Module | None = None
     shared_gate: nn.Module | None = None
+    shared_mix: str = "sum"  # how routed and shared outputs combine: sum | average (Cohere2-MoE)
+    routed_scale: float = 1.0  # factor on the routed-expert sum applied by the block, not the router (Laguna)
+    router_softcap: float = 0.0  # > 0: the router soft-caps its logits (Laguna)
 
     @property
     def num_experts(self) -> int:
@@ -60,7 +63,8 @@ class MoELayer:
             x, weight = x.float(), weight.float()
             bias = bias.float() if bias is not None else None
         # routers whose weight dtype differs from the activations' (HunYuan's float32 `wg`) cast the input to it
-        return F.linear(x.to(weight.dtype), weight, bias)
+        logits = F.linear(x.to(weight.dtype), weight, bias)
+        return softcap(logits.float(), self.router_softcap) if self.router_softcap > 0 else logits
 
     def parse_router_output(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router module's return value -> (logits [T, E], weights [T, K], ids [T, K]) as the model used them."""
@@ -70,6 +74,16 @@ class MoELayer:
             return logits, weights, ids
         logits, weights, ids = out
         return logits, weights, ids
+
+    def combine(self, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Block output [T, H] from the weighted routed-expert sum [T, H] and the block input x [T, H], in the
+        family's op order: routed x routed_scale, then + shared expert, averaged when shared_mix is "average"."""
+        if self.routed_scale != 1.0:
+            routed = routed * self.routed_scale
+        if self.shared is None:
+            return routed
+        out = routed + self.shared_forward(x)
+        return out / 2 if self.shared_mix == "average" else out
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shared-expert contribution [T, H] (zeros when the family has none)."""

@@ -35,4 +35,4 @@ def reference_moe_forward(layer, hidden: torch.Tensor) -> torch.Tensor:
         else:
             y = expert_mlp(x[tok], layer.get_expert(e), layer.activation) * w
         out.index_add_(0, tok, y)
-    return (out + layer.shared_forward(x)).reshape(shape)
+    return layer.combine(out, x).reshape(shape)

@@ -81,6 +81,12 @@ def route(
     return _sort_by_weight(weights, ids)
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): the logit soft-cap some routers apply before scoring (Laguna
+    `moe_router_logit_softcapping`; Gemma 2 introduced it for attention and final logits)."""
+    return torch.tanh(logits / cap) * cap
+
+
 def _score(x: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
 

@@ -14,10 +14,10 @@ from moekit.ops.routing import canonical_order, route
 from tests.conftest import TINY, tiny_model
 
 
-def _capture(view, module_of, input_ids):
+def _capture(view, module_of, input_ids, layers=None):
     """Run the HF model once, recording (input, output) of one module per MoE layer."""
     seen, handles = {}, []
-    for layer in view.layers:
+    for layer in view.layers if layers is None else layers:
         hook = lambda mod, args, out, i=layer.index: seen.__setitem__(i, (args[0], out))  # noqa: E731
         handles.append(module_of(layer).register_forward_hook(hook))
     with torch.no_grad():
@@ -64,9 +64,14 @@ def test_routing_rule_matches_hf_router_exactly(family):
 def test_reference_forward_matches_hf_block(family):
     view = moekit.models.load(tiny_model(family))
     seen = _capture(view, lambda layer: layer.block, _inputs(view))
+    # GraniteMoeShared: the decoder layer adds its shared MLP (same input) to the block's output
+    outer = [m for m in view.layers if m.adapter.shared_on_layer and m.shared is not None]
+    seen_shared = _capture(view, lambda layer: layer.shared, _inputs(view), outer)
     for layer in view.layers:
         x, out = seen[layer.index]
         out = out[0] if isinstance(out, tuple) else out  # Llama 4's block also returns router logits
+        if layer.index in seen_shared:
+            out = out + seen_shared[layer.index][1]
         with torch.no_grad():
             ours = reference_moe_forward(layer, x)
         assert_close(ours.reshape(out.shape), out, 1e-5, f"{family} layer {layer.index} MoE block")
