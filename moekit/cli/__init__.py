@@ -38,6 +38,7 @@ def print_json(obj) -> None:
 def main(argv: list[str] | None = None) -> None:
     from moekit.cli import info  # noqa: F401  (registers subcommands)
     from moekit.cli import trace  # noqa: F401
+    from moekit.cli import run, simulate  # noqa: F401  (moekit run, moekit simulate)
 
     try:
         app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)

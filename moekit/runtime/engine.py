@@ -28,7 +28,7 @@ from torch import nn
 
 from moekit.errors import UserError
 from moekit.ops.routing import route
-from moekit.runtime import policies
+import moekit.runtime.policies as policies
 from moekit.runtime.store import ExpertStore
 
 IMPLEMENTATION = "moekit_offload"
@@ -118,36 +118,44 @@ class LayerRuntime:
         T, K = ids.shape
         flat = ids.T.reshape(-1)  # [K*T], slot-major: eager walks torch.where(expert_mask[e]) over [K, T]
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
-        counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
+        experts = [e for e, c in enumerate(counts) if c]
         if self.next is not None and self.pool is not None:
             self.next.prefetch(x)
-        self._begin_step(ids, weights, counts)
+        resident = self._begin_step(ids, weights, experts)
         out = torch.zeros_like(x)  # [T, H]
         start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
+        for e, c in zip(experts, (counts[e] for e in experts)):
             sel = order[start:start + c]
             start += c
             tok, slot = sel % T, sel // T  # [c], [c]
-            y = self.kernel(self.layer.experts, x[tok], self._fetch(e))  # [c, H]
+            w = resident.get(e)
+            if w is None:
+                w = self._miss(e)
+            y = self.kernel(self.layer.experts, x[tok], w)  # [c, H]
             y = y * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         self._end_step()
         self.stats.total_s += time.perf_counter() - t0
         return out
 
-    def _begin_step(self, ids, weights, counts) -> None:
+    def _begin_step(self, ids, weights, experts) -> dict:
+        """Policy decisions for the whole step; returns the hit experts' weights (held before any eviction)."""
         self.stats.steps += 1
         ids_np = ids.cpu().numpy() if (self.record or self.policy_wants_weights) else None
         if self.record:
             self.stats.routing.append(ids_np.copy())
         self.policy.begin_step(ids_np, weights.float().cpu().numpy() if self.policy_wants_weights else None)
         if self.predicted is not None:
-            actual = {e for e, c in enumerate(counts) if c}
             self.stats.predicted += len(self.predicted)
-            self.stats.actual += len(actual)
-            self.stats.correct += len(self.predicted & actual)
+            self.stats.actual += len(experts)
+            self.stats.correct += len(self.predicted.intersection(experts))
+        resident = {e: self.cache[e] for e in experts if e in self.cache}
+        hits, evicted = self.policy.access(experts)
+        assert sum(hits) == len(resident), "cache dict and policy disagree"
+        for v in evicted:
+            self.cache.pop(v, None)  # may be a miss of this very step, admitted then evicted (prefill > capacity)
+        return resident
 
     def _end_step(self) -> None:
         self.predicted = None
@@ -156,9 +164,7 @@ class LayerRuntime:
                 fut.result()
             self.pending.clear()
 
-    def _fetch(self, e: int) -> dict[str, torch.Tensor]:
-        if self.policy.lookup(e):
-            return self.cache[e]
+    def _miss(self, e: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         fut = self.pending.pop(e, None)
         if fut is not None:
@@ -168,10 +174,8 @@ class LayerRuntime:
             w = self._load(e)
             self.stats.bytes_read += self.store.expert_bytes
         self.stats.wait_s += time.perf_counter() - t0
-        victim = self.policy.admit(e)
-        if victim is not None:
-            del self.cache[victim]
-        self.cache[e] = w
+        if e in self.policy.resident:
+            self.cache[e] = w
         return w
 
     def _load(self, e: int) -> dict[str, torch.Tensor]:

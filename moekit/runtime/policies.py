@@ -2,9 +2,10 @@
 calls, so their counters agree by construction; tests/runtime/test_agreement.py checks it).
 
 Protocol, once per step (a forward call of the layer: one token in decode):
-  policy.begin_step(ids, weights)   # the step's selected experts [T, K] and routing weights, before any lookup
-  for e in sorted(set(ids)):        # ascending expert id, the order the runtime computes in
-      if not policy.lookup(e): policy.admit(e)   # a miss loads e and admits it, evicting one resident when full
+  policy.begin_step(ids, weights)          # the step's selected experts [T, K] and routing weights
+  hits, evicted = policy.access(experts)   # experts = sorted(set(ids)), the order the runtime computes in
+`access` judges every expert against the cache as it was before the step, then admits the misses in order; a victim is
+never one of the step's own experts unless the step needs more experts than the capacity (prefill).
 Counting follows a running system (ALGORITHMS.md §1, the simulator's convention): cold misses are misses, no free fill.
 Belady needs the future and exists for the simulator only.
 """
@@ -66,11 +67,20 @@ class CachePolicy:
         self.misses += 1
         return False
 
-    def admit(self, e: int) -> int | None:
-        """Make e resident (after a miss); returns the evicted expert, if any."""
+    def access(self, experts: list[int]) -> tuple[list[bool], list[int]]:
+        """One step's distinct experts (ascending) -> (hit per expert, evicted experts)."""
+        hits = [self.lookup(e) for e in experts]
+        protect = set(experts)
+        evicted = [v for e, h in zip(experts, hits) if not h for v in [self.admit(e, protect)] if v is not None]
+        return hits, evicted
+
+    def admit(self, e: int, protect: set[int] = frozenset()) -> int | None:
+        """Make e resident (after a miss), evicting the lowest-priority resident outside `protect` when full (any
+        resident if all are protected); returns the evicted expert, if any."""
         victim = None
         if len(self.resident) >= self.capacity:
-            victim = min(self.resident, key=lambda r: (self.priority(r), r))
+            pool = (self.resident - protect) or self.resident
+            victim = min(pool, key=lambda r: (self.priority(r), r))
             self.resident.remove(victim)
             self.evictions += 1
             self.on_evict(victim)

@@ -1,0 +1,92 @@
+"""`moekit run MODEL --budget 512MB --prompt "..."`: generate with routed experts offloaded to an on-disk store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moekit.cli import app, console, print_json
+
+
+def default_store_dir(model: Path) -> Path:
+    """Where the expert store of a checkpoint is built once: $MOEKIT_CACHE (default ~/.cache/moekit)/stores/NAME-HASH,
+    the hash covering the checkpoint's absolute path and its weight files' sizes and mtimes (a retrained model gets a
+    fresh store)."""
+    root = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "stores"
+    h = hashlib.sha256(str(model.resolve()).encode())
+    for f in sorted(model.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return root / f"{model.resolve().name}-{h.hexdigest()[:12]}"
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder of an MoE causal LM"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
+    budget: str = typer.Option("512MB", "--budget", help="bytes of routed experts kept in memory, e.g. 512MB, 2GiB"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score"),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="pre-gating prefetch of the next layer"),
+    store: Path = typer.Option(None, "--store", help="expert store folder (default: a cache dir, built on first run)"),
+    stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
+) -> None:
+    """Greedy generation with experts on disk behind a byte budget (experts unfused into a store once)."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    import moekit.models
+    import moekit.runtime as rt
+
+    view = moekit.models.load(model)  # note: the full checkpoint is read once here, then its experts are freed
+    store = store or default_store_dir(model)
+    with console.status(f"expert store {store}", spinner="dots") if not json_out else _null():
+        rt.build_store(view, store)
+    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch)
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    seconds = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": policy, "new_tokens": new,
+               "seconds": seconds, "tokens_per_s": new / seconds, **om.totals()}
+    if json_out:
+        print_json({"text": tok.decode(out[0], skip_special_tokens=True), **summary,
+                    **({"layers": om.stats()} if stats else {})})
+    elif stats:
+        console.print(stats_table(om.stats(), summary))
+    om.close()
+
+
+def stats_table(rows: list[dict], summary: dict) -> Table:
+    from moekit.runtime import format_bytes
+
+    table = Table(title=f"{summary['new_tokens']} tokens in {summary['seconds']:.2f} s "
+                        f"({summary['tokens_per_s']:.2f} tok/s), policy {summary['policy']}, "
+                        f"{summary['experts_per_layer']} experts/layer")
+    for col in ("layer", "hits", "misses", "hit rate", "read", "prefetch P", "prefetch R", "compute s", "wait s"):
+        table.add_column(col, justify="right")
+    for r in rows + [{**summary, "layer": "all"}]:
+        table.add_row(str(r["layer"]), str(r["hits"]), str(r["misses"]), f"{r['hit_rate']:.3f}",
+                      format_bytes(r["bytes_read"]), f"{r['prefetch_precision']:.2f}", f"{r['prefetch_recall']:.2f}",
+                      f"{r['compute_s']:.3f}", f"{r['wait_s']:.3f}")
+    return table
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,95 @@
+"""What-if simulator: replay a routing trace through the runtime's own cache-policy objects (policies.py), per MoE layer,
+as one continuous token stream, counting cold misses as misses (a running system's view, ALGORITHMS.md §1; the analysis
+report's SCH-convention curves differ on purpose). One step = one token (decode) unless `step_sizes` groups tokens the way
+the runtime's calls did (prefill), which makes the simulator's counters equal the runtime's exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moekit.errors import UserError
+import moekit.runtime.policies as policies
+from moekit.runtime.hardware import Hardware
+
+
+def _steps(ids: np.ndarray, step_sizes) -> list[tuple[int, int]]:
+    T = ids.shape[0]
+    sizes = [1] * T if step_sizes is None else [int(s) for s in step_sizes]
+    if sum(sizes) != T:
+        raise ValueError(f"step sizes sum to {sum(sizes)}, the trace has {T} tokens")
+    bounds = np.cumsum([0] + sizes)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def replay_layer(ids, policy: str, capacity: int, weights=None, step_sizes=None) -> policies.CachePolicy:
+    """Feed one layer's routing ids [T, K] (and weights [T, K] for `score`) to a fresh policy; returns it (counters)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    spans = _steps(ids, step_sizes)
+    uniq = [sorted(set(ids[a:b].reshape(-1).tolist())) for a, b in spans]  # the runtime's ascending lookup order
+    kwargs = {"steps": uniq} if policy == "belady" else {}
+    cache = policies.make(policy, capacity, **kwargs)
+    for (a, b), experts in zip(spans, uniq):
+        cache.begin_step(ids[a:b], None if weights is None else weights[a:b])
+        cache.access(experts)
+    return cache
+
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity: int  # experts per layer
+    multiple: float  # capacity / top-k
+    hits: int
+    misses: int
+    tokens: int
+    expert_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else float("nan")
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.misses * self.expert_bytes / self.tokens
+
+
+def simulate(ids_per_layer, *, num_experts: int, top_k: int, expert_bytes: int, policies_=("lru",),
+             capacities=(1,), weights_per_layer=None, step_sizes=None) -> list[SimResult]:
+    """Hit/miss counts for every (policy, capacity) over all layers. `capacities` are multiples of top-k."""
+    if not ids_per_layer:
+        raise UserError("the trace has no MoE layers")
+    tokens = int(np.asarray(ids_per_layer[0]).shape[0])
+    if tokens == 0:
+        raise UserError("the trace has no tokens")
+    results = []
+    for name in policies_:
+        for mult in capacities:
+            cap = int(round(float(mult) * top_k))
+            if cap < 1:
+                raise UserError(f"capacity {mult}x top-{top_k} is below one expert")
+            cap = min(cap, num_experts)
+            hits = misses = 0
+            for li, ids in enumerate(ids_per_layer):
+                w = None if weights_per_layer is None else weights_per_layer[li]
+                c = replay_layer(ids, name, cap, w, step_sizes)
+                hits, misses = hits + c.hits, misses + c.misses
+            results.append(SimResult(name, cap, float(mult), hits, misses, tokens, expert_bytes))
+    return results
+
+
+def with_bounds(results: list[SimResult], hw: Hardware, *, layers: int, top_k: int, expert_params: int) -> list[dict]:
+    """Rows for display/JSON: hit rate, bytes per token, tokens/s bounds, and the fraction of Belady's hit rate."""
+    best = {r.capacity: r.hit_rate for r in results if r.policy == "belady"}
+    active_bytes = layers * top_k * results[0].expert_bytes
+    rows = []
+    for r in results:
+        row = {"policy": r.policy, "capacity": f"{r.multiple:g}x", "experts_per_layer": r.capacity, "hits": r.hits,
+               "misses": r.misses, "hit_rate": r.hit_rate, "bytes_per_token": r.bytes_per_token,
+               **hw.bound(r.bytes_per_token, active_bytes, layers * top_k * expert_params)}
+        if r.capacity in best:
+            row["of_belady"] = r.hit_rate / best[r.capacity] if best[r.capacity] else float("nan")
+        rows.append(row)
+    return rows

@@ -1,0 +1,35 @@
+"""Shared helpers for runtime tests: an offloaded tiny model next to its in-memory twin, a saved checkpoint + tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+import moekit.models
+import moekit.runtime as rt
+from tests.conftest import tiny_model
+
+
+def offloaded(family: str, store_dir, *, budget=None, policy="lru", prefetch=True, record=False, seed=0):
+    """(in-memory model, offloaded twin, OffloadedModel). budget None = the minimum."""
+    ref, model = tiny_model(family, seed), tiny_model(family, seed)
+    view = moekit.models.load(model)
+    rt.build_store(view, store_dir)
+    if budget is None:
+        budget = rt.min_budget(view, rt.ExpertStore(store_dir).expert_bytes)
+    return ref, model, rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, record=record)
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer with `vocab_size` entries (w0..), for saved tiny checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (1, n), generator=g)
