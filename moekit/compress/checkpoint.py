@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -18,9 +19,10 @@ TOKENIZER_FILES = (
 
 
 def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, report: dict | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
     """save_pretrained (per-expert keys, the format vLLM and SGLang load) + tokenizer files copied from `source` +
-    compression.json, into `out`, atomically: nothing half-written is ever left at `out`."""
+    compression.json, into `out`, atomically: nothing half-written is ever left at `out`. `extra(folder)` writes any
+    further files (e.g. a quantised sidecar) into the folder before it is renamed into place."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: choose another --out or remove it")
@@ -34,6 +36,8 @@ def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, 
                 shutil.copy2(Path(source) / name, tmp / name)
         if report is not None:
             (tmp / "compression.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if extra is not None:
+            extra(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
