@@ -165,7 +165,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise UserError(f"{path} is missing although the manifest lists it: rerun the same `moekit trace` with --resume "
                         f"to rewrite it (or re-record the trace)")
     try:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
         raise _damaged(path, err) from None
     meta = f.schema_arrow.metadata or {}

@@ -25,7 +25,8 @@ META_VERSION = b"moekit.trace.schema_version"
 META_KIND = b"moekit.trace.kind"
 META_ACT_IN = b"moekit.trace.act_max_in"  # per-chunk [L, E] float32 bytes (max |input| of the down projection)
 META_ACT_OUT = b"moekit.trace.act_max_out"  # per-chunk [L, E] float32 bytes (max |output| of the down projection)
-PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=["domain"])
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=["domain"],
+                       write_page_checksum=True)  # CRC per page: a flipped bit is an error, not a wrong expert id
 WEIGHT_NO_VALUE = np.float32("nan")  # imported traces that carry no weights (SGLang per_token)
 
 
