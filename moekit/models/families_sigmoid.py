@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from moekit.models.families import deepseek_v3
 from moekit.models.registry import Adapter, register
-from moekit.ops.activations import glu
+from moekit.ops.activations import glu, swiglu_oai
 from moekit.ops.routing import RoutingRule
 
 
 def sigmoid_bias_topk_renorm(config, router) -> RoutingRule:
-    """MiniMax-M2: sigmoid; top-k on score + e_score_correction_bias (no groups); weights are the plain sigmoid scores
-    divided by their sum (no epsilon, no scaling)."""
+    """MiniMax-M2 / M3, Laguna: sigmoid; top-k on score + e_score_correction_bias (no groups); weights are the plain
+    sigmoid scores divided by their sum (no epsilon; M3 and Laguna scale the routed sum in the block instead)."""
     return RoutingRule(top_k=router.top_k, scoring="sigmoid", correction_bias=True, renormalize=True)
 
 
@@ -42,10 +42,17 @@ def afmoe(config, router) -> RoutingRule:
     )
 
 
-def sigmoid_bias_topk_normalised(config, router) -> RoutingRule:
-    """Laguna: (logits soft-capped by the view) sigmoid; top-k on score + e_score_correction_bias; weights divided by
-    their sum. The block, not the router, multiplies the routed sum by moe_routed_scaling_factor."""
-    return RoutingRule(top_k=router.top_k, scoring="sigmoid", correction_bias=True, renormalize=True)
+def hy_v3(config, router) -> RoutingRule:
+    """HY-V3 (Hunyuan): sigmoid (float32 linear); top-k on score + the block's e_score_correction_bias; weights
+    renormalised (+1e-20), x router_scaling_factor."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        correction_bias=True,
+        renormalize=True,
+        renorm_eps=1e-20,
+        routed_scaling_factor=float(router.router_scaling_factor),
+    )
 
 
 # Routers copied from DeepseekV3TopkRouter; shared experts (when any) summed unconditionally.
@@ -59,6 +66,8 @@ _DEEPSEEK_V3_STYLE = [
     ("mimo_v2_flash", "n_routed_experts", "num_experts_per_tok", None),
     ("bailing_hybrid", "num_experts", "num_experts_per_token", "shared_experts"),
     ("kimi_linear", "num_experts", "num_experts_per_token", "shared_experts"),
+    ("glm_moe_dsa", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("hy_v4", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
 ]
 for _t, _count, _top_k, _shared in _DEEPSEEK_V3_STYLE:
     register(
@@ -80,7 +89,17 @@ register(
             shared="shared_experts", correction_bias="expert_bias", correction_bias_on_block=True)
 )
 register(
-    Adapter("laguna", sigmoid_bias_topk_normalised, expert_count_keys=("num_experts",), shared="shared_experts",
+    Adapter("laguna", sigmoid_bias_topk_renorm, expert_count_keys=("num_experts",), shared="shared_experts",
             correction_bias="e_score_correction_bias", router_softcap_key="moe_router_logit_softcapping",
             routed_scale_key="moe_routed_scaling_factor")
+)
+register(
+    Adapter("minimax_m3_vl_text", sigmoid_bias_topk_renorm, expert_count_keys=("num_local_experts",),
+            shared="shared_experts", correction_bias="e_score_correction_bias",
+            routed_scale_key="routed_scaling_factor", notes="text model of MiniMax-M3-VL",
+            activation=lambda config: swiglu_oai(config.swiglu_alpha, config.swiglu_limit))  # GPT-OSS's clamped SwiGLU
+)
+register(
+    Adapter("hy_v3", hy_v3, expert_count_keys=("num_experts",), shared="shared_experts",
+            correction_bias="e_score_correction_bias", correction_bias_on_block=True, router_fp32=True)
 )

@@ -32,6 +32,10 @@ register(
     Adapter("qwen3_5_moe_text", softmax_topk_renorm, expert_count_keys=("num_experts",), shared="shared_expert",
             shared_gate="shared_expert_gate")
 )
+register(
+    Adapter("qwen4_exp_text", softmax_topk, expert_count_keys=("num_experts",), shared="shared_expert",
+            shared_gate="shared_expert_gate", notes="text model of Qwen4-Exp; Qwen2-MoE-style router and gated shared expert")
+)
 register(Adapter("minimax", softmax_topk_renorm, expert_count_keys=("num_local_experts",)))
 register(Adapter("flex_olmo", softmax_topk, expert_count_keys=("num_experts",)))
 register(
@@ -46,7 +50,7 @@ register(
 
 # Granite 4 variants: the GraniteMoE router, plus a shared MLP that the decoder layer (not the MoE block) adds to the
 # block's output on the same input.
-for _t in ("granitemoeshared", "granitemoehybrid"):
+for _t in ("granitemoeshared", "granitemoehybrid", "granitemoe_swa"):
     register(
         Adapter(_t, topk_then_softmax, expert_count_keys=("num_local_experts",), block="block_sparse_moe",
                 router="router", shared="shared_mlp", shared_on_layer=True)
@@ -54,4 +58,8 @@ for _t in ("granitemoeshared", "granitemoehybrid"):
 register(
     Adapter("cohere2_moe", cohere2_moe, expert_count_keys=("num_experts",), shared="shared_experts",
             shared_mix_key="shared_expert_combination_strategy")
+)
+register(
+    Adapter("aria_text", topk_then_softmax, expert_count_keys=("moe_num_experts",), top_k_key="moe_topk",
+            router="router", shared="shared_experts", notes="text model of Aria")
 )
