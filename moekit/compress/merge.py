@@ -206,7 +206,8 @@ def plan_merge(view: MoEView, cal: Calibration, groups: int, method: str = "msmo
         raise UserError(f"unknown merge method {method!r}; known: {', '.join(sorted(METHODS))}")
     plan = MergePlan(method, {}, {})
     for layer in view.layers:
-        plan.groups[layer.index], plan.usage[layer.index] = METHODS[method](layer, cal.x[layer.index], groups)
+        x = cal.x[layer.index].to(layer.expert_params()[0].dtype)  # [T, H] as the model computed it
+        plan.groups[layer.index], plan.usage[layer.index] = METHODS[method](layer, x, groups)
         if progress is not None:
             progress()
     return plan

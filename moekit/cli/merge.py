@@ -1,0 +1,90 @@
+"""`moekit merge MODEL --groups G --method msmoe|hcsmoe --calib DATA --out DIR`: merge experts into G per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from moekit.cli import app, console, print_json
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@app.command()
+def merge(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder of an MoE causal LM (with its tokenizer)"),
+    groups: int = typer.Option(..., "--groups", help="merged experts per MoE layer (G)"),
+    method: str = typer.Option("msmoe", "--method", help="msmoe (arXiv 2310.01334) | hcsmoe (arXiv 2410.08589)"),
+    calib: list[str] = typer.Option(..., "--calib", help="calibration data: .txt / .jsonl files or demo-corpus "
+                                    "domains (code,prose)"),
+    out: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
+    router: str = typer.Option("dominant", "--router", help="router row per group: the dominant expert's row "
+                               "(dominant) or the usage-weighted mean of the members' rows (average)"),
+    align: Optional[bool] = typer.Option(None, "--align/--no-align", help="permutation-align members to the "
+                                         "dominant before averaging (default: msmoe yes, hcsmoe no, as the papers)"),
+    low_rank: Optional[int] = typer.Option(None, "--low-rank", help="truncated SVD of each merged matrix at this "
+                                           "rank (stored dense: HF has no low-rank format)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens"),
+    seq_len: int = typer.Option(256, "--seq-len", help="tokens per calibration window"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
+) -> None:
+    """Merge each MoE layer's experts into G (M-SMoE or HC-SMoE) and save a checkpoint with G experts per layer."""
+    import moekit.models
+    from moekit.compress import merge as merging
+    from moekit.compress.calibdata import calibrate, load_tokenizer, token_batches
+    from moekit.compress.checkpoint import save_checkpoint
+
+    view = moekit.models.load(model, dtype=_dtype(dtype))
+    merging.check_groups(view, groups)
+    cal = calibrate(view, token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens))
+    with _layer_progress(len(view.layers), f"merging ({method})") as step:
+        report = merging.merge(view, cal, groups, method=method, router=router, align=align, rank=low_rank,
+                               progress=step)
+    report["source"], report["calibration"] = str(model), calib
+    save_checkpoint(view.model, out, source=model, report=report)
+    if json_out:
+        print_json({"out": str(out), **{k: v for k, v in report.items() if k != "groups_per_layer"}})
+        return
+    table = Table(title=f"{model} -> {out}", show_header=False)
+    b, a = report["before"], report["after"]
+    errors = list(report["layer_relative_error"].values())
+    for key, value in [("method", f"{method} (router: {router}, aligned: {report['aligned']})"),
+                       ("experts per layer", f"{b['experts']} -> {a['experts']}"),
+                       ("model bytes", f"{b['model_bytes']:,} -> {a['model_bytes']:,}"),
+                       ("layer output error", f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f} "
+                                              f"(relative, on {report['calibration_tokens']} calibration tokens)")]:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _dtype(name: str | None):
+    import torch
+
+    from moekit.errors import UserError
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+class _layer_progress:
+    """A rich progress bar over `total` steps; the context value advances it by one."""
+
+    def __init__(self, total: int, label: str):
+        from rich.progress import Progress
+
+        self.progress = Progress(console=console, transient=True, disable=not console.is_terminal)
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return lambda: self.progress.advance(self.task)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
