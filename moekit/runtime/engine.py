@@ -84,6 +84,7 @@ class LayerStats:
     wait_s: float = 0.0  # blocked on reads (demand reads + waiting for prefetches)
     total_s: float = 0.0  # whole experts call
     routing: list = field(default_factory=list)  # ids [T, K] per step when recording
+    routing_weights: list = field(default_factory=list)  # weights [T, K] float32 per step when recording
 
     def as_dict(self, policy) -> dict:
         c = policy.counters()
@@ -142,10 +143,13 @@ class LayerRuntime:
     def _begin_step(self, ids, weights, experts) -> dict:
         """Policy decisions for the whole step; returns the hit experts' weights (held before any eviction)."""
         self.stats.steps += 1
-        ids_np = ids.cpu().numpy() if (self.record or self.policy_wants_weights) else None
+        need = self.record or self.policy_wants_weights
+        ids_np = ids.cpu().numpy() if need else None
+        w_np = weights.float().cpu().numpy() if need else None
         if self.record:
             self.stats.routing.append(ids_np.copy())
-        self.policy.begin_step(ids_np, weights.float().cpu().numpy() if self.policy_wants_weights else None)
+            self.stats.routing_weights.append(w_np.copy())
+        self.policy.begin_step(ids_np, w_np if self.policy_wants_weights else None)
         if self.predicted is not None:
             self.stats.predicted += len(self.predicted)
             self.stats.actual += len(experts)
