@@ -38,6 +38,7 @@ def print_json(obj) -> None:
 def main(argv: list[str] | None = None) -> None:
     from moekit.cli import info  # noqa: F401  (registers subcommands)
     from moekit.cli import merge, quantize  # noqa: F401  (moekit merge, moekit quantize)
+    from moekit.cli import eval, prune  # noqa: F401,A004  (moekit eval, moekit prune)
     from moekit.cli import trace  # noqa: F401
     from moekit.cli import run, simulate  # noqa: F401  (moekit run, moekit simulate)
 

@@ -1,0 +1,55 @@
+"""`moekit prune MODEL --keep N|FRACTION --method M --calib DATA --out DIR`: drop experts, write a checkpoint."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moekit.cli import app, console, err_console, print_json
+
+
+@contextmanager
+def rich_progress(description: str, total: int):
+    """A progress bar on stderr; yields tick(n)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder of an MoE causal LM"),
+    keep: str = typer.Option(..., "--keep", help="experts to keep per layer: a count (24) or a fraction (0.75)"),
+    method: str = typer.Option(..., "--method", help="random | frequency | tcess | easy-ep | naee"),
+    calib: list[str] = typer.Option(..., "--calib", help=".txt / .jsonl file or demo-corpus domain(s), comma-separated"),
+    out: Path = typer.Option(..., "--out", help="output checkpoint folder (must not exist)"),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="calibration tokens, shared across the --calib sources"),
+    seq_len: int = typer.Option(256, "--seq-len", help="calibration window length"),
+    seed: int = typer.Option(0, "--seed", help="seed of the random method"),
+    json_out: bool = typer.Option(False, "--json", help="print the compression report as one JSON object"),
+) -> None:
+    """Keep N of E experts in every MoE layer, chosen by a calibration-based score; save the pruned checkpoint."""
+    from moekit.compress.prune import PruneOptions, prune_checkpoint
+
+    rep = prune_checkpoint(model, keep, method, calib, out, max_tokens=max_tokens, seq_len=seq_len,
+                           opts=PruneOptions(seed=seed), progress_factory=rich_progress)
+    if json_out:
+        print_json(rep)
+        return
+    table = Table(title=f"{out}  ({rep['method_label']}, {rep['experts_before']} -> {rep['experts_after']} experts)")
+    for col in ("layer", "kept", "dropped"):
+        table.add_column(col)
+    for index, row in rep["layers"].items():
+        table.add_row(index, _ids(row["kept"]), _ids(row["dropped"]))
+    console.print(table)
+    console.print(f"calibration: {rep['calibration']['tokens']} tokens of {', '.join(rep['calibration']['data'])}; "
+                  f"parameters {rep['bytes_before'] / 2**20:.1f} MiB -> {rep['bytes_after'] / 2**20:.1f} MiB")
+
+
+def _ids(ids: list[int]) -> str:
+    return " ".join(map(str, ids)) if len(ids) <= 24 else " ".join(map(str, ids[:24])) + f" ... (+{len(ids) - 24})"
