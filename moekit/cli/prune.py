@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from moekit.cli import app, console, err_console, print_json
+from moekit.cli.info import _bytes
 
 
 @contextmanager
@@ -41,14 +42,14 @@ def prune(
     if json_out:
         print_json(rep)
         return
-    table = Table(title=f"{out}  ({rep['method_label']}, {rep['experts_before']} -> {rep['experts_after']} experts)")
+    table = Table(title=f"{rep['method_label']}: {rep['experts_before']} -> {rep['experts_after']} experts per layer")
     for col in ("layer", "kept", "dropped"):
         table.add_column(col)
     for index, row in rep["layers"].items():
         table.add_row(index, _ids(row["kept"]), _ids(row["dropped"]))
     console.print(table)
-    console.print(f"calibration: {rep['calibration']['tokens']} tokens of {', '.join(rep['calibration']['data'])}; "
-                  f"parameters {rep['bytes_before'] / 2**20:.1f} MiB -> {rep['bytes_after'] / 2**20:.1f} MiB")
+    console.print(f"wrote {out}; parameters {_bytes(rep['bytes_before'])} -> {_bytes(rep['bytes_after'])}; "
+                  f"calibration: {rep['calibration']['tokens']} tokens of {', '.join(rep['calibration']['data'])}")
 
 
 def _ids(ids: list[int]) -> str:
