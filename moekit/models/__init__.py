@@ -91,6 +91,7 @@ def _moe_layer(index: int, decoder_layer: nn.Module, block: nn.Module, adapter: 
         shared_mix=shared_mix,
         routed_scale=float(getattr(config, adapter.routed_scale_key)) if adapter.routed_scale_key else 1.0,
         router_softcap=float(getattr(config, adapter.router_softcap_key) or 0.0) if adapter.router_softcap_key else 0.0,
+        post_norm=getattr(block, adapter.post_norm) if adapter.post_norm else None,
     )
 
 

@@ -55,6 +55,55 @@ def hy_v3(config, router) -> RoutingRule:
     )
 
 
+def sigmoid_topk(config, router) -> RoutingRule:
+    """Flint: sigmoid (float32 linear) -> top-k, no bias; renormalised (no epsilon) when norm_topk_prob."""
+    return RoutingRule(top_k=router.top_k, scoring="sigmoid", renormalize=bool(router.norm_topk_prob))
+
+
+def kolibri1(config, router) -> RoutingRule:
+    """Kolibri1: top-k on logits + e_score_correction_bias, then the sigmoid of the K raw logits kept, renormalised
+    (no epsilon) when norm_topk_prob."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        score_after_topk=True,
+        correction_bias=True,
+        renormalize=bool(router.norm_topk_prob),
+    )
+
+
+def beam(config, router) -> RoutingRule:
+    """Beam: the DeepSeek-V3 router without its scaling; BeamMoE scales the routed sum by routed_scaling_factor."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        correction_bias=True,
+        n_group=router.num_group,
+        topk_group=router.topk_group,
+        group_score="top2_sum",
+        renormalize=bool(router.norm_topk_prob),
+        renorm_eps=1e-20,
+    )
+
+
+def axk2(config, router) -> RoutingRule:
+    """AXK2: the DeepSeek-V3 router, except that experts outside the chosen groups get choice 0 (not -inf), and
+    checkpoints without n_group skip group limiting altogether."""
+    grouped = router.num_group is not None
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring="sigmoid",
+        correction_bias=True,
+        n_group=router.num_group if grouped else 1,
+        topk_group=router.topk_group if grouped else 1,
+        group_score="top2_sum",
+        group_mask_zero=True,
+        renormalize=bool(router.norm_topk_prob),
+        renorm_eps=1e-20,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+    )
+
+
 # Routers copied from DeepseekV3TopkRouter; shared experts (when any) summed unconditionally.
 _DEEPSEEK_V3_STYLE = [
     # model_type, expert-count key, top-k key, shared-expert attribute
@@ -68,6 +117,7 @@ _DEEPSEEK_V3_STYLE = [
     ("kimi_linear", "num_experts", "num_experts_per_token", "shared_experts"),
     ("glm_moe_dsa", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
     ("hy_v4", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
+    ("dots3_note_text", "n_routed_experts", "num_experts_per_tok", "shared_experts"),
 ]
 for _t, _count, _top_k, _shared in _DEEPSEEK_V3_STYLE:
     register(
@@ -102,4 +152,23 @@ register(
 register(
     Adapter("hy_v3", hy_v3, expert_count_keys=("num_experts",), shared="shared_experts",
             correction_bias="e_score_correction_bias", correction_bias_on_block=True, router_fp32=True)
+)
+register(
+    Adapter("axk1", deepseek_v3, expert_count_keys=("n_routed_experts",), shared="shared_experts",
+            correction_bias="e_score_correction_bias", router_fp32=True, post_norm="post_mlp_layernorm")
+)
+register(
+    Adapter("axk2", axk2, expert_count_keys=("n_routed_experts",), shared="shared_experts",
+            correction_bias="e_score_correction_bias", router_fp32=True)
+)
+register(
+    Adapter("beam", beam, expert_count_keys=("num_experts",), correction_bias="e_score_correction_bias",
+            router_fp32=True, routed_scale_key="routed_scaling_factor")
+)
+register(
+    Adapter("kolibri1", kolibri1, expert_count_keys=("num_local_experts",), shared="shared_experts",
+            correction_bias="e_score_correction_bias", router_fp32=True)
+)
+register(
+    Adapter("flint", sigmoid_topk, expert_count_keys=("num_experts",), shared="shared_expert", router_fp32=True)
 )

@@ -37,6 +37,7 @@ register(
             shared_gate="shared_expert_gate", notes="text model of Qwen4-Exp; Qwen2-MoE-style router and gated shared expert")
 )
 register(Adapter("minimax", softmax_topk_renorm, expert_count_keys=("num_local_experts",)))
+register(Adapter("mellum", softmax_topk, expert_count_keys=("num_local_experts",)))
 register(Adapter("flex_olmo", softmax_topk, expert_count_keys=("num_experts",)))
 register(
     Adapter("hunyuan_v1_moe", softmax_topk_renorm, expert_count_keys=("num_experts",), top_k_key="moe_topk",

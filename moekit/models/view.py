@@ -34,6 +34,7 @@ class MoELayer:
     shared_mix: str = "sum"  # how routed and shared outputs combine: sum | average (Cohere2-MoE)
     routed_scale: float = 1.0  # factor on the routed-expert sum applied by the block, not the router (Laguna)
     router_softcap: float = 0.0  # > 0: the router soft-caps its logits (Laguna)
+    post_norm: nn.Module | None = None  # applied to the block's combined output (AXK1)
 
     @property
     def num_experts(self) -> int:
@@ -77,13 +78,13 @@ class MoELayer:
 
     def combine(self, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Block output [T, H] from the weighted routed-expert sum [T, H] and the block input x [T, H], in the
-        family's op order: routed x routed_scale, then + shared expert, averaged when shared_mix is "average"."""
-        if self.routed_scale != 1.0:
-            routed = routed * self.routed_scale
-        if self.shared is None:
-            return routed
-        out = routed + self.shared_forward(x)
-        return out / 2 if self.shared_mix == "average" else out
+        family's op order: routed x routed_scale, then + shared expert, averaged when shared_mix is "average", then
+        the block's post-norm."""
+        out = routed * self.routed_scale if self.routed_scale != 1.0 else routed
+        if self.shared is not None:
+            out = out + self.shared_forward(x)
+            out = out / 2 if self.shared_mix == "average" else out
+        return self.post_norm(out) if self.post_norm is not None else out
 
     def shared_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shared-expert contribution [T, H] (zeros when the family has none)."""

@@ -27,7 +27,8 @@ class RoutingRule:
     n_group: int = 1  # group-limited top-k: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups are eligible
     group_score: str = "max"  # group rank: best expert (DeepSeek-V2) or sum of best two (DeepSeek-V3)
-    correction_bias: bool = False  # e_score_correction_bias: added to scores for selection only, not to weights
+    group_mask_zero: bool = False  # experts outside the chosen groups compete with choice 0, not -inf (AXK2)
+    correction_bias: bool = False  # selection-only bias on the scores (on the logits if score_after_topk: Kolibri1)
     router_bias: bool = False  # the router's linear layer has a bias (GPT-OSS)
     routed_scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek, GLM)
     weight_on_input: bool = False  # Llama 4 multiplies the expert's input, not its output, by the weight
@@ -47,8 +48,9 @@ class RoutingRule:
 
     def describe(self) -> str:
         """One line a person can read, e.g. 'sigmoid(+bias for selection) -> group top-4/8 -> top-8 -> renorm x2.5'."""
-        score = self.scoring + ("(+bias for selection)" if self.correction_bias else "")
-        steps = [f"top-{self.top_k}", score] if self.score_after_topk else [score, f"top-{self.top_k}"]
+        score = self.scoring + ("(+bias for selection)" if self.correction_bias and not self.score_after_topk else "")
+        topk = f"top-{self.top_k}" + ("(logits+bias)" if self.correction_bias and self.score_after_topk else "")
+        steps = [topk, score] if self.score_after_topk else [score, topk]
         if self.n_group > 1:
             steps.insert(-1, f"group top-{self.topk_group}/{self.n_group} ({self.group_score})")
         if self.renormalize:
@@ -73,8 +75,7 @@ def route(
     if rule.scoring == "sparsemixer":
         weights, ids = _sparsemixer(logits, rule.jitter_eps)
     elif rule.score_after_topk:
-        top_logits, ids = torch.topk(logits, rule.top_k, dim=-1)  # [T, K]
-        weights = _score(top_logits, rule.scoring)
+        weights, ids = _topk_then_score(logits, rule, correction_bias)
     else:
         weights, ids = _score_then_topk(logits, rule, correction_bias)
     weights = _renormalise_and_scale(weights, rule)
@@ -91,6 +92,15 @@ def _score(x: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
 
 
+def _topk_then_score(logits, rule, correction_bias):
+    if rule.correction_bias:  # Kolibri1: bias on the logits for selection; the kept raw logits are scored
+        ids = torch.topk(logits + correction_bias.float(), rule.top_k, dim=-1).indices  # [T, K]
+        top_logits = logits.gather(1, ids)
+    else:
+        top_logits, ids = torch.topk(logits, rule.top_k, dim=-1)  # [T, K]
+    return _score(top_logits, rule.scoring), ids
+
+
 def _score_then_topk(logits, rule, correction_bias):
     scores = _score(logits, rule.scoring)  # [T, E]
     choice = scores + correction_bias.float() if rule.correction_bias else scores
@@ -102,7 +112,9 @@ def _score_then_topk(logits, rule, correction_bias):
 
 def _limit_to_groups(scores, choice, rule):
     """Group-limited top-k. DeepSeek-V2 ranks groups by their best expert and zeroes the scores outside the chosen
-    groups; DeepSeek-V3 ranks them by the sum of their best two (bias included) and excludes the rest from selection."""
+    groups; DeepSeek-V3 ranks them by the sum of their best two (bias included) and excludes the rest from selection.
+    AXK2 (and Mistral 4's reference) gives the excluded experts a choice of 0 instead of -inf: with a negative
+    score-correction bias an excluded expert can then still win over an eligible one."""
     T, E = choice.shape
     grouped = choice.view(T, rule.n_group, E // rule.n_group)  # [T, G, E/G]
     if rule.group_score == "max":
@@ -115,7 +127,7 @@ def _limit_to_groups(scores, choice, rule):
     if rule.group_score == "max":
         scores = scores.masked_fill(~expert_mask, 0.0)
         return scores, scores
-    return scores, choice.masked_fill(~expert_mask, float("-inf"))
+    return scores, choice.masked_fill(~expert_mask, 0.0 if rule.group_mask_zero else float("-inf"))
 
 
 def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,3 +111,19 @@ def test_set_expert_rejects_wrong_shapes():
         layer.set_expert(0, {**w, "down": w["down"].T})
     with pytest.raises(ValueError, match="need keys"):
         layer.set_expert(0, {"down": w["down"]})
+
+
+def test_group_mask_zero_follows_axk2_router_when_scores_are_negative():
+    """AXK2 gives experts outside the chosen groups choice 0, not -inf. The parametrised tests cannot tell the two apart
+    (score + bias > 0 there), so push every choice below 0: the rule must still match HF, and -inf must not."""
+    layer = moekit.models.load(tiny_model("axk2")).layers[0]
+    with torch.no_grad():
+        layer.correction_bias.copy_(-2.0 - torch.linspace(0, 1, layer.num_experts))
+    x = torch.randn(64, layer.router.hidden_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, hf_weights, hf_ids = layer.parse_router_output(layer.router(x))
+    w_hf, id_hf = canonical_order(hf_weights.float(), hf_ids)
+    w_ours, id_ours = canonical_order(*route(logits, layer.rule, layer.correction_bias))
+    assert torch.equal(id_ours, id_hf) and torch.equal(w_ours, w_hf)
+    inf_rule = dataclasses.replace(layer.rule, group_mask_zero=False)
+    assert not torch.equal(canonical_order(*route(logits, inf_rule, layer.correction_bias))[1], id_hf)
