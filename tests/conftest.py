@@ -186,6 +186,13 @@ TINY = {
                                                     index_topk=8, index_head_dim=16, index_n_heads=2, sliding_window=8,
                                                     layer_types=["indexed_attention", "sliding_attention",
                                                                  "sliding_attention"], pad_token_id=1, head_dim=16)),
+    "inkling2_text": ("Inkling2TextConfig", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                 route_scale=2.0, scoring_func="sqrtsoftplus", unpadded_vocab_size=128,
+                                                 swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                                                 sliding_window_size=8, d_rel=4, rel_extent=16,
+                                                 n_layers_per_attn_res_block=2, mlp_gate_softcap=0.5,
+                                                 mlp_up_softcap=0.5,
+                                                 layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"])),
 }
 
 

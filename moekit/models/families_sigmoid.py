@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from moekit.models.families import deepseek_v3
 from moekit.models.registry import Adapter, register
-from moekit.ops.activations import glu, swiglu_oai
+from moekit.ops.activations import glu, softcapped_swiglu, swiglu_oai
 from moekit.ops.routing import RoutingRule
 
 
@@ -104,6 +104,19 @@ def axk2(config, router) -> RoutingRule:
     )
 
 
+def inkling2(config, router) -> RoutingRule:
+    """Inkling2: config.scoring_func (sigmoid or sqrtsoftplus); top-k on score + e_score_correction_bias; weights
+    renormalised (+1e-20), x routed_scaling_factor (= route_scale)."""
+    return RoutingRule(
+        top_k=router.top_k,
+        scoring=config.scoring_func,
+        correction_bias=True,
+        renormalize=True,
+        renorm_eps=1e-20,
+        routed_scaling_factor=float(router.routed_scaling_factor),
+    )
+
+
 # Routers copied from DeepseekV3TopkRouter; shared experts (when any) summed unconditionally.
 _DEEPSEEK_V3_STYLE = [
     # model_type, expert-count key, top-k key, shared-expert attribute
@@ -171,4 +184,9 @@ register(
 )
 register(
     Adapter("flint", sigmoid_topk, expert_count_keys=("num_experts",), shared="shared_expert", router_fp32=True)
+)
+register(
+    Adapter("inkling2_text", inkling2, expert_count_keys=("n_routed_experts",), correction_bias="e_score_correction_bias",
+            router_fp32=True, notes="text model of Inkling-2",
+            activation=lambda config: softcapped_swiglu(config.mlp_gate_softcap, config.mlp_up_softcap))
 )

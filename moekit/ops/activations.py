@@ -1,4 +1,4 @@
-"""Gated activations of expert MLPs: act(gate) * up, and GPT-OSS's clamped SwiGLU."""
+"""Gated activations of expert MLPs: act(gate) * up, GPT-OSS's clamped SwiGLU, Inkling2's soft-capped SwiGLU."""
 
 from __future__ import annotations
 
@@ -23,5 +23,18 @@ def swiglu_oai(alpha: float, limit: float) -> GatedActivation:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    return fn
+
+
+def softcapped_swiglu(gate_cap: float, up_cap: float) -> GatedActivation:
+    """Inkling2: in float32, softcap(gate) * sigmoid(gate) * softcap(up) with softcap(v) = cap * tanh(v / cap); the
+    sigmoid sees the raw gate, the caps bound only the linear gate factor and `up`."""
+
+    def fn(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        dtype = gate.dtype
+        gate, up = gate.float(), up.float()
+        capped_gate = torch.tanh(gate / gate_cap) * gate_cap
+        return (capped_gate * torch.sigmoid(gate) * (torch.tanh(up / up_cap) * up_cap)).to(dtype)
 
     return fn

@@ -11,15 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 
 
 @dataclass(frozen=True)
 class RoutingRule:
     top_k: int
-    scoring: str = "softmax"  # softmax | sigmoid | sparsemixer (PhiMoE, arXiv 2409.12136)
+    scoring: str = "softmax"  # softmax | sigmoid | sqrtsoftplus (DeepSeek-V4, Inkling2) | sparsemixer (PhiMoE)
     score_after_topk: bool = False  # top-k on raw logits, then score only the K kept (Granite, GPT-OSS, Llama 4)
     renormalize: bool = False  # norm_topk_prob: divide the K weights by their sum
     renorm_eps: float = 0.0  # added to that sum (DeepSeek-V3 / GLM-4.5 use 1e-20)
@@ -89,7 +90,11 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def _score(x: torch.Tensor, scoring: str) -> torch.Tensor:
-    return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    if scoring == "softmax":
+        return torch.softmax(x, dim=-1)
+    if scoring == "sqrtsoftplus":  # sqrt(softplus(x)): transformers' ACT2FN["sqrtsoftplus"], DeepSeek-V4's router score
+        return F.softplus(x).sqrt()
+    return torch.sigmoid(x)
 
 
 def _topk_then_score(logits, rule, correction_bias):
