@@ -157,11 +157,25 @@ def solve_bits(cost: np.ndarray, bits: tuple[int, ...], avg_bits: float) -> list
     one_each = np.kron(np.eye(e), np.ones(nb))  # [E, E*B]: sum_b x_{e,b} = 1
     budget = np.tile(np.asarray(bits, dtype=float), e)[None]  # [1, E*B]: sum b x_{e,b} <= B E
     res = milp(cost.reshape(-1), integrality=np.ones(e * nb), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(budget, -np.inf, avg_bits * e + 1e-9)])
+               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(budget, -np.inf, avg_bits * e + 1e-9)],
+               options={"mip_rel_gap": 0.0})
     if not res.success:
         raise RuntimeError(f"PMQ integer program failed: {res.message}")
-    x = np.round(res.x).reshape(e, nb)
-    return [bits[int(j)] for j in x.argmax(1)]
+    choice = np.round(res.x).reshape(e, nb).argmax(1)  # [E] index into bits
+    return [bits[int(j)] for j in _spend_leftover(cost, bits, choice, avg_bits * e)]
+
+
+def _spend_leftover(cost: np.ndarray, bits: tuple[int, ...], choice: np.ndarray, budget: float) -> np.ndarray:
+    """Raise widths that cost nothing more (experts no calibration token reached have cost 0 at every width) while the
+    budget allows: the objective stays optimal and the bits are not left unused."""
+    choice = choice.copy()
+    for e in np.argsort(-cost.sum(1), kind="stable"):
+        for j in range(len(bits) - 1, choice[e], -1):
+            spare = budget - sum(bits[int(c)] for c in choice)
+            if cost[e, j] <= cost[e, choice[e]] and bits[j] - bits[choice[e]] <= spare + 1e-9:
+                choice[e] = j
+                break
+    return choice
 
 
 def pmq_cost(n: torch.Tensor, w: torch.Tensor, losses: np.ndarray, alpha: float = 1.0, beta: float = 1.5) -> np.ndarray:

@@ -145,3 +145,9 @@ def test_load_quantized_rejects_plain_checkpoints(tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path / "plain")
     with pytest.raises(UserError, match="not a moekit-quantised"):
         load_quantized(tmp_path / "plain")
+
+
+def test_unused_experts_take_the_leftover_budget():
+    cost = np.array([[4.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # expert 1 saw no calibration token
+    assert solve_bits(cost, BITS, 8.0) == [8, 8]
+    assert solve_bits(cost, BITS, 5.0) == [8, 2]
