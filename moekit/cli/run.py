@@ -33,6 +33,7 @@ def run(
     policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score"),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="pre-gating prefetch of the next layer"),
     store: Path = typer.Option(None, "--store", help="expert store folder (default: a cache dir, built on first run)"),
+    fiddler: bool = typer.Option(False, "--fiddler", help="GPU only: compute misses on the CPU when that is faster"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
 ) -> None:
@@ -49,9 +50,10 @@ def run(
     store = store or default_store_dir(model)
     with console.status(f"expert store {store}", spinner="dots") if not json_out else _null():
         rt.build_store(view, store)
-    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the tier experts are cached in, chosen once
+    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler)
     tok = AutoTokenizer.from_pretrained(model)
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -75,8 +75,9 @@ def format_bytes(n: float) -> str:
 class LayerStats:
     layer: int
     steps: int = 0
-    bytes_read: int = 0  # demand reads + prefetch reads (used or wasted)
-    prefetch_reads: int = 0
+    demand_bytes: int = 0  # read on the caller's thread (misses not covered by a prefetch)
+    prefetch_bytes: int = 0  # read by the prefetch thread (used or wasted); only that thread writes it
+    prefetch_reads: int = 0  # prefetches issued (cancelled ones included)
     prefetch_used: int = 0  # misses served by a finished or in-flight prefetch
     predicted: int = 0  # |predicted set| summed over steps
     actual: int = 0  # |selected set| summed over steps
@@ -91,7 +92,7 @@ class LayerStats:
         looked = c["hits"] + c["misses"]
         return {
             "layer": self.layer, **c, "hit_rate": c["hits"] / looked if looked else float("nan"),
-            "bytes_read": self.bytes_read, "prefetch_reads": self.prefetch_reads, "prefetch_used": self.prefetch_used,
+            "bytes_read": self.demand_bytes + self.prefetch_bytes, "prefetch_reads": self.prefetch_reads, "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.correct / self.predicted if self.predicted else float("nan"),
             "prefetch_recall": self.correct / self.actual if self.actual else float("nan"),
             "compute_s": self.total_s - self.wait_s, "wait_s": self.wait_s,
@@ -112,6 +113,7 @@ class LayerRuntime:
         self.record = record
         self.kernel = _kernel(layer.layout)  # chosen once per layer
         self.policy_wants_weights = type(policy).begin_step is not policies.CachePolicy.begin_step
+        self.costs = None  # Fiddler cost model (GPU only): misses may be computed on the CPU instead of copied
 
     # hot path ------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -124,12 +126,20 @@ class LayerRuntime:
         if self.next is not None and self.pool is not None:
             self.next.prefetch(x)
         resident = self._begin_step(ids, weights, experts)
+        on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
         out = torch.zeros_like(x)  # [T, H]
         start = 0
         for e, c in zip(experts, (counts[e] for e in experts)):
             sel = order[start:start + c]
             start += c
             tok, slot = sel % T, sel // T  # [c], [c]
+            if e in on_cpu:  # Fiddler: weights stay on the host, activations move
+                y = self.kernel(self.layer.experts, x[tok].cpu(), self._read(e)).to(x.device)
+                self.policy.discard(e)
+                self.cache.pop(e, None)
+                y = y * weights[tok, slot, None]
+                out.index_add_(0, tok, y.to(out.dtype))
+                continue
             w = resident.get(e)
             if w is None:
                 w = self._miss(e)
@@ -163,10 +173,9 @@ class LayerRuntime:
 
     def _end_step(self) -> None:
         self.predicted = None
-        if self.pending:  # mispredicted reads: wait for them (their buffers must not outlive the step), then drop
-            for fut in self.pending.values():
-                fut.result()
-            self.pending.clear()
+        for fut in self.pending.values():  # mispredicted: cancel if not started, else let it finish and drop it
+            fut.cancel()
+        self.pending.clear()
 
     def _miss(self, e: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
@@ -176,10 +185,23 @@ class LayerRuntime:
             self.stats.prefetch_used += 1
         else:
             w = self._load(e)
-            self.stats.bytes_read += self.store.expert_bytes
+            self.stats.demand_bytes += self.store.expert_bytes
         self.stats.wait_s += time.perf_counter() - t0
         if e in self.policy.resident:
             self.cache[e] = w
+        return w
+
+    def _fiddler(self, experts, counts, resident) -> set[int]:
+        from moekit.runtime.costmodel import place_misses
+
+        misses = [e for e in experts if e not in resident and e not in self.pending]
+        return {e for e, cpu in zip(misses, place_misses([counts[e] for e in misses], self.costs)) if cpu}
+
+    def _read(self, e: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        w = self.store.read(self.layer.index, e)
+        self.stats.demand_bytes += self.store.expert_bytes
+        self.stats.wait_s += time.perf_counter() - t0
         return w
 
     def _load(self, e: int) -> dict[str, torch.Tensor]:
@@ -196,9 +218,13 @@ class LayerRuntime:
         self.predicted = set(torch.unique(pred).tolist())
         for e in self.predicted:
             if e not in self.policy.resident and e not in self.pending:
-                self.pending[e] = self.pool.submit(self._load, e)
+                self.pending[e] = self.pool.submit(self._prefetch_load, e)
                 self.stats.prefetch_reads += 1
-                self.stats.bytes_read += self.store.expert_bytes
+
+    def _prefetch_load(self, e: int) -> dict[str, torch.Tensor]:  # runs on the prefetch thread
+        w = self._load(e)
+        self.stats.prefetch_bytes += self.store.expert_bytes
+        return w
 
 
 def _kernel(layout):
@@ -269,9 +295,13 @@ def min_budget(view, expert_bytes: int) -> int:
 
 
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
-            device: str | None = None, record: bool = False) -> OffloadedModel:
+            device: str = "cpu", record: bool = False, fiddler: bool = False) -> OffloadedModel:
     """Serve `view`'s routed experts from the store in `store_dir` (see store.build_store) under a byte budget split
-    evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel."""
+    evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel.
+
+    device: where resident experts and the non-expert weights live ("cpu", or "cuda": the GPU tier), chosen once.
+    fiddler (GPU only): compute a missed expert on the CPU when the measured cost model says it is faster than copying
+    it (costmodel.py); its hit/miss counters then no longer match the simulator's, which models copies only."""
     for layer in view.layers:
         if not hasattr(layer.experts, "is_transposed") or layer.rule.weight_on_input:
             raise UserError(f"{view.model_type}: its experts do not go through transformers' experts interface "
@@ -288,7 +318,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
                         f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
     if policy == "belady":
         raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, not `run`")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch") if prefetch else None
     layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record) for m in view.layers]
     for rt, nxt in zip(layers, layers[1:]):
@@ -297,8 +327,28 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     for rt in layers:
         _free_fused(rt.layer.experts)
         _RUNTIMES[rt.layer.experts] = rt
+    if dev.type != "cpu":  # pragma: no cover - GPU tier
+        _move_resident(view.model, dev)
+    if fiddler:
+        if dev.type != "cuda":
+            raise UserError("--fiddler computes misses on the CPU instead of copying them to the GPU: it needs a GPU")
+        from moekit.runtime.costmodel import measure  # pragma: no cover
+
+        for rt in layers:  # pragma: no cover
+            rt.costs = measure(rt, dev)
     view.model.set_experts_implementation(IMPLEMENTATION)
     return OffloadedModel(view, layers, budget, capacity, pool)
+
+
+def _move_resident(model: nn.Module, device) -> None:  # pragma: no cover - GPU tier
+    """Move every non-expert parameter and buffer to `device` (the freed expert parameters stay on meta)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                module._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.device.type != "meta":
+                module._buffers[name] = b.to(device)
 
 
 def _free_fused(experts: nn.Module) -> None:

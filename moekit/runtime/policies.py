@@ -88,6 +88,10 @@ class CachePolicy:
         self.on_use(e)
         return victim
 
+    def discard(self, e: int) -> None:
+        """Drop e without counting an eviction (Fiddler: a miss computed on the CPU is not kept on the GPU)."""
+        self.resident.discard(e)
+
     def on_use(self, e: int) -> None: ...
 
     def on_evict(self, e: int) -> None: ...

@@ -107,6 +107,8 @@ class ExpertStore:
         for li in self.manifest["layers"]:
             file = self.directory / f"layer_{li:03d}.safetensors"
             self._fds[li] = os.open(file, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # experts are read in random order: kernel readahead only wastes bandwidth
+                os.posix_fadvise(self._fds[li], 0, 0, os.POSIX_FADV_RANDOM)
             self._index[li] = _read_index(file)
         self.expert_bytes = self._index[self.manifest["layers"][0]][0].nbytes
         self.bytes_read = 0  # only the caller's thread count is exact; the engine keeps its own per-layer counts

@@ -1,0 +1,281 @@
+"""Offloaded decoding: moekit's runtime vs accelerate's CPU/disk offload, same model, budget and prompts, same run.
+
+    .venv/bin/python benchmarks/offload.py                   # synthetic Qwen3-MoE-like model (+ demo/model if present)
+    .venv/bin/python benchmarks/offload.py --model demo/model --no-synthetic
+
+Budget: 25% of the routed experts' bytes. moekit keeps that many experts per layer in RAM (the budget split evenly over
+the MoE layers); accelerate keeps whole layers' fused experts in RAM up to the same bytes (its unit is the module) and
+maps the rest to `offload_folder` on disk; non-expert weights are resident in both.
+Disk reads are real in both: the moekit store reader drops the pages it read (POSIX_FADV_DONTNEED after every expert
+read), and after every accelerate step the benchmark drops its offload files' pages the same way, so neither is served
+from the OS page cache. Bytes read from storage are measured (read_bytes of /proc/self/io) as well as counted.
+Physical bound: tokens/s <= disk bandwidth / moekit's missed expert bytes per token (ALGORITHMS.md §6), with the disk
+bandwidth measured in this run by cold positioned reads of the store files in expert-sized blocks.
+Prints a table per model and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import moekit.models  # noqa: E402
+import moekit.runtime as rt  # noqa: E402
+
+SYNTH = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=64, num_experts_per_tok=8, num_hidden_layers=4,
+             num_attention_heads=16, num_key_value_heads=4, head_dim=128, intermediate_size=6144, vocab_size=8192,
+             max_position_embeddings=4096, norm_topk_prob=True, tie_word_embeddings=False)
+
+
+def synthetic_checkpoint(path: Path, layers: int) -> Path:
+    """A Qwen3-MoE of realistic expert size with random weights: 64 experts x (3 x 2048 x 768) per layer, float32
+    (18.9 MB per expert). float32 rather than bf16 because this CPU's bf16 GEMV is ~6x slower than float32 (23 vs 3.7 ms
+    per expert, measured), which would make compute, not the offload, the subject of the benchmark."""
+    if (path / "config.json").is_file():
+        return path
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**SYNTH, "num_hidden_layers": layers})
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    del model
+    gc.collect()
+    return path
+
+
+def read_bytes() -> int:
+    """Bytes this process made the kernel fetch from storage (page-cache misses)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+def drop_pages(files) -> None:
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def disk_bandwidth(files, block: int, limit: int = 1 << 30) -> float:
+    """Cold read bandwidth (bytes/s) in `block`-sized positioned reads, the store reader's access size."""
+    drop_pages(files)
+    buf, total, t0 = bytearray(block), 0, time.perf_counter()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        off = 0
+        while total < limit and (n := os.preadv(fd, [buf], off)) > 0:
+            off, total = off + n, total + n
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    drop_pages(files)
+    return total / seconds
+
+
+def decode(model, prompt: torch.Tensor, new_tokens: int, after_step=lambda: None) -> tuple[torch.Tensor, float]:
+    """Greedy decode; returns (tokens [new_tokens], seconds of the decode steps after the first token)."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        toks, past = [tok], out.past_key_values
+        after_step()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(tok, past_key_values=past, use_cache=True)
+            tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            toks.append(tok)
+            after_step()
+        return torch.cat(toks, dim=1)[0], time.perf_counter() - t0
+
+
+def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
+    texts = ["The history of the printing press begins", "def fibonacci(n):\n    if n < 2:",
+             "In 1969 the first humans landed on", "Photosynthesis converts light energy into"][:n]
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        return [tok(t, return_tensors="pt").input_ids for t in texts]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, 16), generator=g) for _ in texts]
+
+
+def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: int, prefetch: bool, policy: str):
+    view = moekit.models.load(path)
+    store_dir = work / f"store-{path.name}"
+    rt.build_store(view, store_dir)
+    expert_bytes = rt.ExpertStore(store_dir).expert_bytes
+    total_expert = expert_bytes * view.num_experts * len(view.layers)
+    budget = int(budget_frac * total_expert)
+    om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=True)
+    om.layers[0].store.drop_page_cache()
+    outs, secs, steps, bytes_counted, io, missed = [], 0.0, 0, 0, 0, 0
+    for p in prompts:
+        counted = [0]
+
+        def mark():  # counters at the first token: decode-only accounting
+            if not counted[0]:
+                counted[0] = (om.totals(), read_bytes())
+
+        toks, s = decode(view.model, p, new_tokens, mark)
+        after = om.totals()
+        first, io0 = counted[0]
+        outs.append(toks)
+        secs, steps = secs + s, steps + new_tokens - 1
+        bytes_counted += after["bytes_read"] - first["bytes_read"]
+        missed += after["misses"] - first["misses"]
+        io += read_bytes() - io0
+    t = om.totals()
+    res = {"tok_s": steps / secs, "bytes_per_token": bytes_counted / steps, "io_bytes_per_token": io / steps,
+           "hit_rate": t["hit_rate"], "prefetch_precision": t["prefetch_precision"],
+           "prefetch_recall": t["prefetch_recall"], "wait_s": t["wait_s"], "compute_s": t["compute_s"],
+           "experts_per_layer": om.capacity, "budget": budget, "expert_bytes": expert_bytes,
+           "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
+           "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps}
+    store_files = sorted(store_dir.glob("layer_*.safetensors"))
+    om.close()
+    del view, om
+    gc.collect()
+    return res, outs, store_files
+
+
+def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int, layers: int, prompts, new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    offload = work / "accelerate-offload"
+    shutil.rmtree(offload, ignore_errors=True)
+    resident_layers = budget // expert_bytes_layer  # accelerate offloads whole modules: the fused experts of a layer
+    view = moekit.models.load(path, meta=True)
+    device_map = {name: "cpu" for name, _ in view.model.named_children() if name != "model"}
+    base = view.model.model
+    for name, _ in base.named_children():
+        if name != "layers":
+            device_map[f"model.{name}"] = "cpu"
+    moe_rank = {m.index: r for r, m in enumerate(view.layers)}
+    for i, layer in enumerate(base.layers):
+        for name, child in layer.named_children():
+            if name == "mlp" and i in moe_rank:
+                for sub, _ in child.named_children():
+                    on_disk = sub == "experts" and moe_rank[i] >= resident_layers
+                    device_map[f"model.layers.{i}.mlp.{sub}"] = "disk" if on_disk else "cpu"
+            else:
+                device_map[f"model.layers.{i}.{name}"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(offload),
+                                                 dtype="auto", experts_implementation="eager")
+    files = sorted(offload.rglob("*")) + sorted(path.glob("*.safetensors"))
+    files = [f for f in files if f.is_file()]
+    drop_pages(files)
+    outs, secs, steps, io = [], 0.0, 0, 0
+    for p in prompts:
+        io0 = [None]
+
+        def step():
+            drop_pages(files)
+            if io0[0] is None:
+                io0[0] = read_bytes()
+
+        toks, s = decode(model, p, new_tokens, step)
+        outs.append(toks)
+        secs, steps = secs + s, steps + new_tokens - 1
+        io += read_bytes() - io0[0]
+    disk_layers = layers - min(resident_layers, layers)
+    res = {"tok_s": steps / secs, "bytes_per_token": disk_layers * expert_bytes_layer, "io_bytes_per_token": io / steps,
+           "resident_layers": int(min(resident_layers, layers))}
+    del model
+    gc.collect()
+    shutil.rmtree(offload, ignore_errors=True)
+    return res, outs
+
+
+def bench(path: Path, work: Path, args) -> dict:
+    prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
+    variants = {}
+    for prefetch in ([True, False] if args.prefetch is None else [args.prefetch]):
+        variants[prefetch] = run_moekit(path, work, args.budget, prompts, args.new_tokens, prefetch, args.policy)
+    best = max(variants, key=lambda k: variants[k][0]["tok_s"])
+    mk, mk_out, store_files = variants[best]
+    mk["prefetch"] = best
+    if len(variants) > 1:
+        mk["tok_s_other_prefetch_setting"] = variants[not best][0]["tok_s"]
+    bw = disk_bandwidth(store_files, mk["expert_bytes"])
+    row = {"model": str(path), "experts": f"{mk['layers']} layers x {mk['num_experts']} experts, top-{mk['top_k']}",
+           "expert_mb": mk["expert_bytes"] / 1e6, "experts_gb": mk["total_expert_bytes"] / 1e9,
+           "budget_mb": mk["budget"] / 1e6, "moekit": mk, "disk_gbs": bw / 1e9}
+    # the physical bound at moekit's hit rate: every demand-missed byte must come from disk (prefetches of wrongly
+    # predicted experts are extra traffic the bound does not grant)
+    row["bound_tok_s"] = bw / mk["missed_bytes_per_token"] if mk["missed_bytes_per_token"] else float("inf")
+    row["fraction_of_bound"] = mk["tok_s"] / row["bound_tok_s"]
+    if args.accelerate:
+        layer_bytes = mk["expert_bytes"] * mk["num_experts"]
+        acc, acc_out = run_accelerate(path, work, mk["budget"], layer_bytes, mk["layers"], prompts, args.new_tokens)
+        row["accelerate"] = acc
+        row["ratio"] = mk["tok_s"] / acc["tok_s"]
+        row["same_tokens"] = all(torch.equal(a, b) for a, b in zip(mk_out, acc_out))
+    return row
+
+
+def print_row(row: dict) -> None:
+    mk, acc = row["moekit"], row.get("accelerate")
+    print(f"\n{row['model']}: {row['experts']}, expert {row['expert_mb']:.2f} MB, experts {row['experts_gb']:.2f} GB, "
+          f"budget {row['budget_mb']:.0f} MB (25%), disk {row['disk_gbs']:.2f} GB/s (measured, cold)")
+    print(f"{'system':<12}{'tok/s':>9}{'missed MB/tok':>15}{'read MB/tok':>13}{'disk MB/tok':>13}{'hit rate':>10}"
+          f"{'of bound':>10}")
+    print(f"{'moekit':<12}{mk['tok_s']:>9.3f}{mk['missed_bytes_per_token'] / 1e6:>15.1f}"
+          f"{mk['bytes_per_token'] / 1e6:>13.1f}{mk['io_bytes_per_token'] / 1e6:>13.1f}"
+          f"{mk['hit_rate']:>10.3f}{row['fraction_of_bound']:>10.2f}")
+    if acc:
+        print(f"{'accelerate':<12}{acc['tok_s']:>9.3f}{acc['bytes_per_token'] / 1e6:>15.1f}"
+              f"{acc['bytes_per_token'] / 1e6:>13.1f}{acc['io_bytes_per_token'] / 1e6:>13.1f}{'-':>10}{'-':>10}")
+        print(f"ratio moekit/accelerate: {row['ratio']:.1f}x; same greedy tokens: {row['same_tokens']}")
+    other = mk.get("tok_s_other_prefetch_setting")
+    print(f"moekit prefetch {'on' if mk['prefetch'] else 'off'}" +
+          (f" (prefetch {'off' if mk['prefetch'] else 'on'}: {other:.3f} tok/s)" if other is not None else ""))
+    print(f"bound {row['bound_tok_s']:.2f} tok/s = disk bandwidth / moekit missed bytes per token; prefetch precision "
+          f"{mk['prefetch_precision']:.2f}, recall {mk['prefetch_recall']:.2f}; wait {mk['wait_s']:.1f} s, "
+          f"compute {mk['compute_s']:.1f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, action="append", help="checkpoint(s); default: demo/model if present")
+    ap.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic model")
+    ap.add_argument("--budget", type=float, default=0.25, help="fraction of the routed experts' bytes")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=6)
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: run moekit both ways and report the faster (both in the JSON)")
+    ap.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for both systems (default 1: on a shared, oversubscribed 2-core "
+                         "machine OpenMP barriers stall for whole scheduler slices; measured 69 ms per index_add_)")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moekit-bench")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = list(args.model or ([ROOT / "demo/model"] if (ROOT / "demo/model/config.json").is_file() else []))
+    if args.synthetic:
+        models.append(synthetic_checkpoint(args.work / f"synthetic-qwen3moe-{args.layers}l", args.layers))
+    rows = []
+    for path in models:
+        rows.append(bench(path, args.work, args))
+        print_row(rows[-1])
+    print(json.dumps({"benchmark": "offload", "budget_fraction": args.budget, "new_tokens": args.new_tokens,
+                      "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch, "rows": rows},
+                      default=float))
+
+
+if __name__ == "__main__":
+    main()
