@@ -193,6 +193,9 @@ TINY = {
                                                  n_layers_per_attn_res_block=2, mlp_gate_softcap=0.5,
                                                  mlp_up_softcap=0.5,
                                                  layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"])),
+    "longcat_flash": ("LongcatFlashConfig", dict(_MLA, num_layers=2, num_hidden_layers=4, n_routed_experts=8,
+                                                 zero_expert_num=4, moe_topk=2, expert_ffn_hidden_size=16,
+                                                 ffn_hidden_size=48, routed_scaling_factor=2.0, q_lora_rank=16)),
 }
 
 

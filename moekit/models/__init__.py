@@ -92,6 +92,7 @@ def _moe_layer(index: int, decoder_layer: nn.Module, block: nn.Module, adapter: 
         routed_scale=float(getattr(config, adapter.routed_scale_key)) if adapter.routed_scale_key else 1.0,
         router_softcap=float(getattr(config, adapter.router_softcap_key) or 0.0) if adapter.router_softcap_key else 0.0,
         post_norm=getattr(block, adapter.post_norm) if adapter.post_norm else None,
+        identity_experts=int(getattr(config, adapter.identity_experts_key) or 0) if adapter.identity_experts_key else 0,
     )
 
 

@@ -5,7 +5,7 @@ Data only; the rules are the ones in moekit/models/families.py where the router'
 from __future__ import annotations
 
 from moekit.models.families import softmax_topk, softmax_topk_renorm, topk_then_softmax
-from moekit.models.registry import Adapter, register
+from moekit.models.registry import Adapter, ExpertLayout, register
 from moekit.ops.routing import RoutingRule
 
 
@@ -24,6 +24,13 @@ def cohere2_moe(config, router) -> RoutingRule:
         score_after_topk=True,
         renormalize=sigmoid and bool(router.norm_topk_prob),
     )
+
+
+def longcat_flash(config, router) -> RoutingRule:
+    """LongCat-Flash: softmax (float32 linear) over routed + zero experts; top-k on prob + e_score_correction_bias;
+    weights are the plain probabilities, not renormalised, x routed_scaling_factor."""
+    return RoutingRule(top_k=router.top_k, correction_bias=True,
+                       routed_scaling_factor=float(router.routed_scaling_factor))
 
 
 # Qwen3.5-MoE always renormalises (its router has no norm_topk_prob), like Mixtral; gated shared expert like Qwen2-MoE.
@@ -63,4 +70,11 @@ register(
 register(
     Adapter("aria_text", topk_then_softmax, expert_count_keys=("moe_num_experts",), top_k_key="moe_topk",
             router="router", shared="shared_experts", notes="text model of Aria")
+)
+register(
+    Adapter("longcat_flash", longcat_flash, expert_count_keys=("n_routed_experts",), top_k_key="moe_topk",
+            router="router", router_linear="classifier", correction_bias="e_score_correction_bias", router_fp32=True,
+            identity_experts_key="zero_expert_num",
+            layout=ExpertLayout(),  # LongcatFlashExperts is not a use_experts_implementation class
+            notes="the `mlp` shortcut MoE of each dual-sublayer decoder layer; `mlps` are its dense MLPs")
 )

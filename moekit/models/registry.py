@@ -37,6 +37,7 @@ class Adapter:
     shared_on_layer: bool = False  # `shared` is a decoder-layer attribute applied to the block's input (GraniteMoeShared)
     shared_mix_key: str | None = None  # config key: "sum" (default) or "average" of routed and shared (Cohere2-MoE)
     post_norm: str | None = None  # MoE-block attribute of a norm the block applies to its output (AXK1)
+    identity_experts_key: str | None = None  # config key: zero-compute experts after the routed ones (LongCat-Flash)
     routed_scale_key: str | None = None  # config key of a factor on the routed-expert sum, outside the router (Laguna)
     router_linear: str | None = None  # router attribute holding the Linear with the router weight (HunYuan `wg`)
     correction_bias: str | None = None  # attribute path of e_score_correction_bias, under the router ...

@@ -35,10 +35,12 @@ class MoELayer:
     routed_scale: float = 1.0  # factor on the routed-expert sum applied by the block, not the router (Laguna)
     router_softcap: float = 0.0  # > 0: the router soft-caps its logits (Laguna)
     post_norm: nn.Module | None = None  # applied to the block's combined output (AXK1)
+    identity_experts: int = 0  # ids E .. E + identity_experts - 1 output their input (LongCat-Flash zero experts)
 
     @property
     def num_experts(self) -> int:
-        return self._fused("gate_up_proj" if self.layout.has_gate else "up_proj").shape[0]
+        """Routed experts with weights (LongCat-Flash's gate_up_proj also has rows for its identity experts)."""
+        return self._fused("down_proj").shape[0]
 
     @property
     def intermediate_size(self) -> int:

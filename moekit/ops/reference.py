@@ -25,12 +25,14 @@ def reference_moe_forward(layer, hidden: torch.Tensor) -> torch.Tensor:
     x = hidden.reshape(-1, shape[-1])  # [T, H]
     weights, ids = route(layer.router_logits(x), layer.rule, layer.correction_bias)  # [T, K], [T, K]
     out = torch.zeros_like(x)
-    for e in range(layer.num_experts):
+    for e in range(layer.num_experts + layer.identity_experts):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
         w = weights[tok, slot, None].to(x.dtype)  # [t, 1]
-        if layer.rule.weight_on_input:
+        if e >= layer.num_experts:  # zero-compute expert: its output is its input
+            y = x[tok] * w
+        elif layer.rule.weight_on_input:
             y = expert_mlp(x[tok] * w, layer.get_expert(e), layer.activation)
         else:
             y = expert_mlp(x[tok], layer.get_expert(e), layer.activation) * w

@@ -127,3 +127,19 @@ def test_group_mask_zero_follows_axk2_router_when_scores_are_negative():
     assert torch.equal(id_ours, id_hf) and torch.equal(w_ours, w_hf)
     inf_rule = dataclasses.replace(layer.rule, group_mask_zero=False)
     assert not torch.equal(canonical_order(*route(logits, inf_rule, layer.correction_bias))[1], id_hf)
+
+
+def test_identity_experts_follow_longcat_block():
+    """LongCat-Flash's zero-compute experts (ids >= E) return their input. Random routers rarely pick them, so raise
+    one's selection bias so every token picks it next to a real expert, then compare the reference block with HF's."""
+    view = moekit.models.load(tiny_model("longcat_flash"))
+    for layer in view.layers:
+        with torch.no_grad():
+            layer.correction_bias[layer.num_experts] += 0.2
+    seen = _capture(view, lambda layer: layer.block, _inputs(view))
+    for layer in view.layers:
+        x, out = seen[layer.index]
+        _, ids = route(layer.router_logits(x.reshape(-1, x.shape[-1])), layer.rule, layer.correction_bias)
+        assert (ids >= layer.num_experts).any() and (ids < layer.num_experts).any()
+        with torch.no_grad():
+            assert_close(reference_moe_forward(layer, x), out, 1e-5, f"longcat_flash layer {layer.index} MoE block")
