@@ -186,7 +186,7 @@ register(
     Adapter("flint", sigmoid_topk, expert_count_keys=("num_experts",), shared="shared_expert", router_fp32=True)
 )
 register(
-    Adapter("inkling2_text", inkling2, expert_count_keys=("n_routed_experts",), correction_bias="e_score_correction_bias",
-            router_fp32=True, notes="text model of Inkling-2",
+    Adapter("inkling2_text", inkling2, expert_count_keys=("n_routed_experts",),
+            correction_bias="e_score_correction_bias", router_fp32=True, notes="text model of Inkling-2",
             activation=lambda config: softcapped_swiglu(config.mlp_gate_softcap, config.mlp_up_softcap))
 )

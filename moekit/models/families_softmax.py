@@ -41,7 +41,7 @@ register(
 )
 register(
     Adapter("qwen4_exp_text", softmax_topk, expert_count_keys=("num_experts",), shared="shared_expert",
-            shared_gate="shared_expert_gate", notes="text model of Qwen4-Exp; Qwen2-MoE-style router and gated shared expert")
+            shared_gate="shared_expert_gate", notes="text model of Qwen4-Exp; Qwen2-MoE router and gated shared expert")
 )
 register(Adapter("minimax", softmax_topk_renorm, expert_count_keys=("num_local_experts",)))
 register(Adapter("mellum", softmax_topk, expert_count_keys=("num_local_experts",)))

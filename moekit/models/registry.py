@@ -34,7 +34,7 @@ class Adapter:
     experts: str = "experts"
     shared: str | None = None  # shared expert MLP, added to every token's output
     shared_gate: str | None = None  # Linear(H, 1) whose sigmoid scales the shared expert (Qwen2-MoE)
-    shared_on_layer: bool = False  # `shared` is a decoder-layer attribute applied to the block's input (GraniteMoeShared)
+    shared_on_layer: bool = False  # `shared` is a decoder-layer attribute, fed the block's input (GraniteMoeShared)
     shared_mix_key: str | None = None  # config key: "sum" (default) or "average" of routed and shared (Cohere2-MoE)
     post_norm: str | None = None  # MoE-block attribute of a norm the block applies to its output (AXK1)
     identity_experts_key: str | None = None  # config key: zero-compute experts after the routed ones (LongCat-Flash)
@@ -43,7 +43,7 @@ class Adapter:
     correction_bias: str | None = None  # attribute path of e_score_correction_bias, under the router ...
     correction_bias_on_block: bool = False  # ... or under the MoE block, which hands it to the router (MiniMax-M2)
     router_fp32: bool = False  # router linear computed in float32 whatever the model dtype
-    router_softcap_key: str | None = None  # config key of the router's logit soft-cap, cap * tanh(logits / cap) (Laguna)
+    router_softcap_key: str | None = None  # config key of the router logit soft-cap: cap * tanh(logits / cap) (Laguna)
     layout: ExpertLayout | None = None  # None: read the flags use_experts_implementation sets on the experts module
     activation: Callable | None = None  # (config) -> gated activation; None: act(gate) * up with config.hidden_act
     router_output: str = "logits_weights_ids"  # what the router returns; "scores_logits" for Llama 4

@@ -48,10 +48,16 @@ class MoELayer:
 
     @property
     def correction_bias(self) -> torch.Tensor | None:  # [E], selection only
+        buffer = self.correction_bias_buffer
+        return None if buffer is None else buffer.reshape(-1)
+
+    @property
+    def correction_bias_buffer(self) -> torch.Tensor | None:
+        """The module's own selection-bias tensor ([E] or [1, E]), wherever the family keeps it (router or block)."""
         if self.adapter.correction_bias is None or not self.rule.correction_bias:
             return None  # LFM2-MoE: the bias exists only when config.use_expert_bias
         owner = self.block if self.adapter.correction_bias_on_block else self.router
-        return _get_path(owner, self.adapter.correction_bias).reshape(-1)
+        return _get_path(owner, self.adapter.correction_bias)
 
     @property
     def router_linear(self) -> nn.Module:
