@@ -11,6 +11,7 @@ Every public analysis function takes plain numpy arrays (the trace contract):
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 
 
 def check_ids(ids, n_experts: int, *, allow_layers: bool = False) -> np.ndarray:
@@ -28,12 +29,19 @@ def check_ids(ids, n_experts: int, *, allow_layers: bool = False) -> np.ndarray:
         raise ValueError("ids must select at least one expert per token (K >= 1)")
     if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
         raise ValueError(f"expert ids must lie in [0, {n_experts}), got range [{ids.min()}, {ids.max()}]")
-    if ids.shape[-1] > 1 and ids.size:
+    if ids.shape[-1] > 1 and ids.size and _has_repeats(ids.reshape(-1, ids.shape[-1])):
         # The cache simulations assume a token never names an expert twice (a top-k selection cannot).
-        srt = np.sort(ids.reshape(-1, ids.shape[-1]), axis=1)  # [L*T, K]
-        if (srt[:, 1:] == srt[:, :-1]).any():
-            raise ValueError("a token selects the same expert twice; ids must be distinct within a token")
+        raise ValueError("a token selects the same expert twice; ids must be distinct within a token")
     return ids
+
+
+def _has_repeats(rows: np.ndarray) -> bool:
+    """Whether any row of [N, K] repeats a value; K(K-1)/2 column compares for small K (cheaper than a sort)."""
+    top_k = rows.shape[1]
+    if top_k > 8:
+        srt = np.sort(rows, axis=1)
+        return bool((srt[:, 1:] == srt[:, :-1]).any())
+    return any(bool((rows[:, i] == rows[:, j]).any()) for i in range(top_k) for j in range(i + 1, top_k))
 
 
 def check_weights(weights, ids: np.ndarray) -> np.ndarray:
@@ -85,12 +93,24 @@ def sequence_index(seq_id, n_tokens: int) -> tuple[np.ndarray, int]:
     return np.repeat(np.arange(starts.size), lengths), int(starts.size)
 
 
+def segment_sums(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sums of the rows of x [T, E] over each contiguous sequence, [S, E], in x's float precision.
+
+    A sparse [S, T] indicator product: far faster than np.add.reduceat on [T, E] arrays with short rows.
+    """
+    n_tok, n_seq = x.shape[0], starts.size
+    dtype = np.result_type(x.dtype, np.float32)
+    seq = np.repeat(np.arange(n_seq), lengths)  # [T]
+    ind = sparse.csr_matrix((np.ones(n_tok, dtype), (seq, np.arange(n_tok))), shape=(n_seq, n_tok))
+    return np.asarray(ind @ x.astype(dtype, copy=False))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax in float64, [T, E] -> [T, E]."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
+    """Row softmax, [T, E] -> [T, E], in float32 for float32 input (the trace dtype) and float64 otherwise."""
+    z = np.asarray(logits)
+    z = z - z.max(axis=-1, keepdims=True).astype(np.result_type(z, np.float32))
     np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True, dtype=np.float64).astype(z.dtype)
     return z
 
 
@@ -102,7 +122,7 @@ def entropy_bits(p: np.ndarray, axis: int = -1) -> np.ndarray:
     return terms.sum(axis=axis)
 
 
-def check_capacities(capacities, width_limit: int | None = None) -> np.ndarray:
+def check_capacities(capacities) -> np.ndarray:
     caps = np.asarray(capacities, dtype=np.int64).reshape(-1)
     if caps.size == 0 or (caps < 1).any():
         raise ValueError(f"capacities must be positive integers, got {capacities}")

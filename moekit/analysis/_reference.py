@@ -13,8 +13,12 @@ from collections.abc import Callable, Sequence
 Priority = Callable[[int, int, int], tuple]  # (expert, token index, flat reference index) -> comparable; lowest evicted
 
 
-def simulate_hits(rows: Sequence[Sequence[int]], capacity: int, priority: Priority, state: dict) -> int:
+def simulate_hits(rows: Sequence[Sequence[int]], capacity: int, priority: Priority, state: dict,
+                  bypass: bool = False) -> int:
     """Hits of one sequence (rows = the K expert ids of each token) in a cache of `capacity` experts.
+
+    bypass: when the cache is full, the newcomer competes too (its priority taken at its own reference) and is not
+    kept if it has the lowest priority (Belady MIN with bypass).
 
     `state` is shared with `priority` and updated here: state["last"][e] = flat index of e's latest insertion,
     state["count"][e] = e's uses so far, state["done"] = experts of the current token already inserted.
@@ -35,8 +39,12 @@ def simulate_hits(rows: Sequence[Sequence[int]], capacity: int, priority: Priori
             s = i * top_k + k
             if x not in cache:
                 if len(cache) >= capacity:
-                    cache.remove(min(cache, key=lambda y: priority(y, i, s)))
-                cache.add(x)
+                    victim = min(cache | {x} if bypass else cache, key=lambda y: priority(y, i, s))
+                    cache.discard(victim)
+                    if victim != x:
+                        cache.add(x)
+                else:
+                    cache.add(x)
             state["last"][x] = s
             state["count"][x] = state["count"].get(x, 0) + 1
             state["done"].add(x)
@@ -63,6 +71,18 @@ def belady_priority(rows: Sequence[Sequence[int]], state: dict) -> Priority:
         return len(flat) + y  # never used again: any order among these gives the same hits
 
     return lambda y, i, s: (-next_use(y, s),)
+
+
+def opt_priority(rows: Sequence[Sequence[int]], state: dict) -> Priority:
+    """Offline optimum under the SCH conventions: every expert, those of the current token included, is ranked by its
+    first use in a *later* token (a token's hits are judged before it, so its own experts need not stay)."""
+    def next_token(y: int, i: int) -> int:
+        for j in range(i + 1, len(rows)):
+            if y in rows[j]:
+                return j * len(rows[j]) + list(rows[j]).index(y)
+        return len(rows) * len(rows[0]) + y
+
+    return lambda y, i, s: (-next_token(y, i),)
 
 
 def sch_priority(rows: Sequence[Sequence[int]], window: int, state: dict) -> Priority:

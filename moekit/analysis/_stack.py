@@ -10,11 +10,12 @@ Here the same update is vectorised over a batch of independent (layer, sequence)
 sits at depth d (d = W if absent), the new stack is: x on top; at every level j < d the element that stays is the
 higher-priority one of (old stack[j], carried element), and the carried element is the prefix minimum of old
 stack[0..j-1]; at level d the carried element lands. With x's own entry replaced by -inf, the whole update is
-`new[j] = max(old[j], prefix_min(old)[j-1])` for j >= 1, which numpy does in a few whole-array operations per reference.
-Only the top W = max capacity entries are kept: the top-W prefix of the stack evolves on its own (it is the cache of
-capacity W).
+`new[j] = max(old[j], prefix_min(old)[j-1])` for j >= 1: a few whole-array numpy operations per reference. Only the top
+W = max capacity entries are kept: the top-W prefix of the stack evolves on its own (it is the cache of capacity W).
 
-Keys pack (priority, expert id) into one int64 so that ties cannot happen and min/max carry the identity along.
+Keys pack (priority, last use, expert id) into one integer so that ties cannot happen and min/max carry the identity.
+Everything that does not depend on the stack (first uses, previous and next use, window counts, hence every reference's
+key before and after its use) is computed up front by vectorised scans, so the per-reference work is the push alone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MIN = -(1 << 62)  # marks the referenced expert's own entry during an update: below every real key
+_NOT_FOUND = -2  # key of an expert with no entry (first use): matches nothing
+_EMPTY = -1  # free slot: below every real key (>= 0), so the first C distinct experts fill free space first
+_PAD = 32767  # effective depth of padding references (beyond a stream's end)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class SeqBatch:
     Columns are sorted by length descending, so the streams still running at token t are the prefix [:active[t]].
     """
 
-    ids: np.ndarray  # [Tmax, K, B] expert ids (padding = E, never read)
+    ids: np.ndarray  # [Tmax, K, B] int32 expert ids (padding = E, never read)
+    flat: np.ndarray  # [Tmax, K, B] int64 ids * B + column: index into per-(expert, stream) tables of shape [E+1, B]
     lengths: np.ndarray  # [B] tokens per stream, descending
     active: np.ndarray  # [Tmax + 1] number of streams with length > t
     layer: np.ndarray  # [B] layer index of each column
@@ -43,146 +47,219 @@ class SeqBatch:
     n_seqs: int
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """Policy-independent facts about every reference (t, k) of every stream, [Tmax, K, B] each."""
+
+    cold: np.ndarray  # int32: first use -> distinct experts seen before it in the stream; otherwise _PAD
+    prev: np.ndarray  # int32: flat index (t * K + k) of the same expert's previous reference, -1 if none
+    rank: np.ndarray  # int32: uses of this expert in the stream so far, this one included
+    next: np.ndarray  # int32: flat index of its next reference, Tmax * K if none
+
+
 def make_batch(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n_experts: int) -> SeqBatch:
     """Lay out ids [L, T, K] (contiguous sequences given by starts/lengths [S]) as a SeqBatch."""
     n_layers, n_tokens, top_k = ids.shape
+    if n_experts >= _PAD:
+        raise ValueError(f"at most {_PAD - 1} experts per layer are supported by the stack kernel")
     n_seqs = starts.size
     seq_len = np.tile(lengths, n_layers)  # [B]
     order = np.argsort(-seq_len, kind="stable")  # [B] longest first
     col_of = np.empty_like(order)
     col_of[order] = np.arange(order.size)
     t_max = int(lengths.max()) if n_seqs else 0
-    dtype = np.int16 if n_experts + 2 < 2**15 else np.int32
-    out = np.full((t_max, top_k, n_layers * n_seqs), n_experts, dtype=dtype)  # [Tmax, K, B]
-    seq_of_tok = np.repeat(np.arange(n_seqs), lengths)  # [T]
-    pos = np.arange(n_tokens) - np.repeat(starts, lengths)  # [T] position within its sequence
-    for layer in range(n_layers):
-        cols = col_of[layer * n_seqs + seq_of_tok]  # [T]
-        out[pos, :, cols] = ids[layer]
+    if n_seqs and (lengths == t_max).all():  # equal lengths (the common case): the stable order is the identity
+        out = np.ascontiguousarray(ids.reshape(n_layers, n_seqs, t_max, top_k).transpose(2, 3, 0, 1), dtype=np.int32)
+        out = out.reshape(t_max, top_k, n_layers * n_seqs)  # [Tmax, K, B]
+    else:
+        out = np.full((t_max, top_k, n_layers * n_seqs), n_experts, dtype=np.int32)  # [Tmax, K, B]
+        seq_of_tok = np.repeat(np.arange(n_seqs), lengths)  # [T]
+        pos = np.arange(n_tokens) - np.repeat(starts, lengths)  # [T] position within its sequence
+        for layer in range(n_layers):
+            out[pos, :, col_of[layer * n_seqs + seq_of_tok]] = ids[layer]
     sorted_len = seq_len[order]
     active = (sorted_len[None, :] > np.arange(t_max + 1)[:, None]).sum(axis=1)  # [Tmax + 1]
-    return SeqBatch(out, sorted_len, active, order // max(n_seqs, 1), order % max(n_seqs, 1),
+    flat = out.astype(np.int64) * out.shape[2] + np.arange(out.shape[2])
+    return SeqBatch(out, flat, sorted_len, active, order // max(n_seqs, 1), order % max(n_seqs, 1),
                     n_experts, n_layers, n_seqs)
 
 
-def next_use(batch: SeqBatch) -> np.ndarray:
-    """Flat index (t * K + k) of the next reference of the same expert in the same stream, [Tmax, K, B].
-
-    Never referenced again -> Tmax * K. A backward scan over tokens, vectorised over streams.
-    """
+def reuse(batch: SeqBatch) -> Reuse:
+    """One forward and one backward scan over tokens, vectorised over streams and the K slots of a token."""
     t_max, top_k, n_b = batch.ids.shape
-    never = t_max * top_k
-    last = np.full((batch.n_experts + 2) * n_b, never, dtype=np.int64)  # [(E+2) * B] flat
-    col = np.arange(n_b)
-    out = np.empty((t_max, top_k, n_b), dtype=np.int64)
-    for t in range(t_max - 1, -1, -1):
-        n = batch.active[t]
-        for k in range(top_k - 1, -1, -1):
-            fi = batch.ids[t, k, :n].astype(np.int64) * n_b + col[:n]
-            out[t, k, :n] = last[fi]
-            last[fi] = t * top_k + k
-    return out
-
-
-def effective_depths(batch: SeqBatch, width: int, policy: str, window: int = 0, block: int = 4096) -> np.ndarray:
-    """Per reference: the smallest capacity at which it counts as a hit, minus one; [Tmax, K, B] int32.
-
-    A reference is a hit at capacity C iff the returned value is < C, under the SCH conventions (arXiv 2505.16056,
-    released code): per stream; a token's K experts are judged against the cache as it was before the token; the first
-    C distinct experts of a stream fill free space and count as hits. For a first use the value is the number of
-    distinct experts seen before it; otherwise it is the expert's stack depth at the token's start (`width` = deeper).
-
-    policy: "lru" (priority = last use), "lfu" (uses so far in the stream, then last use), "belady" (sooner next use),
-    "sch" (uses in the window of `window` tokens starting at the current one, a use consumed when processed, then
-    last use).
-    """
-    out = np.empty(batch.ids.shape, dtype=np.int32)
-    n_b = batch.ids.shape[2]
-    nxt = next_use(batch) if policy == "belady" else None
-    for lo in range(0, n_b, block):
-        hi = min(lo + block, n_b)
-        sub = SeqBatch(batch.ids[:, :, lo:hi], batch.lengths[lo:hi],
-                       np.minimum(np.maximum(batch.active - lo, 0), hi - lo), batch.layer[lo:hi], batch.seq[lo:hi],
-                       batch.n_experts, batch.n_layers, batch.n_seqs)
-        out[:, :, lo:hi] = _run_block(sub, width, policy, window, None if nxt is None else nxt[:, :, lo:hi])
-    return out
-
-
-def _run_block(batch: SeqBatch, width: int, policy: str, window: int, nxt: np.ndarray | None) -> np.ndarray:
-    ids = batch.ids
-    t_max, top_k, n_b = ids.shape
-    n_e = batch.n_experts
-    empty_id = n_e + 1
-    sh = (n_e + 1).bit_length()  # id bits
-    ts = max(t_max * top_k, 1).bit_length()  # timestamp bits inside a priority
-    cnt_shift = sh + ts
-    if (max(window, t_max) + 2).bit_length() + cnt_shift > 61:
-        raise ValueError("trace too long for the packed 64-bit stack keys; split sequences")
-    empty_key = (-1 << sh) | empty_id  # free slot: lower priority than any expert, so it is "evicted" first
-    col = np.arange(n_b, dtype=np.int64)
-    cur = (np.arange(n_e + 2, dtype=np.int64)[:, None] + np.zeros(n_b, np.int64)[None, :])  # [E+2, B] key of each expert
-    cur[empty_id] = empty_key
-    if policy == "sch":
-        # window counts for the first token's window, tokens 0..m-1 (arXiv 2505.16056 released code, calc_fsf)
-        for t in range(min(window, t_max)):
-            n = batch.active[t]
-            for k in range(top_k):
-                cur[ids[t, k, :n], col[:n]] += 1 << cnt_shift
-    cur = cur.reshape(-1)  # flat [(E+2) * B]
-    stack = np.full((width, n_b), empty_key, dtype=np.int64)  # [W, B] keys, top first
-    pm = np.empty((width, n_b), dtype=np.int64)
-    seen = np.zeros((n_e + 2) * n_b, dtype=bool)
-    n_seen = np.zeros(n_b, dtype=np.int64)
-    eff = np.full((t_max, top_k, n_b), width, dtype=np.int32)
-    depth_rows = np.arange(width, dtype=np.float32)
+    shape = (t_max, top_k, n_b)
+    cold = np.full(shape, _PAD, dtype=np.int32)
+    prev = np.full(shape, -1, dtype=np.int32)
+    rank = np.zeros(shape, dtype=np.int32)
+    nxt = np.full(shape, t_max * top_k, dtype=np.int32)
+    last = np.full((batch.n_experts + 1) * n_b, -1, dtype=np.int32)  # flat [(E+1) * B]: latest reference
+    count = np.zeros((batch.n_experts + 1) * n_b, dtype=np.int32)
+    n_seen = np.zeros(n_b, dtype=np.int32)
+    slot = np.arange(top_k, dtype=np.int32)[:, None]  # [K, 1]
     for t in range(t_max):
         n = batch.active[t]
-        x_all = ids[t, :, :n].astype(np.int64)  # [K, n]
-        fi_all = x_all * n_b + col[:n]  # [K, n]
-        # depth at the token's start of each of its K experts (width = not among the top W)
+        fi = batch.flat[t, :, :n]  # [K, n] (ids distinct in a token: no write conflicts)
+        p = last[fi]
+        prev[t, :, :n] = p
+        first = p < 0
+        order = np.cumsum(first, axis=0, dtype=np.int32)  # [K, n] first uses so far within the token
+        cold[t, :, :n] = np.where(first, n_seen[:n] + order - 1, _PAD)
+        n_seen[:n] += order[-1]
+        c = count[fi] + 1
+        count[fi] = c
+        rank[t, :, :n] = c
+        last[fi] = t * top_k + slot
+    last[:] = t_max * top_k
+    for t in range(t_max - 1, -1, -1):
+        n = batch.active[t]
+        fi = batch.flat[t, :, :n]
+        nxt[t, :, :n] = last[fi]
+        last[fi] = t * top_k + slot
+    return Reuse(cold, prev, rank, nxt)
+
+
+def window_uses(batch: SeqBatch, reuse_: Reuse, window: int) -> np.ndarray:
+    """Uses of each reference's expert in the next window - 1 tokens of its stream (t+1 .. t+m-1), [Tmax, K, B] int32.
+
+    A forward scan that reads, lagging m - 1 tokens behind, the running count of tokens that used the expert.
+    """
+    t_max, top_k, n_b = batch.ids.shape
+    out = np.zeros((t_max, top_k, n_b), dtype=np.int32)
+    count = np.zeros((batch.n_experts + 1) * n_b, dtype=np.int32)
+    for u in range(t_max + window - 1):
+        if u < t_max:
+            n = batch.active[u]
+            count[batch.flat[u, :, :n]] += 1
+        t = u - window + 1
+        if 0 <= t < t_max:
+            n = batch.active[t]  # streams that ended before u keep their final count: the window is cut there
+            out[t, :, :n] = count[batch.flat[t, :, :n]] - reuse_.rank[t, :, :n]
+    return out
+
+
+def _key_dtype(bits: int):
+    if bits <= 30:
+        return np.int32
+    if bits <= 62:
+        return np.int64
+    raise ValueError("trace too long for the packed 64-bit stack keys; split sequences")
+
+
+def policy_keys(batch: SeqBatch, reuse_: Reuse, policy: str, window: int = 0):
+    """Layout of the packed keys and a function t -> (old [K, n], new [K, n]): each reference's key before and after it.
+
+    Key = (count << count_shift) | (timestamp << id_bits) | expert, larger = kept longer. Policies:
+      lru     timestamp = flat index of the last use.
+      lfu     count = uses so far in the stream (perfect LFU), timestamp = last use.
+      belady  timestamp = Tmax * K - next use (sooner next use = higher); no count. opt: same keys.
+      sch     count = uses in the current window not yet consumed, timestamp = last use (arXiv 2505.16056). Between
+              tokens the stream's window slides; `refresh` adds 1 to the count of experts used by the entering token.
+    """
+    t_max, top_k, _ = batch.ids.shape
+    id_bits = max(int(batch.n_experts).bit_length(), 1)  # ids 0..E-1 < 2**id_bits, and EMPTY & mask is no id
+    ts_bits = max(t_max * top_k, 1).bit_length()
+    count_bits = (max(window, t_max) + 1).bit_length() if policy in ("lfu", "sch") else 0
+    dtype = _key_dtype(id_bits + ts_bits + count_bits)
+    csh = id_bits + ts_bits
+    slot = np.arange(top_k, dtype=dtype)[:, None]  # [K, 1]
+    wn = window_uses(batch, reuse_, window) if policy == "sch" else None
+    never = dtype(t_max * top_k)
+
+    def keys(t: int):
+        n = batch.active[t]
+        x = batch.ids[t, :, :n].astype(dtype, copy=False)  # [K, n]
+        s = dtype(t * top_k) + slot
+        prev = reuse_.prev[t, :, :n].astype(dtype, copy=False)
+        if policy == "lru":
+            old, new = (prev << id_bits) | x, (s << id_bits) | x
+        elif policy in ("belady", "opt"):
+            old = ((never - s) << id_bits) | x
+            new = ((never - reuse_.next[t, :, :n].astype(dtype, copy=False)) << id_bits) | x
+        elif policy == "lfu":
+            r = reuse_.rank[t, :, :n].astype(dtype, copy=False)
+            old, new = ((r - 1) << csh) | (prev << id_bits) | x, (r << csh) | (s << id_bits) | x
+        else:  # sch: at x's previous use the window count became its uses in (t', t'+m-1]; slides since added those
+            w = wn[t, :, :n].astype(dtype, copy=False)  # up to t+m-1, i.e. old count = w + 1 (this use, not consumed)
+            old, new = ((w + 1) << csh) | (prev << id_bits) | x, (w << csh) | (s << id_bits) | x
+        old[prev < 0] = _NOT_FOUND
+        return old, new
+
+    return dtype, id_bits, csh, keys
+
+
+def stack_depths(batch: SeqBatch, reuse_: Reuse, width: int, policy: str, window: int = 0) -> np.ndarray:
+    """Depth of every reference's expert in the stack at the start of its token, [Tmax, K, B] int16 (width = absent).
+
+    A token's K experts are judged against the stack as it was before the token, then pushed in order (SCH
+    conventions, arXiv 2505.16056 released code).
+    """
+    t_max, top_k, n_b = batch.ids.shape
+    dtype, id_bits, csh, keys = policy_keys(batch, reuse_, policy, window)
+    opt = policy == "opt"
+    stack = np.full((width, n_b), _EMPTY, dtype=dtype)  # [W, B] keys, top first
+    pm = np.empty_like(stack)
+    depth = np.full((t_max, top_k, n_b), _PAD, dtype=np.int16)
+    id_mask = (1 << id_bits) - 1
+    for t in range(t_max):
+        n = batch.active[t]
         st = stack[:, :n]
-        eq = st[:, None, :] == cur[fi_all][None, :, :]  # [W, K, n]
-        found = eq.any(axis=0)  # [K, n]
-        depth = np.tensordot(depth_rows, eq.astype(np.float32), axes=(0, 0))  # [K, n]
-        depth = np.where(found, depth.astype(np.int32), width)
+        old, new = keys(t)  # [K, n] each
+        found = np.zeros(old.shape, dtype=bool)
+        below = np.zeros(old.shape, dtype=np.int16)  # rows at or below the match
+        for j in range(width):
+            found |= st[j] == old
+            below += found
+        depth[t, :, :n] = width - below
+        if opt:  # the token's experts compete with their priority after the token (their hits are already judged)
+            for k in range(top_k):
+                np.copyto(st, new[k], where=st == old[k])
+            old = new
         for k in range(top_k):
-            fi = fi_all[k]
-            first = ~seen[fi]  # [n]
-            eff[t, k, :n] = np.where(first, n_seen[:n], depth[k])
-            n_seen[:n] += first
-            seen[fi] = True
-            old = cur[fi]  # [n]
-            s = t * top_k + k
-            if policy == "lru":
-                new = (s << sh) | x_all[k]
-            elif policy == "belady":
-                new = ((t_max * top_k - nxt[t, k, :n]) << sh) | x_all[k]
-            else:
-                step = 1 if policy == "lfu" else -1  # lfu counts the use; sch consumes it from the window
-                new = (((old >> cnt_shift) + step) << cnt_shift) | (s << sh) | x_all[k]
-            _push(st, old, new, pm[:, :n])
-            cur[fi] = new
+            _push(st, old[k], new[k], pm[:, :n], bypass=opt)
         if policy == "sch" and t + window < t_max and batch.active[t + window] > 0:
             n2 = batch.active[t + window]
-            cur[ids[t + window, :, :n2].astype(np.int64) * n_b + col[:n2]] += 1 << cnt_shift
-            n1 = batch.active[t + 1]
-            st1 = stack[:, :n1]
-            st1[...] = cur[(st1 & ((1 << sh) - 1)) * n_b + col[:n1]]  # refresh keys whose window count changed
-    return eff
+            st2 = stack[:, :n2]
+            entering = batch.ids[t + window, :, :n2]  # [K, n2] the token that slides into the window
+            ids_st = st2 & id_mask  # [W, n2]
+            hit = ids_st == entering[0]
+            for k in range(1, top_k):  # OR of K compares: several times cheaper than masked adds
+                hit |= ids_st == entering[k]
+            st2 += hit.astype(dtype) << csh
+    return depth
 
 
-def _push(st: np.ndarray, old: np.ndarray, new: np.ndarray, pm: np.ndarray) -> None:
-    """Reference the expert whose current key is `old` (per column): move it to the top with key `new`. In place.
+def effective_depths(batch: SeqBatch, width: int, policy: str, window: int = 0, reuse_: Reuse | None = None):
+    """Per reference, one less than the smallest capacity at which it is a hit, [Tmax, K, B] int16 (_PAD = padding).
 
-    st, pm: [W, n]; old, new: [n]. Rows below the expert's old depth are left unchanged because its entry becomes
-    the minimum, which stops the carried element there.
+    A reference is a hit at capacity C iff the value is < C, under the SCH conventions (arXiv 2505.16056, released
+    code): per stream; a token's K experts are judged against the cache as it was before the token; the first C
+    distinct experts of a stream fill free space and count as hits. A first use's value is the number of distinct
+    experts seen before it (its depth is `width`, so the minimum picks it); otherwise it is the stack depth.
     """
-    np.copyto(st, _MIN, where=st == old)
-    pm[0] = st[0]
+    reuse_ = reuse(batch) if reuse_ is None else reuse_
+    depth = stack_depths(batch, reuse_, width, policy, window)
+    return np.minimum(depth, reuse_.cold).astype(np.int16)
+
+
+def _push(st: np.ndarray, old: np.ndarray, new: np.ndarray, pm: np.ndarray, bypass: bool = False) -> None:
+    """Reference the expert whose current key is `old` (per column) and give it key `new`. In place.
+
+    st, pm: [W, n]; old, new: [n]. Default: the expert goes on top (demand fetch: every cache holds it afterwards).
+    Rows below its old depth are left unchanged because its entry becomes the minimum, which stops the carried element
+    there. bypass=True: the expert enters as the carried element instead of on top, so a cache for which it has the
+    lowest priority of residents + newcomer does not keep it (MIN with bypass).
+    """
+    st[st == old] = np.iinfo(st.dtype).min
+    if bypass:
+        np.minimum(st[0], new, out=pm[0])
+        np.maximum(st[0], new, out=st[0])
+    else:
+        pm[0] = st[0]
     for j in range(1, st.shape[0]):  # prefix minimum; a Python loop over W rows beats minimum.accumulate(axis=0)
         np.minimum(pm[j - 1], st[j], out=pm[j])
     np.maximum(st[1:], pm[:-1], out=st[1:])
-    st[0] = new
+    if not bypass:
+        st[0] = new
 
 
 def hit_rates(eff: np.ndarray, batch: SeqBatch, capacities: np.ndarray, min_len: int = 1) -> np.ndarray:
@@ -191,15 +268,14 @@ def hit_rates(eff: np.ndarray, batch: SeqBatch, capacities: np.ndarray, min_len:
     Streams shorter than `min_len` tokens are left out (SCH: sequences shorter than the segment length m). A layer with
     no stream left gets NaN.
     """
-    top_k = eff.shape[1]
-    valid = np.arange(eff.shape[0])[:, None] < batch.lengths[None, :]  # [Tmax, B]
-    out = np.full((batch.n_layers, capacities.size), np.nan)
+    t_max, top_k, n_b = eff.shape
+    flat = eff.reshape(t_max * top_k, n_b)  # padding holds _PAD: never below a capacity
+    hits = np.stack([np.count_nonzero(flat < min(cap, _PAD), axis=0) for cap in capacities], axis=1)  # [B, C]
+    rate = hits / np.maximum(batch.lengths * top_k, 1)[:, None]  # [B, C]
     keep = batch.lengths >= min_len  # [B]
-    per_layer = np.bincount(batch.layer[keep], minlength=batch.n_layers)  # [L]
-    for c, cap in enumerate(capacities):
-        hits = ((eff < cap) & valid[:, None, :]).sum(axis=(0, 1))  # [B]
-        rate = hits / np.maximum(batch.lengths * top_k, 1)  # [B]
-        sums = np.bincount(batch.layer[keep], weights=rate[keep], minlength=batch.n_layers)  # [L]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, c] = np.where(per_layer > 0, sums / np.maximum(per_layer, 1), np.nan)
+    n_per_layer = np.bincount(batch.layer[keep], minlength=batch.n_layers)  # [L]
+    out = np.full((batch.n_layers, capacities.size), np.nan)
+    for c in range(capacities.size):
+        sums = np.bincount(batch.layer[keep], weights=rate[keep, c], minlength=batch.n_layers)  # [L]
+        out[:, c] = np.where(n_per_layer > 0, sums / np.maximum(n_per_layer, 1), np.nan)
     return out

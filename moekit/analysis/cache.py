@@ -11,7 +11,15 @@ Policies (all evict the resident with the lowest priority, so all are stack algo
 capacity comes out of one pass of the priority-stack kernel in _stack.py):
   lru     priority = last use.
   lfu     priority = uses so far in the sequence (perfect LFU: counts survive eviction), ties by last use.
-  belady  priority = sooner next use (Belady 1966, MIN): the offline ceiling for a demand-fetch cache.
+  belady  priority = sooner next use (Belady 1966, MIN): the offline ceiling for a demand-fetch cache, as in the
+          moe-lrc code (src/50_chr_calc.py, calc_beladi).
+  opt     the offline optimum under these conventions: after each token keep the C experts, among the cached ones and
+          the token's, used soonest in later tokens (MIN with bypass, a token's experts requested together).
+Deviation from "Belady is the ceiling" (ALGORITHMS.md §1): under these conventions a token's hits are judged before it,
+and a policy may evict an expert it has just inserted while inserting the next one of the same token, i.e. not keep
+it; LFU and SCH then sometimes beat plain MIN (never for K = 1; LRU never for C >= K, since it keeps the whole token).
+`opt` is the true ceiling (the tests check it against an exhaustive search over all cache trajectories) and is the one
+to plot as such; plain MIN is kept because it is the paper's.
 Slow literal simulations (_reference.py) are the references; `cache_hit_rate_reference` runs them.
 """
 
@@ -22,7 +30,7 @@ import numpy as np
 from moekit.analysis import _reference, _stack
 from moekit.analysis._common import check_capacities, check_ids, sequence_bounds
 
-POLICIES = ("lru", "lfu", "belady")
+POLICIES = ("lru", "lfu", "belady", "opt")
 
 
 def _check_policy(policy: str) -> str:
@@ -45,10 +53,11 @@ def cache_hit_rates(ids, seq_id, n_experts: int, capacities, policy: str = "lru"
     return rates if ids.ndim == 3 else rates[0]
 
 
-def hit_rates_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, policy: str) -> np.ndarray:
-    """[L, C] hit rates of an already laid-out batch (lets one layout serve several policies)."""
+def hit_rates_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, policy: str,
+                         reuse: _stack.Reuse | None = None) -> np.ndarray:
+    """[L, C] hit rates of an already laid-out batch (lets one layout and one reuse scan serve several policies)."""
     width = int(min(batch.n_experts, caps.max()))
-    eff = _stack.effective_depths(batch, width, _check_policy(policy))
+    eff = _stack.effective_depths(batch, width, _check_policy(policy), reuse_=reuse)
     return _stack.hit_rates(eff, batch, caps)
 
 
@@ -70,7 +79,10 @@ def cache_hit_rate_reference(ids, seq_id, n_experts: int, capacity: int, policy:
             prio = _reference.lru_priority(state)
         elif policy == "lfu":
             prio = _reference.lfu_priority(state)
-        else:
+        elif policy == "belady":
             prio = _reference.belady_priority(rows, state)
-        rates.append(_reference.simulate_hits(rows, int(capacity), prio, state) / (length * ids.shape[1]))
+        else:
+            prio = _reference.opt_priority(rows, state)
+        hits = _reference.simulate_hits(rows, int(capacity), prio, state, bypass=policy == "opt")
+        rates.append(hits / (length * ids.shape[1]))
     return float(np.mean(rates)) if rates else float("nan")

@@ -9,12 +9,25 @@ import numpy as np
 from moekit.analysis._common import check_ids, entropy_bits
 
 
+def _pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int) -> np.ndarray:
+    """sum_t onehot(a_t)^T onehot(b_t), [E, E] int64, for selections a [T, K], b [T, K'].
+
+    One bincount per pair of slots (K * K' passes over T), which is exact and avoids a [T, K, K'] temporary. (A float32
+    one-hot product a.T @ b would be shorter, but OpenBLAS is pathologically slow for this 32 x 1M x 32 shape.)
+    """
+    out = np.zeros(n_experts * n_experts, dtype=np.int64)
+    left = a.astype(np.int64) * n_experts  # [T, K]
+    for i in range(a.shape[1]):
+        for j in range(b.shape[1]):
+            out += np.bincount(left[:, i] + b[:, j], minlength=n_experts * n_experts)
+    return out.reshape(n_experts, n_experts)
+
+
 def coactivation(ids, n_experts: int) -> np.ndarray:
     """C_ij = number of tokens whose top-k contains both i and j, [E, E] int64 (STUN, arXiv 2409.06211; ALGORITHMS.md
     §1). Symmetric; the diagonal C_ii is expert i's token count."""
-    ids = check_ids(ids, n_experts).astype(np.int64)
-    pairs = ids[:, :, None] * n_experts + ids[:, None, :]  # [T, K, K]
-    return np.bincount(pairs.ravel(), minlength=n_experts * n_experts).reshape(n_experts, n_experts)
+    ids = check_ids(ids, n_experts)
+    return _pair_counts(ids, ids, n_experts)
 
 
 def affinity_counts(ids_from, ids_to, n_experts: int) -> np.ndarray:
@@ -23,12 +36,11 @@ def affinity_counts(ids_from, ids_to, n_experts: int) -> np.ndarray:
     Every token contributes all K_l * K_{l+1} pairs of its selections (ExFlow, arXiv 2401.08383, Sec. 3: inter-layer
     expert affinity estimated from routing traces).
     """
-    a = check_ids(ids_from, n_experts).astype(np.int64)
-    b = check_ids(ids_to, n_experts).astype(np.int64)
+    a = check_ids(ids_from, n_experts)
+    b = check_ids(ids_to, n_experts)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"both layers need the same tokens, got T = {a.shape[0]} and {b.shape[0]}")
-    pairs = a[:, :, None] * n_experts + b[:, None, :]  # [T, K, K']
-    return np.bincount(pairs.ravel(), minlength=n_experts * n_experts).reshape(n_experts, n_experts)
+    return _pair_counts(a, b, n_experts)
 
 
 def affinity(ids_from, ids_to, n_experts: int) -> np.ndarray:
@@ -36,7 +48,12 @@ def affinity(ids_from, ids_to, n_experts: int) -> np.ndarray:
 
     Rows of experts never selected in layer l are NaN (undefined conditional).
     """
-    counts = affinity_counts(ids_from, ids_to, n_experts).astype(np.float64)
+    return affinity_from_counts(affinity_counts(ids_from, ids_to, n_experts))
+
+
+def affinity_from_counts(counts) -> np.ndarray:
+    """Row-normalise affinity counts [E, E] into P(e_{l+1} = q | e_l = p); unused rows NaN."""
+    counts = np.asarray(counts, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)  # [E, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(rows > 0, counts / np.where(rows > 0, rows, 1.0), np.nan)

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.analysis._common import (check_ids, check_logits, check_weights, entropy_bits, sequence_bounds,
-                                     sequence_index, softmax)
+from moekit.analysis._common import (check_ids, check_logits, check_weights, entropy_bits, segment_sums,
+                                     sequence_bounds, softmax)
+
+_LN2 = float(np.log(2.0))
 
 
 def expert_counts(ids, n_experts: int) -> np.ndarray:
@@ -30,7 +32,15 @@ def soft_usage(logits) -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape [T, E] with T >= 1, got {logits.shape}")
-    return softmax(check_logits(logits, *logits.shape)).mean(axis=0)
+    return softmax(check_logits(logits, *logits.shape)).mean(axis=0, dtype=np.float64)
+
+
+def _renormalised_topk(weights, ids) -> np.ndarray:
+    w = check_weights(weights, ids)
+    total = w.sum(axis=1, keepdims=True)  # [T, 1]
+    if (total <= 0).any():
+        raise ValueError("every token needs a positive total top-k weight to renormalise")
+    return w / total  # [T, K]
 
 
 def gate_probs(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
@@ -44,12 +54,8 @@ def gate_probs(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarr
         return softmax(check_logits(logits, ids.shape[0], n_experts)), "logits"
     if weights is None:
         raise ValueError("gate probabilities need logits or top-k weights")
-    w = check_weights(weights, ids)
-    total = w.sum(axis=1, keepdims=True)  # [T, 1]
-    if (total <= 0).any():
-        raise ValueError("every token needs a positive total top-k weight to renormalise")
     probs = np.zeros((ids.shape[0], n_experts))  # [T, E]
-    np.put_along_axis(probs, ids, w / total, axis=1)
+    np.put_along_axis(probs, ids, _renormalised_topk(weights, ids), axis=1)
     return probs, "topk_weights"
 
 
@@ -72,16 +78,21 @@ def load_balance_loss(ids, n_experts: int, seq_id, weights=None, logits=None) ->
     """
     ids = check_ids(ids, n_experts)
     probs, source = gate_probs(ids, n_experts, weights, logits)  # [T, E]
-    starts, lengths = sequence_bounds(seq_id, ids.shape[0])  # [S], [S]
+    return _lbl(ids, probs, *sequence_bounds(seq_id, ids.shape[0]), n_experts, source)
+
+
+def _lbl(ids, probs, starts, lengths, n_experts, source) -> LoadBalance:
     seq = np.repeat(np.arange(starts.size), lengths)  # [T]
     n_seq, (n_tok, top_k) = starts.size, ids.shape
-    f_global = np.bincount(ids.ravel(), minlength=n_experts) / max(n_tok * top_k, 1)  # [E]
-    lbl_global = n_experts * float(f_global @ probs.mean(axis=0)) if n_tok else float("nan")
+    if n_tok == 0:
+        return LoadBalance(float("nan"), float("nan"), source)
+    f_global = np.bincount(ids.ravel(), minlength=n_experts) / (n_tok * top_k)  # [E]
+    lbl_global = n_experts * float(f_global @ probs.mean(axis=0, dtype=np.float64))
     counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
     f_seq = counts.reshape(n_seq, n_experts) / (lengths[:, None] * top_k)  # [S, E]
-    p_seq = np.add.reduceat(probs, starts, axis=0) / lengths[:, None] if n_seq else probs[:0]  # [S, E] contiguous
+    p_seq = segment_sums(probs, starts, lengths) / lengths[:, None]  # [S, E]
     per_seq = n_experts * (f_seq * p_seq).sum(axis=1)  # [S]
-    return LoadBalance(lbl_global, float(per_seq.mean()) if n_seq else float("nan"), source)
+    return LoadBalance(lbl_global, float(per_seq.mean()), source)
 
 
 def max_violation(load) -> float:
@@ -97,11 +108,18 @@ def sequence_max_violation(ids, n_experts: int, seq_id) -> float:
     """Mean over sequences of MaxVio of the per-sequence expert counts (the batch-level MaxVio of arXiv 2408.15664 with
     one sequence per batch)."""
     ids = check_ids(ids, n_experts)
-    seq, n_seq = sequence_index(seq_id, ids.shape[0])
+    return _seq_maxvio(ids, *sequence_bounds(seq_id, ids.shape[0]), n_experts)
+
+
+def _seq_maxvio(ids, starts, lengths, n_experts) -> float:
+    n_seq = starts.size
+    if n_seq == 0:
+        return float("nan")
+    seq = np.repeat(np.arange(n_seq), lengths)  # [T]
     counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
     counts = counts.reshape(n_seq, n_experts).astype(np.float64)  # [S, E]
     mean = counts.mean(axis=1)  # [S]
-    return float(((counts.max(axis=1) - mean) / mean).mean()) if n_seq else float("nan")
+    return float(((counts.max(axis=1) - mean) / mean).mean())
 
 
 def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
@@ -112,14 +130,23 @@ def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.nd
     """
     ids = check_ids(ids, n_experts)
     if logits is not None:
-        return entropy_bits(softmax(check_logits(logits, ids.shape[0], n_experts))), "logits"
+        return _softmax_entropy(check_logits(logits, ids.shape[0], n_experts))[1], "logits"
     if weights is None:
         raise ValueError("token entropy needs logits or top-k weights")
-    w = check_weights(weights, ids)
-    total = w.sum(axis=1, keepdims=True)
-    if (total <= 0).any():
-        raise ValueError("every token needs a positive total top-k weight to renormalise")
-    return entropy_bits(w / total), "topk_weights"
+    return entropy_bits(_renormalised_topk(weights, ids)), "topk_weights"
+
+
+def _softmax_entropy(logits) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(logits) [T, E] and its entropy in bits [T], via H = ln(sum_e exp z_e) - sum_e p_e z_e (z = s - max s).
+
+    Stays in the logits' precision (float32 traces: float32), which is ample for a 0..log2(E) entropy."""
+    z = np.asarray(logits)
+    z = z - z.max(axis=1, keepdims=True).astype(np.result_type(z, np.float32))  # [T, E]
+    p = np.exp(z)
+    total = p.sum(axis=1)  # [T]
+    p /= total[:, None]
+    h = (np.log(total) - np.einsum("te,te->t", p, z)) / _LN2  # [T]
+    return p, np.maximum(h, 0.0)
 
 
 def layer_entropy(frequency) -> float:
@@ -129,3 +156,48 @@ def layer_entropy(frequency) -> float:
         raise ValueError("frequency must be a non-negative vector [E]")
     total = f.sum()
     return float(entropy_bits(f / total)) if total > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One row of the per-layer summary table, plus the layer's usage vectors."""
+
+    n_tokens: int
+    top_k: int
+    counts: np.ndarray  # [E] tokens per expert
+    frequency: np.ndarray  # [E] f_e
+    soft_usage: np.ndarray | None  # [E] mean softmax(logits); None without logits
+    layer_entropy_bits: float  # entropy of f (max log2 E)
+    token_entropy_bits: float  # mean per-token routing entropy
+    entropy_source: str  # "logits" (over E), "topk_weights" (renormalised top-k, max log2 K) or "none"
+    global_lbl: float
+    sequence_lbl: float
+    max_vio_global: float
+    max_vio_sequence: float
+    unused_experts: int
+
+
+def summarise_layer(ids, n_experts: int, seq_id, weights=None, logits=None) -> LayerSummary:
+    """Everything in this module for one layer, computing the softmax once. Gate probabilities and token entropy come
+    from logits when given, else from the renormalised top-k weights, else are NaN (entropy_source says which)."""
+    ids = check_ids(ids, n_experts)
+    starts, lengths = sequence_bounds(seq_id, ids.shape[0])
+    counts = np.bincount(ids.ravel(), minlength=n_experts).astype(np.int64)  # [E]
+    usage = None
+    if logits is not None:
+        probs, tok_h = _softmax_entropy(check_logits(logits, ids.shape[0], n_experts))
+        usage, source = probs.mean(axis=0, dtype=np.float64), "logits"
+    elif weights is not None:
+        probs, source = gate_probs(ids, n_experts, weights)
+        tok_h = entropy_bits(_renormalised_topk(weights, ids))
+    else:
+        probs, tok_h, source = None, np.full(ids.shape[0], np.nan), "none"
+    lbl = _lbl(ids, probs, starts, lengths, n_experts, source) if probs is not None else LoadBalance(
+        float("nan"), float("nan"), source)
+    return LayerSummary(
+        n_tokens=int(ids.shape[0]), top_k=int(ids.shape[1]), counts=counts, frequency=counts / max(counts.sum(), 1),
+        soft_usage=usage, layer_entropy_bits=layer_entropy(counts) if counts.any() else float("nan"),
+        token_entropy_bits=float(tok_h.mean()) if tok_h.size else float("nan"), entropy_source=source,
+        global_lbl=lbl.global_lbl, sequence_lbl=lbl.sequence_lbl,
+        max_vio_global=max_violation(counts), max_vio_sequence=_seq_maxvio(ids, starts, lengths, n_experts),
+        unused_experts=int((counts == 0).sum()))

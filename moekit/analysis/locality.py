@@ -72,11 +72,11 @@ def window_count_histogram(ids, seq_id, n_experts: int, m: int) -> tuple[np.ndar
 def _window_histograms(ids, starts, lengths, n_experts, ms, chunk: int = 1 << 16):
     """[(hist [m + 1], n_windows)] for each m, from one cumulative sum of the one-hot routing."""
     n_tokens = ids.shape[0]
-    onehot = np.zeros((n_tokens, n_experts), dtype=np.uint16)  # [T, E]
-    onehot[np.arange(n_tokens)[:, None], ids] = 1
+    onehot = np.zeros((n_experts, n_tokens), dtype=np.uint16)  # [E, T]: expert-major, so the running sum is contiguous
+    onehot[ids, np.arange(n_tokens)[:, None]] = 1
     # uint16 arithmetic wraps modulo 2**16, so differences of the running sum are exact for counts <= m < 2**16
-    csum = np.zeros((n_tokens + 1, n_experts), dtype=np.uint16)  # [T + 1, E]
-    np.cumsum(onehot, axis=0, dtype=np.uint16, out=csum[1:])
+    csum = np.zeros((n_experts, n_tokens + 1), dtype=np.uint16)  # [E, T + 1]
+    np.cumsum(onehot, axis=1, dtype=np.uint16, out=csum[:, 1:])
     del onehot
     pos = np.arange(n_tokens) - np.repeat(starts, lengths)  # [T] position in its sequence
     room = np.repeat(lengths, lengths) - pos  # [T] tokens left in the sequence from here, inclusive
@@ -90,9 +90,9 @@ def _window_histograms(ids, starts, lengths, n_experts, ms, chunk: int = 1 << 16
         n_valid = 0
         for lo in range(0, max(n_win, 0), chunk):
             hi = min(lo + chunk, n_win)
-            counts = csum[lo + m:hi + m] - csum[lo:hi]  # [chunk, E] c_e of windows starting at lo..hi-1
+            counts = csum[:, lo + m:hi + m] - csum[:, lo:hi]  # [E, chunk] c_e of windows starting at lo..hi-1
             ok = room[lo:hi] >= m  # [chunk] window stays inside its sequence
-            counts[~ok] = 0
+            counts *= ok.astype(np.uint16)
             hist += np.bincount(counts.ravel(), minlength=m + 1)[: m + 1]
             n_bad = int((~ok).sum())
             hist[0] -= n_bad * n_experts
@@ -156,10 +156,10 @@ def segment_cache_hit_rate(ids, seq_id, n_experts: int, capacities, segment_leng
     return out if ids.ndim == 3 else out[0]
 
 
-def sch_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, m: int) -> np.ndarray:
+def sch_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, m: int, reuse: _stack.Reuse | None = None) -> np.ndarray:
     """[L, C] SCH of an already laid-out batch for one segment length."""
     width = int(min(batch.n_experts, caps.max()))
-    eff = _stack.effective_depths(batch, width, "sch", window=m)
+    eff = _stack.effective_depths(batch, width, "sch", window=m, reuse_=reuse)
     return _stack.hit_rates(eff, batch, caps, min_len=m)
 
 
