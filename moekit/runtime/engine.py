@@ -16,8 +16,10 @@ Dimension legend: T tokens, E experts, K selected per token, H hidden, I expert 
 from __future__ import annotations
 
 import re
+import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -102,8 +104,12 @@ class LayerStats:
 class LayerRuntime:
     """One MoE layer's expert cache, store access, prefetch and counters."""
 
-    def __init__(self, layer, policy, store: ExpertStore, pool, device, record: bool):
+    def __init__(self, layer, policy, store: ExpertStore, pool, device, record: bool, prefetch: bool,
+                 window: int):
         self.layer, self.policy, self.store, self.pool = layer, policy, store, pool
+        self.prefetch_enabled = prefetch
+        self.window = window  # demand reads in flight at once (queue depth; also bounds the memory over budget)
+        self.lock = threading.Lock()  # byte counters written by I/O threads
         self.device = device
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
         self.pending: dict = {}  # expert -> Future of a prefetch read
@@ -123,10 +129,15 @@ class LayerRuntime:
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
         counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
         experts = [e for e, c in enumerate(counts) if c]
-        if self.next is not None and self.pool is not None:
+        if self.next is not None and self.prefetch_enabled:
             self.next.prefetch(x)
         resident = self._begin_step(ids, weights, experts)
         on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
+        # all of the step's misses are known now: read them on the I/O threads, `window` at a time, in compute order,
+        # so reads overlap each other (queue depth) and the computation of earlier experts
+        todo = deque(e for e in experts if e not in resident and e not in on_cpu and e not in self.pending)
+        reads: dict = {}
+        self._submit(todo, reads)
         out = torch.zeros_like(x)  # [T, H]
         start = 0
         for e, c in zip(experts, (counts[e] for e in experts)):
@@ -142,7 +153,8 @@ class LayerRuntime:
                 continue
             w = resident.get(e)
             if w is None:
-                w = self._miss(e)
+                w = self._miss(e, reads)
+                self._submit(todo, reads)
             y = self.kernel(self.layer.experts, x[tok], w)  # [c, H]
             y = y * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
@@ -177,15 +189,19 @@ class LayerRuntime:
             fut.cancel()
         self.pending.clear()
 
-    def _miss(self, e: int) -> dict[str, torch.Tensor]:
+    def _submit(self, todo: deque, reads: dict) -> None:
+        while todo and len(reads) < self.window:
+            e = todo.popleft()
+            reads[e] = self.pool.submit(self._counted_load, e, "demand_bytes")
+
+    def _miss(self, e: int, reads: dict) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         fut = self.pending.pop(e, None)
         if fut is not None:
-            w = fut.result()
             self.stats.prefetch_used += 1
         else:
-            w = self._load(e)
-            self.stats.demand_bytes += self.store.expert_bytes
+            fut = reads.pop(e)
+        w = fut.result()
         self.stats.wait_s += time.perf_counter() - t0
         if e in self.policy.resident:
             self.cache[e] = w
@@ -200,8 +216,15 @@ class LayerRuntime:
     def _read(self, e: int) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         w = self.store.read(self.layer.index, e)
-        self.stats.demand_bytes += self.store.expert_bytes
+        with self.lock:
+            self.stats.demand_bytes += self.store.expert_bytes
         self.stats.wait_s += time.perf_counter() - t0
+        return w
+
+    def _counted_load(self, e: int, counter: str) -> dict[str, torch.Tensor]:  # runs on an I/O thread
+        w = self._load(e)
+        with self.lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + self.store.expert_bytes)
         return w
 
     def _load(self, e: int) -> dict[str, torch.Tensor]:
@@ -218,13 +241,8 @@ class LayerRuntime:
         self.predicted = set(torch.unique(pred).tolist())
         for e in self.predicted:
             if e not in self.policy.resident and e not in self.pending:
-                self.pending[e] = self.pool.submit(self._prefetch_load, e)
+                self.pending[e] = self.pool.submit(self._counted_load, e, "prefetch_bytes")
                 self.stats.prefetch_reads += 1
-
-    def _prefetch_load(self, e: int) -> dict[str, torch.Tensor]:  # runs on the prefetch thread
-        w = self._load(e)
-        self.stats.prefetch_bytes += self.store.expert_bytes
-        return w
 
 
 def _kernel(layout):
@@ -295,11 +313,13 @@ def min_budget(view, expert_bytes: int) -> int:
 
 
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
-            device: str = "cpu", record: bool = False, fiddler: bool = False) -> OffloadedModel:
+            device: str = "cpu", record: bool = False, fiddler: bool = False, io_threads: int = 4) -> OffloadedModel:
     """Serve `view`'s routed experts from the store in `store_dir` (see store.build_store) under a byte budget split
     evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel.
 
     device: where resident experts and the non-expert weights live ("cpu", or "cuda": the GPU tier), chosen once.
+    io_threads: threads reading experts (a step's misses and the prefetches are read concurrently: SSDs and virtual
+    disks deliver their bandwidth only with several reads in flight).
     fiddler (GPU only): compute a missed expert on the CPU when the measured cost model says it is faster than copying
     it (costmodel.py); its hit/miss counters then no longer match the simulator's, which models copies only."""
     for layer in view.layers:
@@ -319,8 +339,11 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if policy == "belady":
         raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, not `run`")
     dev = torch.device(device)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch") if prefetch else None
-    layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record) for m in view.layers]
+    if io_threads < 1:
+        raise UserError(f"io_threads must be >= 1, got {io_threads}")
+    pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moekit-io")
+    layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record, prefetch, window=io_threads)
+              for m in view.layers]
     for rt, nxt in zip(layers, layers[1:]):
         rt.next = nxt
     _register_once()
