@@ -75,8 +75,9 @@ def usage(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """f_e [E]: fraction of calibration top-k selections that chose expert e (M-SMoE §3.1 "activation frequency")."""
     with torch.no_grad():
         _, ids = route(layer.router_logits(x), layer.rule, layer.correction_bias)  # [T, K]
-    counts = torch.bincount(ids.reshape(-1), minlength=layer.num_experts).double()  # [E]
-    return counts / counts.sum()
+    e = layer.num_experts
+    counts = torch.bincount(ids.reshape(-1), minlength=e + _identity(layer)).double()  # [E (+ identity experts)]
+    return counts[:e] / counts.sum()
 
 
 def router_similarity(logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +176,7 @@ class MergePlan:
 def _msmoe_layer(layer: MoELayer, x: torch.Tensor, g: int) -> tuple[list[list[int]], torch.Tensor]:
     f = usage(layer, x)
     with torch.no_grad():
-        sim = router_similarity(layer.router_logits(x))
+        sim = router_similarity(layer.router_logits(x)[:, : layer.num_experts])  # routed experts' columns only
     return msmoe_groups(f, sim, g), f
 
 
@@ -267,6 +268,11 @@ def _write_layer(layer: MoELayer, merged) -> None:
                 linear.bias[slot] = rows["bias"]
             if "correction" in rows:
                 layer.correction_bias[slot] = rows["correction"]  # a view of the [E] or [1, E] buffer
+
+
+def _identity(layer: MoELayer) -> int:
+    """LongCat-Flash's zero-compute experts sit after the routed ones; they are never merged (keep_experts keeps them)."""
+    return getattr(layer, "identity_experts", 0)
 
 
 def _router_linear(layer: MoELayer):

@@ -121,8 +121,9 @@ def routing_stats(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch
     with torch.no_grad():
         weights, ids = route(layer.router_logits(x), layer.rule, layer.correction_bias)  # [T, K]
     e = layer.num_experts
-    n = torch.bincount(ids.reshape(-1), minlength=e).double()
-    w = torch.zeros(e, dtype=torch.float64).index_add_(0, ids.reshape(-1), weights.reshape(-1).double())
+    slots = e + getattr(layer, "identity_experts", 0)  # LongCat-Flash zero experts: routed to, never quantised
+    n = torch.bincount(ids.reshape(-1), minlength=slots).double()[:e]
+    w = torch.zeros(slots, dtype=torch.float64).index_add_(0, ids.reshape(-1), weights.reshape(-1).double())[:e]
     return n / n.sum().clamp_min(1e-12), w / w.sum().clamp_min(1e-12), weights, ids
 
 

@@ -151,3 +151,13 @@ def test_unused_experts_take_the_leftover_budget():
     cost = np.array([[4.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # expert 1 saw no calibration token
     assert solve_bits(cost, BITS, 8.0) == [8, 8]
     assert solve_bits(cost, BITS, 5.0) == [8, 2]
+
+
+def test_pmq_meets_its_budget_on_every_family(family):
+    model = tiny_model(family)
+    view = moekit.models.load(model)
+    cal = collect(view, [_ids(model, 2, 16, seed=i) for i in range(2)])
+    q = quantize(view, 3, method="pmq", group_size=16, cal=cal)
+    for widths in q.report["bits_per_layer"].values():
+        assert sum(widths) <= 3 * len(widths) and set(widths) <= set(BITS)
+    assert torch.isfinite(_logits(model, _ids(model))).all()
