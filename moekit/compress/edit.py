@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moekit.errors import UserError
-from moekit.models.view import MoELayer, MoEView, _get_path
+from moekit.models.view import MoELayer, MoEView
 
 
 def keep_experts(view: MoEView, keep: Mapping[int, Sequence[int]]) -> None:
@@ -47,20 +47,27 @@ def _check_plan(view: MoEView, keep: Mapping[int, Sequence[int]]) -> int:
     return n
 
 
+# module attributes transformers' MoE classes keep the expert count in (with or without identity experts)
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "num_routed_experts", "total_experts",
+                "out_features")
+
+
 def _slice_layer(layer: MoELayer, idx: torch.Tensor) -> None:
-    old = layer.num_experts
+    old, n = layer.num_experts, len(idx)
+    # LongCat-Flash's identity ("zero") experts sit after the routed ones in the router and in gate_up_proj: keep them
+    ext = torch.cat([idx, torch.arange(old, old + layer.identity_experts)])
+    linear = layer.router_linear
+    tensors = [*layer.expert_params(), linear.weight, getattr(linear, "bias", None), layer.correction_bias_buffer]
     with torch.no_grad():
-        for p in layer.expert_params():  # every fused tensor is [E, ...]
-            p.data = p.data.index_select(0, idx.to(p.device))
-        router = layer.router
-        router.weight.data = router.weight.data.index_select(0, idx.to(router.weight.device))  # [E, H]
-        if getattr(router, "bias", None) is not None:
-            router.bias.data = router.bias.data.index_select(0, idx.to(router.bias.device))
-        if layer.adapter.correction_bias:
-            bias = _get_path(router, layer.adapter.correction_bias)  # [E] or [1, E]: selection-only bias
-            bias.data = bias.data.index_select(-1, idx.to(bias.device))
-    for module in (layer.block, router, layer.experts):
-        if getattr(module, "num_experts", None) == old:
-            module.num_experts = len(idx)
-        if isinstance(module, nn.Linear) and module.out_features == old:
-            module.out_features = len(idx)
+        for t in tensors:
+            if t is None:
+                continue
+            dim = 0 if t.dim() == 1 or t.shape[0] in (old, old + layer.identity_experts) else -1  # [1, E] bias: -1
+            keep = ext if t.shape[dim] == old + layer.identity_experts else idx
+            t.data = t.data.index_select(dim, keep.to(t.device))
+    counts = {old: n, old + layer.identity_experts: n + layer.identity_experts}
+    for module in (layer.block, layer.router, linear, layer.experts):
+        for name in _COUNT_ATTRS:
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in counts:
+                setattr(module, name, counts[value])

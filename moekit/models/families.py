@@ -66,7 +66,8 @@ def phimoe(config, router) -> RoutingRule:
 
 def llama4(config, router) -> RoutingRule:
     """Llama 4: top-k on logits, sigmoid of the K kept (no renormalisation), weight applied to the expert's input."""
-    return RoutingRule(top_k=router.top_k, scoring="sigmoid", score_after_topk=True, weight_on_input=True)
+    return RoutingRule(top_k=router.top_k, scoring="sigmoid", score_after_topk=True, weight_on_input=True,
+                       score_dense=True)
 
 
 for _t, _key in [("qwen2_moe", "num_experts"), ("qwen3_moe", "num_experts"), ("qwen3_next", "num_experts")]:

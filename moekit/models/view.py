@@ -105,10 +105,10 @@ class MoELayer:
 
     def get_expert(self, e: int) -> dict[str, torch.Tensor]:
         """Copies of expert e's weights in canonical orientation (see the module docstring)."""
-        return {k: v.clone(memory_format=torch.contiguous_format) for k, v in self._expert_views(e).items()}
+        return {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.expert_views(e).items()}
 
     def set_expert(self, e: int, weights: dict[str, torch.Tensor]) -> None:
-        views = self._expert_views(e)
+        views = self.expert_views(e)
         if set(weights) != set(views):
             raise ValueError(f"expert weights need keys {sorted(views)}, got {sorted(weights)}")
         with torch.no_grad():
@@ -119,7 +119,7 @@ class MoELayer:
 
     def expert_numel(self) -> int:
         """Parameters of one routed expert."""
-        return sum(v.numel() for v in self._expert_views(0).values())
+        return sum(v.numel() for v in self.expert_views(0).values())
 
     def expert_params(self) -> list[nn.Parameter]:
         return [p for p in self.experts.parameters(recurse=False)]
@@ -127,7 +127,9 @@ class MoELayer:
     def _fused(self, name: str) -> torch.Tensor:
         return getattr(self.experts, name).detach()  # detached view: writes land in the parameter's storage
 
-    def _expert_views(self, e: int) -> dict[str, torch.Tensor]:
+    def expert_views(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's weights in canonical orientation as views into the fused storage: no copy (read-only use;
+        writing through them edits the model)."""
         lay, views = self.layout, {}
         if lay.has_gate:
             gu = self._fused("gate_up_proj")[e]  # [2I, H], or [H, 2I] transposed

@@ -33,8 +33,8 @@ def reference_moe_forward(layer, hidden: torch.Tensor) -> torch.Tensor:
         if e >= layer.num_experts:  # zero-compute expert: its output is its input
             y = x[tok] * w
         elif layer.rule.weight_on_input:
-            y = expert_mlp(x[tok] * w, layer.get_expert(e), layer.activation)
+            y = expert_mlp(x[tok] * w, layer.expert_views(e), layer.activation)
         else:
-            y = expert_mlp(x[tok], layer.get_expert(e), layer.activation) * w
+            y = expert_mlp(x[tok], layer.expert_views(e), layer.activation) * w
         out.index_add_(0, tok, y)
     return layer.combine(out, x).reshape(shape)

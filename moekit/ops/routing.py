@@ -34,6 +34,9 @@ class RoutingRule:
     routed_scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek, GLM)
     weight_on_input: bool = False  # Llama 4 multiplies the expert's input, not its output, by the weight
     jitter_eps: float = 0.0  # sparsemixer's relative threshold (router_jitter_noise)
+    # Llama 4 scores a dense [T, E] tensor that is -inf off the top-k. Same values as scoring the K kept logits, but
+    # torch's vectorised sigmoid rounds the tail of a tensor differently, so matching HF bit for bit needs its shape.
+    score_dense: bool = False
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -103,6 +106,9 @@ def _topk_then_score(logits, rule, correction_bias):
         top_logits = logits.gather(1, ids)
     else:
         top_logits, ids = torch.topk(logits, rule.top_k, dim=-1)  # [T, K]
+    if rule.score_dense:
+        dense = torch.full_like(logits, float("-inf")).scatter_(1, ids, top_logits)  # [T, E]
+        return _score(dense, rule.scoring).gather(1, ids), ids
     return _score(top_logits, rule.scoring), ids
 
 

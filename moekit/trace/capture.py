@@ -93,7 +93,7 @@ def expert_down_maxima(layer, x: torch.Tensor, ids: torch.Tensor, num_experts: i
     for e in torch.unique(ids).tolist():
         tokens = (ids == e).any(dim=-1).nonzero().squeeze(-1)  # [t]
         xe = per_expert[e, tokens] if per_expert is not None else x[tokens]  # [t, H]
-        h, y = _down_io(xe, layer.get_expert(e), layer.activation)
+        h, y = _down_io(xe, layer.expert_views(e), layer.activation)
         max_in[e], max_out[e] = h.abs().max().float().item(), y.abs().max().float().item()
     return max_in, max_out
 
