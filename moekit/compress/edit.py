@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from moekit.errors import UserError
 from moekit.models.view import MoELayer, MoEView
