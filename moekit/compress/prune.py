@@ -245,17 +245,23 @@ def plan_easy_ep(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=N
 # ---------------------------------------------------------------- NAEE enumeration
 
 
+def count_kept_sets(num_experts: int, n: int, n_group: int = 1) -> int:
+    """How many candidate kept sets there are (n / n_group from each group)."""
+    return math.comb(num_experts // n_group, n // n_group) ** n_group
+
+
 def kept_sets(num_experts: int, n: int, n_group: int = 1):
-    """Every candidate kept set (ascending ids), n / n_group per group, and how many there are."""
+    """Every candidate kept set (ascending ids), n / n_group per group, generated lazily: check count_kept_sets first."""
     size, per = num_experts // n_group, n // n_group
-    per_group = [list(itertools.combinations(range(g * size, (g + 1) * size), per)) for g in range(n_group)]
-    count = math.comb(size, per) ** n_group
-    return (sorted(sum(parts, ())) for parts in itertools.product(*per_group)), count
+    groups = [range(g * size, (g + 1) * size) for g in range(n_group)]
+    for parts in itertools.product(*[itertools.combinations(group, per) for group in groups]):
+        yield sorted(sum(parts, ()))
 
 
 class NaeeLayer:
     """Reconstruction loss of one MoE layer with only a kept set of experts (arXiv 2402.14800, NAEE Eq. 3):
-    loss(D) = sum over calibration windows of ||Z - Z_D||_F in float64, Z the original block output.
+    loss(D) = sum over calibration windows of ||Z - Z_D||_F in float64, Z the original block output (the K-term weighted
+    sum of expert outputs is formed in float32, the difference and norms in float64).
 
     Deviation (same effect, stated precisely): instead of setting the dropped experts' logits to -inf, the routing rule
     runs on the kept experts' logits (and correction bias) only, which is what the pruned model computes; for softmax
@@ -297,7 +303,7 @@ class NaeeLayer:
             routed = routed_outputs(self.layer, self.x, weights, ids)[0].double()
         else:
             picked = self.outputs[ids, torch.arange(ids.shape[0])[:, None]]  # [T, K, H]
-            routed = (weights.double()[..., None] * picked.double()).sum(dim=1)  # [T, H]
+            routed = torch.bmm(weights.float()[:, None, :], picked).squeeze(1).double()  # [T, H]; a K-term sum
         diff = self.target - routed
         return sum(torch.linalg.norm(chunk).item() for chunk in torch.split(diff, self.sample_len))
 
@@ -336,9 +342,9 @@ def plan_naee(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=None
         for layer in view.layers:
             naee = NaeeLayer(layer, stats.cal.x[layer.index], stats.cal.z[layer.index], stats.sample_len)
             E = layer.num_experts
-            candidates, count = kept_sets(E, n, n_group)
+            count = count_kept_sets(E, n, n_group)
             if count <= opts.naee_max_subsets:
-                keep[layer.index], losses[layer.index] = naee_exact(naee.loss, candidates)
+                keep[layer.index], losses[layer.index] = naee_exact(naee.loss, kept_sets(E, n, n_group))
                 searches.add("exact")
             else:
                 keep[layer.index], losses[layer.index] = naee_greedy(naee.loss, E, n, n_group)

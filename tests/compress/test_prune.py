@@ -170,7 +170,8 @@ def _brute_force(family, n, seq=16):
     view = moekit.models.load(model)
     stats = _stats(view, "naee", tokens=64, seq=seq)
     n_group = view.layers[0].rule.n_group
-    candidates, _ = pr.kept_sets(view.num_experts, n, n_group)
+    candidates = list(pr.kept_sets(view.num_experts, n, n_group))
+    assert len(candidates) == pr.count_kept_sets(view.num_experts, n, n_group)
     losses = {}
     for keep in candidates:
         copy_view = moekit.models.load(copy.deepcopy(model))
