@@ -7,33 +7,26 @@ Shared by `moekit merge` and `moekit quantize`. Data specs are the trace stage's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from moekit.compress.calib import Calibration, collect
+from moekit.compress.evaluate import load_tokenizer  # noqa: F401  (re-exported for the merge/quantize CLIs)
 from moekit.errors import UserError
 from moekit.models.view import MoEView
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-
-
 def token_batches(tokenizer, specs: Sequence[str], *, seq_len: int = 256, max_tokens: int = 8192) -> list[torch.Tensor]:
-    """Data specs -> token-id batches [1, S] (S <= seq_len), max_tokens in all."""
-    from moekit.trace.data import encoder, resolve_data, sequences
+    """Data specs -> token-id batches [B, S] of equal-length windows; every source gets an equal share of max_tokens
+    (as `moekit prune` calibrates, so `--calib code,prose` really mixes both)."""
+    from moekit.compress.evaluate import batches, domain_windows
+    from moekit.trace.data import encoder, resolve_data
 
-    seqs = sequences(resolve_data(specs), encoder(tokenizer), seq_len, max_tokens)
-    batches = [torch.as_tensor(s.token_ids, dtype=torch.long)[None] for s in seqs]  # each [1, S]
-    if not batches:
-        raise UserError(f"calibration data {', '.join(specs)} holds no tokens")
-    return batches
+    if max_tokens < 1:
+        raise UserError(f"--calib-tokens must be >= 1, got {max_tokens}")
+    sources = resolve_data(specs)
+    windows = domain_windows(sources, encoder(tokenizer), seq_len, -(-max_tokens // len(sources)))
+    return list(batches([w for ws in windows.values() for w in ws]))
 
 
 def calibrate(view: MoEView, batches: list[torch.Tensor], *, label: str = "calibration") -> Calibration:

@@ -68,3 +68,15 @@ def test_bad_merge_input_is_one_line_exit_2(checkpoint, tmp_path, capsys, args, 
     code, _, err = run_cli(["merge", str(checkpoint / "model"), "--calib", str(checkpoint / "calib.txt"),
                             "--out", str(tmp_path / "x"), *args], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_calibration_shares_tokens_between_sources(tmp_path):
+    from moekit.compress.calibdata import token_batches
+
+    for name, ch in (("a", "x"), ("b", "y")):
+        (tmp_path / f"{name}.txt").write_text((ch * 50 + "\n") * 20)
+    batches = token_batches(char_tokenizer(), [f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"], seq_len=32,
+                            max_tokens=256)
+    ids = torch.cat([b.reshape(-1) for b in batches])
+    x, y = char_tokenizer().convert_tokens_to_ids(["x", "y"])
+    assert (ids == x).sum() > 64 and (ids == y).sum() > 64 and ids.numel() <= 256
