@@ -192,7 +192,7 @@ def rtn_plan(view: MoEView, bits: float) -> dict[int, list[int]]:
     """Every expert at `bits` (one of BITS, or 16: pass-through)."""
     if bits not in (*BITS, DENSE) or int(bits) != bits:
         raise UserError(f"--method rtn needs --avg-bits in {', '.join(map(str, (*BITS, DENSE)))}, got {bits:g} "
-                        f"(fractional budgets need --method pmq)")
+                        f"(other budgets, e.g. 2.5, need --method pmq)")
     return {m.index: [int(bits)] * m.num_experts for m in view.layers}
 
 
