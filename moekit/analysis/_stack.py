@@ -37,7 +37,7 @@ class SeqBatch:
     """
 
     ids: np.ndarray  # [Tmax, K, B] int32 expert ids (padding = E, never read)
-    flat: np.ndarray  # [Tmax, K, B] int64 ids * B + column: index into per-(expert, stream) tables of shape [E+1, B]
+    flat: np.ndarray  # [Tmax, K, B] ids * B + column (int32 when it fits): index into [E+1, B] tables, flattened
     lengths: np.ndarray  # [B] tokens per stream, descending
     active: np.ndarray  # [Tmax + 1] number of streams with length > t
     layer: np.ndarray  # [B] layer index of each column
@@ -51,35 +51,38 @@ class SeqBatch:
 class Reuse:
     """Policy-independent facts about every reference (t, k) of every stream, [Tmax, K, B] each."""
 
-    cold: np.ndarray  # int32: first use -> distinct experts seen before it in the stream; otherwise _PAD
+    cold: np.ndarray  # int16: first use -> distinct experts seen before it in the stream; otherwise _PAD
     prev: np.ndarray  # int32: flat index (t * K + k) of the same expert's previous reference, -1 if none
     rank: np.ndarray  # int32: uses of this expert in the stream so far, this one included
     next: np.ndarray  # int32: flat index of its next reference, Tmax * K if none
 
 
-def make_batch(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n_experts: int) -> SeqBatch:
-    """Lay out ids [L, T, K] (contiguous sequences given by starts/lengths [S]) as a SeqBatch."""
-    n_layers, n_tokens, top_k = ids.shape
+def make_batch(ids, starts: np.ndarray, lengths: np.ndarray, n_experts: int) -> SeqBatch:
+    """Lay out per-layer ids ([L, T, K] or a list of L [T, K] arrays; contiguous sequences given by starts/lengths [S])
+    as a SeqBatch."""
+    n_layers, (n_tokens, top_k) = len(ids), ids[0].shape
     if n_experts >= _PAD:
         raise ValueError(f"at most {_PAD - 1} experts per layer are supported by the stack kernel")
     n_seqs = starts.size
     seq_len = np.tile(lengths, n_layers)  # [B]
     order = np.argsort(-seq_len, kind="stable")  # [B] longest first
-    col_of = np.empty_like(order)
-    col_of[order] = np.arange(order.size)
     t_max = int(lengths.max()) if n_seqs else 0
     if n_seqs and (lengths == t_max).all():  # equal lengths (the common case): the stable order is the identity
-        out = np.ascontiguousarray(ids.reshape(n_layers, n_seqs, t_max, top_k).transpose(2, 3, 0, 1), dtype=np.int32)
-        out = out.reshape(t_max, top_k, n_layers * n_seqs)  # [Tmax, K, B]
-    else:
-        out = np.full((t_max, top_k, n_layers * n_seqs), n_experts, dtype=np.int32)  # [Tmax, K, B]
+        rows = np.stack([np.asarray(layer, dtype=np.int32).reshape(n_seqs, t_max, top_k) for layer in ids])
+    else:  # pad every sequence to Tmax (contiguous row writes), then put streams in length order
+        rows = np.full((n_layers * n_seqs, t_max, top_k), n_experts, dtype=np.int32)  # [B, Tmax, K]
         seq_of_tok = np.repeat(np.arange(n_seqs), lengths)  # [T]
         pos = np.arange(n_tokens) - np.repeat(starts, lengths)  # [T] position within its sequence
         for layer in range(n_layers):
-            out[pos, :, col_of[layer * n_seqs + seq_of_tok]] = ids[layer]
+            rows[layer * n_seqs + seq_of_tok, pos] = ids[layer]
+        rows = rows[order]
+    out = np.ascontiguousarray(rows.reshape(-1, t_max, top_k).transpose(1, 2, 0))  # [Tmax, K, B]
+    n_b = out.shape[2]
+    flat_type = np.int32 if (n_experts + 1) * n_b < 2**31 else np.int64
+    flat = np.multiply(out, n_b, dtype=flat_type)
+    flat += np.arange(n_b, dtype=flat_type)
     sorted_len = seq_len[order]
     active = (sorted_len[None, :] > np.arange(t_max + 1)[:, None]).sum(axis=1)  # [Tmax + 1]
-    flat = out.astype(np.int64) * out.shape[2] + np.arange(out.shape[2])
     return SeqBatch(out, flat, sorted_len, active, order // max(n_seqs, 1), order % max(n_seqs, 1),
                     n_experts, n_layers, n_seqs)
 
@@ -88,7 +91,7 @@ def reuse(batch: SeqBatch) -> Reuse:
     """One forward and one backward scan over tokens, vectorised over streams and the K slots of a token."""
     t_max, top_k, n_b = batch.ids.shape
     shape = (t_max, top_k, n_b)
-    cold = np.full(shape, _PAD, dtype=np.int32)
+    cold = np.full(shape, _PAD, dtype=np.int16)
     prev = np.full(shape, -1, dtype=np.int32)
     rank = np.zeros(shape, dtype=np.int32)
     nxt = np.full(shape, t_max * top_k, dtype=np.int32)
@@ -238,7 +241,7 @@ def effective_depths(batch: SeqBatch, width: int, policy: str, window: int = 0, 
     """
     reuse_ = reuse(batch) if reuse_ is None else reuse_
     depth = stack_depths(batch, reuse_, width, policy, window)
-    return np.minimum(depth, reuse_.cold).astype(np.int16)
+    return np.minimum(depth, reuse_.cold, out=depth)
 
 
 def _push(st: np.ndarray, old: np.ndarray, new: np.ndarray, pm: np.ndarray, bypass: bool = False) -> None:

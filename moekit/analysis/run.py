@@ -176,7 +176,7 @@ def _locality_and_cache(res, ids_l, starts, lengths, n_experts, segment_lengths,
         members = [i for i, ids in enumerate(ids_l) if ids.shape[1] == top_k]
         caps = capacities_for(top_k, cache_multiples)
         with _timed(timings, "layout + reuse scan"):
-            batch = _stack.make_batch(np.stack([ids_l[i] for i in members]), starts, lengths, n_experts)
+            batch = _stack.make_batch([ids_l[i] for i in members], starts, lengths, n_experts)
             reuse = _stack.reuse(batch)
         sch_k = np.empty((len(members), n_ms, caps.size))
         for j, m in enumerate(res["locality"]["segment_lengths"]):
