@@ -12,7 +12,9 @@ Rows: base, then {random, frequency, tcess, easy-ep, naee} x {25%, 50% of expert
 (--calib-tokens spread over all 8 domains), single-domain calibration (--calib-tokens of --single only)}, each evaluated
 on every domain. Calibration statistics are collected once per calibration set on the unpruned model and shared by the
 methods. Columns: experts kept per layer, model bytes in bf16 (as the demo ships), perplexity per domain, macro
-perplexity (exp of the mean per-domain NLL) and its ratio to base. Ends with one JSON line.
+perplexity (exp of the mean per-domain NLL) and its ratio to base, mean |logit difference| to the base model on one full
+window per domain, and the mean relative MoE-layer output error ||Z - Z_pruned|| / ||Z|| on the calibration tokens
+(what NAEE minimises; informative even on an untrained model). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import moekit.models  # noqa: E402
 from moekit.compress import prune as pruning  # noqa: E402
 from moekit.compress.evaluate import batches, evaluate  # noqa: E402
+from moekit.ops.reference import reference_moe_forward  # noqa: E402
 from moekit.trace.data import encoder, resolve_data, sequences  # noqa: E402
 
 DOMAINS = ["prose", "code", "math", "german", "french", "russian", "japanese", "dialogue"]
@@ -89,21 +92,40 @@ def bf16_bytes(model) -> int:
     return sum(p.numel() * 2 for p in model.parameters())
 
 
-def run_one(base, stats, method: str, n: int, eval_ws) -> tuple[dict, dict]:
+def probe_logits(model, probe: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(probe).logits.float()  # [D, S, V]
+
+
+def layer_error(view, stats: pruning.Stats) -> float:
+    """Mean over MoE layers of ||Z - Z_pruned||_F / ||Z||_F on the calibration tokens (the quantity NAEE minimises)."""
+    errs = []
+    with torch.inference_mode():
+        for layer in view.layers:
+            x, z = stats.cal.x[layer.index], stats.cal.z[layer.index]
+            errs.append(((reference_moe_forward(layer, x) - z).norm() / z.norm()).item())
+    return float(np.mean(errs))
+
+
+def run_one(base, stats, method: str, n: int, eval_ws, probe, base_logits) -> tuple[dict, dict]:
     model = copy.deepcopy(base)
+    view = moekit.models.load(model)
     t0 = time.time()
-    plan = pruning.prune_view(moekit.models.load(model), stats, n, method)
+    plan = pruning.prune_view(view, stats, n, method)
     plan_s = time.time() - t0
-    return score(model, eval_ws), {"bytes": bf16_bytes(model), "search": plan.search, "plan_s": plan_s}
+    dlogit = (probe_logits(model, probe) - base_logits).abs().mean().item()
+    return score(model, eval_ws), {"bytes": bf16_bytes(model), "search": plan.search, "plan_s": plan_s,
+                                   "dlogit": dlogit, "layer_err": layer_error(view, stats)}
 
 
 def markdown(rows: list[dict], base_macro: float) -> str:
-    head = ["calibration", "method", "removed", "experts", "bf16 MiB", *DOMAINS, "macro", "x base"]
+    head = ["calibration", "method", "removed", "experts", "bf16 MiB", *DOMAINS, "macro", "x base", "|dlogit|",
+            "layer err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["calib"], r["method"], r["removed"], str(r["experts"]), f"{r['bytes'] / 2**20:.1f}",
                  *[f"{r['ppl'][d]:.2f}" for d in DOMAINS], f"{r['ppl']['macro']:.2f}",
-                 f"{r['ppl']['macro'] / base_macro:.2f}"]
+                 f"{r['ppl']['macro'] / base_macro:.3f}", f"{r['dlogit']:.3f}", f"{r['layer_err']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -127,19 +149,23 @@ def main() -> None:
     eval_s = time.time() - t0
     print(f"base: macro perplexity {base_ppl['macro']:.3f} on {base_ppl['tokens']} held-out tokens "
           f"({base_ppl['tokens'] / eval_s:.0f} tokens/s)", flush=True)
+    probe = torch.as_tensor(np.stack([next(w for w in eval_ws[d] if len(w) == SEQ) for d in DOMAINS]),
+                            dtype=torch.long)  # [D, S] one full window per domain
+    base_logits = probe_logits(base, probe)
     rows = [{"calib": "-", "method": "base", "removed": "0%", "experts": E, "bytes": bf16_bytes(base),
-             "ppl": base_ppl, "search": "-", "plan_s": 0.0}]
+             "ppl": base_ppl, "search": "-", "plan_s": 0.0, "dlogit": 0.0, "layer_err": 0.0}]
     calib_sets = {"general": DOMAINS, f"single ({args.single})": [args.single]}
     for calib_name, domains in calib_sets.items():
         stats = calibrate(base, tok, domains, args.calib_tokens)
         for method in args.methods.split(","):
             for frac in (0.25, 0.5):
                 n = E - round(frac * E)
-                ppl, extra = run_one(base, stats, method, n, eval_ws)
+                ppl, extra = run_one(base, stats, method, n, eval_ws, probe, base_logits)
                 rows.append({"calib": calib_name, "method": method, "removed": f"{frac:.0%}", "experts": n,
                              "ppl": ppl, **extra})
-                print(f"{calib_name:>15} {method:>9} -{frac:.0%}: macro {ppl['macro']:.3f} "
-                      f"(plan {extra['plan_s']:.1f}s, {extra['search']})", flush=True)
+                print(f"{calib_name:>15} {method:>9} -{frac:.0%}: macro {ppl['macro']:.3f}, |dlogit| "
+                      f"{extra['dlogit']:.3f}, layer err {extra['layer_err']:.3f} (plan {extra['plan_s']:.1f}s, "
+                      f"{extra['search']})", flush=True)
     print()
     print(f"Model: {what}. Eval: {args.eval_tokens} held-out tokens per domain (256-token windows); calibration: "
           f"{args.calib_tokens} training tokens per set. Total {time.time() - t_start:.0f} s.\n")

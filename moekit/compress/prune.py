@@ -336,23 +336,20 @@ def plan_naee(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=None
     minimising the reconstruction loss (see NaeeLayer). Exact over every candidate set when there are at most
     opts.naee_max_subsets of them, otherwise greedy removal (search="greedy" in the plan and compression.json).
     Scores (reported only): minus the loss with that expert alone masked (higher = keep, as for the other methods)."""
-    n_group = view.layers[0].rule.n_group
-    keep, scores, losses, searches = {}, {}, {}, set()
+    E, n_group = view.num_experts, view.layers[0].rule.n_group
+    count = count_kept_sets(E, n, n_group)
+    search = "exact" if count <= opts.naee_max_subsets else "greedy"
+    keep, scores, losses = {}, {}, {}
     with torch.no_grad():
         for layer in view.layers:
             naee = NaeeLayer(layer, stats.cal.x[layer.index], stats.cal.z[layer.index], stats.sample_len)
-            E = layer.num_experts
-            count = count_kept_sets(E, n, n_group)
-            if count <= opts.naee_max_subsets:
+            if search == "exact":
                 keep[layer.index], losses[layer.index] = naee_exact(naee.loss, kept_sets(E, n, n_group))
-                searches.add("exact")
             else:
                 keep[layer.index], losses[layer.index] = naee_greedy(naee.loss, E, n, n_group)
-                searches.add("greedy")
             scores[layer.index] = [-naee.loss_without(e) for e in range(E)]
             if tick is not None:
                 tick(1)
-    search = "greedy" if "greedy" in searches else "exact"
     return Plan("naee", keep, scores, search=search,
                 info={"loss": losses, "max_subsets": opts.naee_max_subsets, "candidate_sets": count})
 
