@@ -63,6 +63,8 @@ def make_batch(ids, starts: np.ndarray, lengths: np.ndarray, n_experts: int) -> 
     n_layers, (n_tokens, top_k) = len(ids), ids[0].shape
     if n_experts >= _PAD:
         raise ValueError(f"at most {_PAD - 1} experts per layer are supported by the stack kernel")
+    if n_tokens == 0:
+        raise ValueError("the trace has no tokens")
     n_seqs = starts.size
     seq_len = np.tile(lengths, n_layers)  # [B]
     order = np.argsort(-seq_len, kind="stable")  # [B] longest first

@@ -42,8 +42,8 @@ def _check_policy(policy: str) -> str:
 def cache_hit_rates(ids, seq_id, n_experts: int, capacities, policy: str = "lru") -> np.ndarray:
     """Hit rate for each capacity: ids [T, K] -> [C]; ids [L, T, K] (layers sharing seq_id) -> [L, C].
 
-    See the module docstring for the conventions. Capacities are in experts (use `capacities_for(top_k)` for multiples
-    of top-k).
+    All capacities in one pass of the priority stack (Mattson et al. 1970); conventions of SCH (arXiv 2505.16056), see
+    the module docstring. Capacities are in experts (`capacities_for(top_k)` gives multiples of top-k).
     """
     _check_policy(policy)
     ids = check_ids(ids, n_experts, allow_layers=True)
@@ -67,7 +67,8 @@ def capacities_for(top_k: int, multiples=(1, 2, 3, 4)) -> np.ndarray:
 
 
 def cache_hit_rate_reference(ids, seq_id, n_experts: int, capacity: int, policy: str = "lru") -> float:
-    """Slow literal simulation of one capacity, for tests: same conventions as `cache_hit_rates`. ids [T, K]."""
+    """Slow literal simulation of one capacity (sets, evict the lowest priority; Belady 1966 for MIN): the reference for
+    `cache_hit_rates`, same conventions. ids [T, K]."""
     _check_policy(policy)
     ids = check_ids(ids, n_experts)
     starts, lengths = sequence_bounds(seq_id, ids.shape[0])

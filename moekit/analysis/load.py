@@ -16,7 +16,7 @@ _LN2 = float(np.log(2.0))
 
 
 def expert_counts(ids, n_experts: int) -> np.ndarray:
-    """Number of tokens that selected each expert, [E] int64."""
+    """Number of tokens that selected each expert, [E] int64 (the load of ALGORITHMS.md §1)."""
     ids = check_ids(ids, n_experts)
     return np.bincount(ids.ravel(), minlength=n_experts).astype(np.int64)
 
@@ -44,7 +44,8 @@ def _renormalised_topk(weights, ids) -> np.ndarray:
 
 
 def gate_probs(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
-    """Per-token gate probabilities [T, E] and their source ("logits" or "topk_weights").
+    """Per-token gate probabilities [T, E] and their source ("logits" or "topk_weights"): the p_t behind P_i of the
+    load-balance loss (arXiv 2501.11873).
 
     With logits: softmax(s_t). Without: the approximation p_t,e = w_t,e / sum_k w_t,k for the selected experts and 0
     elsewhere (the renormalised top-k weights), which ignores the probability mass the router gave unselected experts.
@@ -123,7 +124,7 @@ def _seq_maxvio(ids, starts, lengths, n_experts) -> float:
 
 
 def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
-    """Routing entropy of each token in bits, [T], and its source.
+    """Routing entropy of each token in bits, [T], and its source (ALGORITHMS.md §1, routing entropy per token).
 
     From logits: H(softmax(s_t)) over all E experts (max log2 E). Without logits: H of the renormalised top-k weights
     (max log2 K), a different, smaller quantity; the source string says which.

@@ -63,7 +63,8 @@ def srp_from_histogram(hist: np.ndarray, m: int) -> tuple[float, int, int, int, 
 
 
 def window_count_histogram(ids, seq_id, n_experts: int, m: int) -> tuple[np.ndarray, int]:
-    """Histogram [m + 1] of c_e over all windows of m tokens inside a sequence and all experts; and the window count."""
+    """Histogram [m + 1] of c_e over all windows of m tokens inside a sequence and all experts, and the window count:
+    the sufficient statistic of SRP (arXiv 2505.16056; the released src/30_srp_calc.py keeps the same histogram)."""
     ids = check_ids(ids, n_experts)
     starts, lengths = sequence_bounds(seq_id, ids.shape[0])
     return _window_histograms(ids, starts, lengths, n_experts, np.array([m]))[0]
@@ -116,7 +117,7 @@ def segment_routing_performance(ids, seq_id, n_experts: int, segment_lengths=SEG
 
 
 def srp_reference(ids, seq_id, n_experts: int, m: int) -> float:
-    """Slow literal SRP for one layer and one m: loops over windows, experts and thresholds. For tests."""
+    """Slow literal SRP (arXiv 2505.16056) for one layer and one m: loops over windows, experts and thresholds."""
     ids = check_ids(ids, n_experts)
     starts, lengths = sequence_bounds(seq_id, ids.shape[0])
     windows = []
@@ -164,7 +165,8 @@ def sch_from_batch(batch: _stack.SeqBatch, caps: np.ndarray, m: int, reuse: _sta
 
 
 def sch_reference(ids, seq_id, n_experts: int, m: int, capacity: int) -> float:
-    """Slow literal SCH for one layer, one m and one capacity (per-capacity simulation). For tests."""
+    """Slow literal SCH (arXiv 2505.16056, released-code conventions) for one layer, one m and one capacity: a
+    per-capacity simulation with Python sets, the reference for `segment_cache_hit_rate`."""
     ids = check_ids(ids, n_experts)
     starts, lengths = sequence_bounds(seq_id, ids.shape[0])
     rates = []

@@ -95,6 +95,8 @@ def analyze_arrays(layers: Sequence[dict], seq_id, n_experts: int, *, position=N
         raise ValueError("need at least one layer")
     ids_l = [check_ids(layer["ids"], n_experts) for layer in layers]
     n_tok = ids_l[0].shape[0]
+    if n_tok == 0:
+        raise ValueError("the trace has no tokens")
     if any(ids.shape[0] != n_tok for ids in ids_l):
         raise ValueError("every layer must cover the same tokens (same T)")
     with _timed(timings, "validate"):

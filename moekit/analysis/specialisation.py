@@ -21,7 +21,8 @@ def _check_domain(domain, n_tokens: int, n_domains: int) -> np.ndarray:
 
 
 def domain_counts(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
-    """N[d, e] = number of top-k selections of expert e by tokens of domain d, [D, E] int64."""
+    """N[d, e] = number of top-k selections of expert e by tokens of domain d, [D, E] int64 (ALGORITHMS.md §1,
+    domain specialisation)."""
     ids = check_ids(ids, n_experts)
     domain = _check_domain(domain, ids.shape[0], n_domains).astype(np.int64)
     keys = domain[:, None] * n_experts + ids  # [T, K]
@@ -38,7 +39,8 @@ def domain_usage(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
 
 
 def domain_jsd(usage) -> np.ndarray:
-    """Jensen-Shannon divergence in bits between every pair of domain usage vectors, [D, D], in [0, 1].
+    """Jensen-Shannon divergence in bits between every pair of domain usage vectors, [D, D], in [0, 1] (ALGORITHMS.md
+    §1: divergence of per-domain frequency vectors between domains).
 
     scipy's `jensenshannon` returns the JS *distance* (the square root); this returns its square, the divergence.
     NaN rows (domains without tokens) give NaN.
@@ -51,7 +53,8 @@ def domain_jsd(usage) -> np.ndarray:
 
 
 def domain_nmi(ids, domain, n_domains: int, n_experts: int) -> float:
-    """Normalised mutual information I(domain; expert) / H(domain), in [0, 1].
+    """Normalised mutual information I(domain; expert) / H(domain), in [0, 1] (ALGORITHMS.md §1, domain specialisation;
+    normalised by H(domain) as the brief specifies, so it reads "share of the domain's uncertainty the experts remove").
 
     Every top-k selection is one observation (domain of its token, selected expert), so a token counts K times. 1 means
     the selected experts determine the domain; 0 means routing ignores the domain. NaN with a single domain (H = 0).

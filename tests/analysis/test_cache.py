@@ -162,7 +162,7 @@ def test_capacities_for():
 @pytest.mark.parametrize("bad", [
     dict(policy="fifo"), dict(capacities=[0]), dict(capacities=[]), dict(ids=np.array([[0, 0]])),
     dict(ids=np.array([[0, 5]])), dict(ids=np.array([0, 1])), dict(seq_id=np.array([0, 1, 0])),
-    dict(ids=np.array([[0.0, 1.0]])),
+    dict(ids=np.array([[0.0, 1.0]])), dict(ids=np.zeros((0, 2), dtype=np.int64)),
 ])
 def test_bad_input_raises(bad):
     args = dict(ids=np.array([[0, 1], [1, 2], [2, 0]]), seq_id=np.array([0, 0, 1]), capacities=[2], policy="lru")
