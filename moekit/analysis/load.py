@@ -78,22 +78,69 @@ def load_balance_loss(ids, n_experts: int, seq_id, weights=None, logits=None) ->
     given, else the renormalised top-k weights (see `gate_probs`).
     """
     ids = check_ids(ids, n_experts)
-    probs, source = gate_probs(ids, n_experts, weights, logits)  # [T, E]
-    return _lbl(ids, probs, *sequence_bounds(seq_id, ids.shape[0]), n_experts, source)
+    if logits is None and weights is None:
+        raise ValueError("the load-balance loss needs logits or top-k weights")
+    starts, lengths = sequence_bounds(seq_id, ids.shape[0])
+    stats = _gate_stats(ids, n_experts, weights, logits, starts, lengths)
+    return _lbl(ids, stats, _seq_counts(ids, starts, lengths, n_experts), lengths)
 
 
-def _lbl(ids, probs, starts, lengths, n_experts, source) -> LoadBalance:
+@dataclass(frozen=True)
+class _GateStats:
+    p_sum: np.ndarray  # [E] gate probability summed over all tokens
+    p_seq: np.ndarray | None  # [S, E] summed within each sequence
+    token_entropy: np.ndarray  # [T] bits
+    source: str
+
+
+def _gate_stats(ids, n_experts, weights, logits, starts=None, lengths=None, block: int = 1 << 16) -> _GateStats:
+    """Sums of the gate probabilities (global, per sequence) and per-token entropy without a dense [T, E] array:
+    softmax over blocks of tokens from logits, or bincounts of the renormalised top-k weights (see `gate_probs`)."""
+    n_tok = ids.shape[0]
+    seq = None if starts is None else np.repeat(np.arange(starts.size), lengths)  # [T]
+    if logits is None:
+        w = _renormalised_topk(weights, ids)  # [T, K]
+        p_sum = np.bincount(ids.ravel(), weights=w.ravel(), minlength=n_experts)
+        p_seq = None if seq is None else np.bincount((seq[:, None] * n_experts + ids).ravel(), weights=w.ravel(),
+                                                     minlength=starts.size * n_experts).reshape(-1, n_experts)
+        return _GateStats(p_sum, p_seq, entropy_bits(w), "topk_weights")
+    logits = check_logits(logits, n_tok, n_experts)
+    p_sum, h = np.zeros(n_experts), np.empty(n_tok)
+    p_seq = None if seq is None else np.zeros((starts.size, n_experts))
+    for lo in range(0, n_tok, block):
+        hi = min(lo + block, n_tok)
+        p, h[lo:hi] = _softmax_entropy(logits[lo:hi])  # [b, E], [b]
+        p_sum += p.sum(axis=0, dtype=np.float64)
+        if seq is not None:  # the block's sequences are a contiguous range of sequence indices
+            first, last = seq[lo], seq[hi - 1]
+            part = segment_sums(p, starts[first:last + 1] - lo, _clip_lengths(starts, lengths, first, last, lo, hi))
+            p_seq[first:last + 1] += part
+    return _GateStats(p_sum, p_seq, h, "logits")
+
+
+def _clip_lengths(starts, lengths, first, last, lo, hi) -> np.ndarray:
+    """Lengths of sequences first..last restricted to tokens lo..hi-1."""
+    begin = np.maximum(starts[first:last + 1], lo)
+    end = np.minimum(starts[first:last + 1] + lengths[first:last + 1], hi)
+    return end - begin
+
+
+def _seq_counts(ids, starts, lengths, n_experts) -> np.ndarray:
+    """Selections of each expert within each sequence, [S, E] int64."""
     seq = np.repeat(np.arange(starts.size), lengths)  # [T]
-    n_seq, (n_tok, top_k) = starts.size, ids.shape
+    keys = (seq[:, None] * n_experts + ids).ravel()
+    return np.bincount(keys, minlength=starts.size * n_experts).reshape(starts.size, n_experts)
+
+
+def _lbl(ids, stats: _GateStats, seq_counts, lengths) -> LoadBalance:
+    (n_tok, top_k), n_experts = ids.shape, seq_counts.shape[1]
     if n_tok == 0:
-        return LoadBalance(float("nan"), float("nan"), source)
-    f_global = np.bincount(ids.ravel(), minlength=n_experts) / (n_tok * top_k)  # [E]
-    lbl_global = n_experts * float(f_global @ probs.mean(axis=0, dtype=np.float64))
-    counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
-    f_seq = counts.reshape(n_seq, n_experts) / (lengths[:, None] * top_k)  # [S, E]
-    p_seq = segment_sums(probs, starts, lengths) / lengths[:, None]  # [S, E]
-    per_seq = n_experts * (f_seq * p_seq).sum(axis=1)  # [S]
-    return LoadBalance(lbl_global, float(per_seq.mean()), source)
+        return LoadBalance(float("nan"), float("nan"), stats.source)
+    f_global = seq_counts.sum(axis=0) / (n_tok * top_k)  # [E]
+    lbl_global = n_experts * float(f_global @ (stats.p_sum / n_tok))
+    f_seq = seq_counts / (lengths[:, None] * top_k)  # [S, E]
+    per_seq = n_experts * (f_seq * stats.p_seq / lengths[:, None]).sum(axis=1)  # [S]
+    return LoadBalance(lbl_global, float(per_seq.mean()), stats.source)
 
 
 def max_violation(load) -> float:
@@ -109,16 +156,14 @@ def sequence_max_violation(ids, n_experts: int, seq_id) -> float:
     """Mean over sequences of MaxVio of the per-sequence expert counts (the batch-level MaxVio of arXiv 2408.15664 with
     one sequence per batch)."""
     ids = check_ids(ids, n_experts)
-    return _seq_maxvio(ids, *sequence_bounds(seq_id, ids.shape[0]), n_experts)
+    starts, lengths = sequence_bounds(seq_id, ids.shape[0])
+    return _seq_maxvio(_seq_counts(ids, starts, lengths, n_experts))
 
 
-def _seq_maxvio(ids, starts, lengths, n_experts) -> float:
-    n_seq = starts.size
-    if n_seq == 0:
+def _seq_maxvio(seq_counts) -> float:
+    if seq_counts.shape[0] == 0:
         return float("nan")
-    seq = np.repeat(np.arange(n_seq), lengths)  # [T]
-    counts = np.bincount((seq[:, None] * n_experts + ids).ravel(), minlength=n_seq * n_experts)
-    counts = counts.reshape(n_seq, n_experts).astype(np.float64)  # [S, E]
+    counts = seq_counts.astype(np.float64)  # [S, E]
     mean = counts.mean(axis=1)  # [S]
     return float(((counts.max(axis=1) - mean) / mean).mean())
 
@@ -130,11 +175,10 @@ def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.nd
     (max log2 K), a different, smaller quantity; the source string says which.
     """
     ids = check_ids(ids, n_experts)
-    if logits is not None:
-        return _softmax_entropy(check_logits(logits, ids.shape[0], n_experts))[1], "logits"
-    if weights is None:
+    if logits is None and weights is None:
         raise ValueError("token entropy needs logits or top-k weights")
-    return entropy_bits(_renormalised_topk(weights, ids)), "topk_weights"
+    stats = _gate_stats(ids, n_experts, weights, logits)
+    return stats.token_entropy, stats.source
 
 
 def _softmax_entropy(logits) -> tuple[np.ndarray, np.ndarray]:
@@ -179,26 +223,22 @@ class LayerSummary:
 
 
 def summarise_layer(ids, n_experts: int, seq_id, weights=None, logits=None) -> LayerSummary:
-    """Everything in this module for one layer, computing the softmax once. Gate probabilities and token entropy come
+    """Everything in this module for one layer in one pass over the logits. Gate probabilities and token entropy come
     from logits when given, else from the renormalised top-k weights, else are NaN (entropy_source says which)."""
     ids = check_ids(ids, n_experts)
     starts, lengths = sequence_bounds(seq_id, ids.shape[0])
-    counts = np.bincount(ids.ravel(), minlength=n_experts).astype(np.int64)  # [E]
-    usage = None
-    if logits is not None:
-        probs, tok_h = _softmax_entropy(check_logits(logits, ids.shape[0], n_experts))
-        usage, source = probs.mean(axis=0, dtype=np.float64), "logits"
-    elif weights is not None:
-        probs, source = gate_probs(ids, n_experts, weights)
-        tok_h = entropy_bits(_renormalised_topk(weights, ids))
+    seq_counts = _seq_counts(ids, starts, lengths, n_experts)  # [S, E]
+    counts = seq_counts.sum(axis=0)  # [E]
+    if logits is None and weights is None:
+        stats, lbl = None, LoadBalance(float("nan"), float("nan"), "none")
     else:
-        probs, tok_h, source = None, np.full(ids.shape[0], np.nan), "none"
-    lbl = _lbl(ids, probs, starts, lengths, n_experts, source) if probs is not None else LoadBalance(
-        float("nan"), float("nan"), source)
+        stats = _gate_stats(ids, n_experts, weights, logits, starts, lengths)
+        lbl = _lbl(ids, stats, seq_counts, lengths)
+    tok_h = stats.token_entropy if stats is not None else np.full(ids.shape[0], np.nan)
     return LayerSummary(
         n_tokens=int(ids.shape[0]), top_k=int(ids.shape[1]), counts=counts, frequency=counts / max(counts.sum(), 1),
-        soft_usage=usage, layer_entropy_bits=layer_entropy(counts) if counts.any() else float("nan"),
-        token_entropy_bits=float(tok_h.mean()) if tok_h.size else float("nan"), entropy_source=source,
-        global_lbl=lbl.global_lbl, sequence_lbl=lbl.sequence_lbl,
-        max_vio_global=max_violation(counts), max_vio_sequence=_seq_maxvio(ids, starts, lengths, n_experts),
-        unused_experts=int((counts == 0).sum()))
+        soft_usage=stats.p_sum / ids.shape[0] if stats is not None and stats.source == "logits" else None,
+        layer_entropy_bits=layer_entropy(counts) if counts.any() else float("nan"),
+        token_entropy_bits=float(tok_h.mean()) if tok_h.size else float("nan"), entropy_source=lbl.p_source,
+        global_lbl=lbl.global_lbl, sequence_lbl=lbl.sequence_lbl, max_vio_global=max_violation(counts),
+        max_vio_sequence=_seq_maxvio(seq_counts), unused_experts=int((counts == 0).sum()))

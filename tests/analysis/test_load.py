@@ -108,3 +108,18 @@ def test_summarise_layer_matches_parts():
 def test_bad_input_raises(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_blockwise_gate_sums_equal_dense():
+    # Blocks of 3 tokens straddle the sequences (lengths 4, 1, 5): sums must equal a dense softmax computation.
+    from moekit.analysis.load import _gate_stats
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(10, 5))
+    ids = np.argsort(-logits, axis=1)[:, :2]
+    starts, lengths = np.array([0, 4, 5]), np.array([4, 1, 5])
+    stats = _gate_stats(ids, 5, None, logits, starts, lengths, block=3)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(stats.p_sum, p.sum(axis=0))
+    np.testing.assert_allclose(stats.p_seq, [p[:4].sum(0), p[4:5].sum(0), p[5:].sum(0)])
+    np.testing.assert_allclose(stats.token_entropy, -(p * np.log2(p)).sum(axis=1))
