@@ -88,16 +88,21 @@ def _window_histograms(ids, starts, lengths, n_experts, ms, chunk: int = 1 << 16
             raise ValueError(f"segment length {m} too large (max 65535)")
         hist = np.zeros(m + 1, dtype=np.int64)
         n_win = n_tokens + 1 - m
-        n_valid = 0
-        for lo in range(0, max(n_win, 0), chunk):
-            hi = min(lo + chunk, n_win)
-            counts = csum[:, lo + m:hi + m] - csum[:, lo:hi]  # [E, chunk] c_e of windows starting at lo..hi-1
-            ok = room[lo:hi] >= m  # [chunk] window stays inside its sequence
-            counts *= ok.astype(np.uint16)
-            hist += np.bincount(counts.ravel(), minlength=m + 1)[: m + 1]
-            n_bad = int((~ok).sum())
-            hist[0] -= n_bad * n_experts
-            n_valid += (hi - lo) - n_bad
+        valid = np.flatnonzero(room >= m)  # [Nw] starts of windows that stay inside their sequence
+        n_valid = valid.size
+        if n_valid < n_win // 2:  # long windows: few valid starts, gather just those
+            for lo in range(0, n_valid, chunk):
+                at = valid[lo:lo + chunk]
+                counts = csum[:, at + m] - csum[:, at]  # [E, chunk]
+                hist += np.bincount(counts.ravel(), minlength=m + 1)[: m + 1]
+        else:  # short windows: contiguous slices of every start, invalid ones zeroed and taken back out of bin 0
+            for lo in range(0, max(n_win, 0), chunk):
+                hi = min(lo + chunk, n_win)
+                counts = csum[:, lo + m:hi + m] - csum[:, lo:hi]  # [E, chunk] c_e of windows starting at lo..hi-1
+                ok = room[lo:hi] >= m  # [chunk]
+                counts *= ok.astype(np.uint16)
+                hist += np.bincount(counts.ravel(), minlength=m + 1)[: m + 1]
+                hist[0] -= int((~ok).sum()) * n_experts
         out.append((hist, n_valid))
     return out
 
