@@ -9,6 +9,7 @@ the native slice and the experts module's own gate function reproduces transform
 canonical split drifts by ~1e-10 (float32, measured on qwen3_moe/mixtral/gpt_oss). `canonical()` converts for readers.
 safetensors writes tensors sorted by name, so an expert's tensors are adjacent: one `os.preadv` per expert, no mmap, which
 lets the reader drop the pages it read (POSIX_FADV_DONTNEED) so the OS page cache cannot hide disk reads in benchmarks.
+With drop_cache the reads use O_DIRECT instead where the file system allows it (no page cache, no kernel copy).
 The files stay ordinary safetensors files (`safe_open` reads them; tests check).
 """
 
@@ -86,10 +87,14 @@ class _Entry:  # one expert's byte range in a layer file
     parts: tuple  # ((name, dtype, shape, start, end), ...) relative to offset
 
 
+_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length aligned to the logical block size (<= 4 KiB)
+
+
 class ExpertStore:
     """Reads experts from a store directory: `read(layer_index, e) -> {name: tensor}` (fresh tensors, owned by caller).
 
-    drop_cache=True advises the kernel to drop the pages just read, so every miss is a real device read.
+    drop_cache=True makes every miss a real device read: the files are read with O_DIRECT (DMA into the buffer, no page
+    cache, no kernel copy) where the file system supports it, else with buffered reads followed by POSIX_FADV_DONTNEED.
     """
 
     def __init__(self, directory, *, drop_cache: bool = False):
@@ -102,7 +107,9 @@ class ExpertStore:
             raise UserError(f"{self.directory}: store schema {self.manifest.get('schema_version')}, "
                             f"this moekit reads {SCHEMA_VERSION}; rebuild the store")
         self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
+        self.direct = self.drop_cache and hasattr(os, "O_DIRECT")
         self._fds: dict[int, int] = {}
+        self._direct_fds: dict[int, int] = {}
         self._index: dict[int, list[_Entry]] = {}
         for li in self.manifest["layers"]:
             file = self.directory / f"layer_{li:03d}.safetensors"
@@ -110,20 +117,45 @@ class ExpertStore:
             if hasattr(os, "posix_fadvise"):  # experts are read in random order: kernel readahead only wastes bandwidth
                 os.posix_fadvise(self._fds[li], 0, 0, os.POSIX_FADV_RANDOM)
             self._index[li] = _read_index(file)
+            if self.direct:
+                try:
+                    self._direct_fds[li] = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                except OSError:  # tmpfs and some others refuse O_DIRECT: buffered reads + DONTNEED instead
+                    self.direct = False
+        if not self.direct:
+            for fd in self._direct_fds.values():
+                os.close(fd)
+            self._direct_fds.clear()
         self.expert_bytes = self._index[self.manifest["layers"][0]][0].nbytes
         self.bytes_read = 0  # only the caller's thread count is exact; the engine keeps its own per-layer counts
 
     def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         entry = self._index[layer][e]
+        buf = self._read_direct(layer, entry) if self.direct else self._read_buffered(layer, entry)
+        self.bytes_read += entry.nbytes
+        return {name: buf[a:b].view(dtype).view(shape) for name, dtype, shape, a, b in entry.parts}
+
+    def _read_direct(self, layer: int, entry: _Entry) -> torch.Tensor:
+        start = entry.offset - entry.offset % _ALIGN
+        end = entry.offset + entry.nbytes
+        length = -(-(end - start) // _ALIGN) * _ALIGN
+        raw = torch.empty(length + _ALIGN, dtype=torch.uint8)
+        shift = -raw.data_ptr() % _ALIGN
+        buf = raw[shift:shift + length]
+        got = os.preadv(self._direct_fds[layer], [memoryview(buf.numpy())], start)  # short only past end of file
+        if got < end - start:
+            raise OSError(f"short read in layer {layer}: {got} of {end - start} bytes")
+        return buf[entry.offset - start:end - start]
+
+    def _read_buffered(self, layer: int, entry: _Entry) -> torch.Tensor:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         fd = self._fds[layer]
         got = os.preadv(fd, [memoryview(buf.numpy())], entry.offset)
         if got != entry.nbytes:
-            raise OSError(f"short read in layer {layer} expert {e}: {got} of {entry.nbytes} bytes")
+            raise OSError(f"short read in layer {layer}: {got} of {entry.nbytes} bytes")
         if self.drop_cache:
             os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += entry.nbytes
-        return {name: buf[a:b].view(dtype).view(shape) for name, dtype, shape, a, b in entry.parts}
+        return buf
 
     def drop_page_cache(self) -> None:
         """Evict every store page from the OS page cache (benchmarks start cold)."""
@@ -131,9 +163,10 @@ class ExpertStore:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
             os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
     def __del__(self):
         try:

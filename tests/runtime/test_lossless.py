@@ -82,3 +82,20 @@ def test_llama4_is_declared_unsupported(tmp_path):
     view = moekit.models.load(tiny_model("llama4_text"))
     with pytest.raises(UserError, match="not supported"):
         rt.offload(view, tmp_path, "1GB")
+
+
+@pytest.mark.parametrize("drop_cache", [False, True])
+def test_store_reads_are_exact_buffered_and_uncached(drop_cache, tmp_path):
+    import moekit.models
+    from tests.conftest import tiny_model
+
+    view = moekit.models.load(tiny_model("qwen3_moe"))
+    rt.build_store(view, tmp_path)
+    store = rt.ExpertStore(tmp_path, drop_cache=drop_cache)
+    from moekit.runtime.store import canonical
+
+    for layer in view.layers:
+        for e in (0, 7, layer.num_experts - 1):  # first, middle, last (the aligned read runs past the end of file)
+            got = canonical(store.read(layer.index, e), layer.layout)
+            assert all(torch.equal(got[k], v) for k, v in layer.get_expert(e).items())
+    store.close()
