@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from moekit.analysis import run as analysis_run
 from moekit.analysis import POLICIES, SEGMENT_LENGTHS, cache_hit_rate_reference, sch_reference
+from moekit.analysis import run as analysis_run
 
 L, E, K, SEQ_LEN, DOMAINS, VOCAB = 4, 32, 4, 256, 4, 8000
 
@@ -112,7 +112,8 @@ def main() -> None:
     assert results["n_tokens"] == args.tokens
     print(json.dumps({"benchmark": "analysis_speed", "tokens": args.tokens, "layers": L, "experts": E, "top_k": K,
                       "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "goal_seconds": 30,
-                      "meets_goal": wall < 30, "per_metric_seconds": {k: round(t["wall"], 3) for k, t in timings.items()},
+                      "meets_goal": wall < 30,
+                      "per_metric_seconds": {k: round(t["wall"], 3) for k, t in timings.items()},
                       "per_metric_cpu_seconds": {k: round(t["cpu"], 3) for k, t in timings.items()},
                       "reference_cpu_seconds_extrapolated": round(baseline, 1),
                       "speedup_vs_reference": round(baseline / max(sim_cpu, 1e-9), 1),

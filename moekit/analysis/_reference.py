@@ -1,9 +1,9 @@
 """Slow, literal per-capacity cache simulations: the references the fast stack kernel (_stack.py) is tested against.
 
-One sequence at a time, one capacity at a time, plain Python sets, following the definitions word for word. Conventions are
-those of SCH in the moe-lrc released code (arXiv 2505.16056, github ljcleo/moe-lrc): a token's K experts are judged hit or
-miss against the cache as it was before the token, then inserted in order (each insertion may evict, even another expert of
-the same token); the first C distinct experts of a sequence fill free space and count as hits.
+One sequence at a time, one capacity at a time, plain Python sets, following the definitions word for word. Conventions
+are those of SCH in the moe-lrc released code (arXiv 2505.16056, github ljcleo/moe-lrc): a token's K experts are judged
+hit or miss against the cache as it was before the token, then inserted in order (each insertion may evict, even
+another expert of the same token); the first C distinct experts of a sequence fill free space and count as hits.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Batched priority-stack (Mattson) kernel: cache hits for every capacity in one pass.
 
-Mattson et al. (1970), "Evaluation techniques for storage hierarchies": for any replacement policy that evicts the resident
-with the lowest priority, where priorities do not depend on the cache size, the caches of all sizes are nested, so one
-"stack" holds them all: the top C entries are the content of a cache of capacity C. The moe-lrc code
-(arXiv 2505.16056, github ljcleo/moe-lrc, src/41_sch_calc.py and src/50_chr_calc.py) uses this to get SCH, LRU and Belady
-hit rates for all capacities at once, one sequence at a time in Python.
+Mattson et al. (1970), "Evaluation techniques for storage hierarchies": for any replacement policy that evicts the
+resident with the lowest priority, where priorities do not depend on the cache size, the caches of all sizes are
+nested, so one "stack" holds them all: the top C entries are the content of a cache of capacity C. The moe-lrc code
+(arXiv 2505.16056, github ljcleo/moe-lrc, src/41_sch_calc.py and src/50_chr_calc.py) uses this to get SCH, LRU and
+Belady hit rates for all capacities at once, one sequence at a time in Python.
 
-Here the same update is vectorised over a batch of independent (layer, sequence) streams. When expert x is referenced and
-sits at depth d (d = W if absent), the new stack is: x on top; at every level j < d the element that stays is the
+Here the same update is vectorised over a batch of independent (layer, sequence) streams. When expert x is referenced
+and sits at depth d (d = W if absent), the new stack is: x on top; at every level j < d the element that stays is the
 higher-priority one of (old stack[j], carried element), and the carried element is the prefix minimum of old
 stack[0..j-1]; at level d the carried element lands. With x's own entry replaced by -inf, the whole update is
 `new[j] = max(old[j], prefix_min(old)[j-1])` for j >= 1: a few whole-array numpy operations per reference. Only the top

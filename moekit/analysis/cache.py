@@ -1,11 +1,11 @@
 """Expert-cache hit rate versus capacity for LRU, LFU and Belady MIN, per layer.
 
 Conventions (SCH's, from the moe-lrc released code, arXiv 2505.16056, so that these curves and SCH share one plot): each
-sequence is its own stream starting from an empty cache; a token's K experts are judged hit or miss against the cache as it
-was before the token, then inserted in order (an insertion may evict another expert of the same token); the first C
-distinct experts of a sequence fill free space and count as hits; hit rate = hits / (T_s * K) per sequence, then the mean
-over sequences. A running system (the runtime's simulator) counts cold misses as misses instead: with these conventions a
-cache of capacity >= E always scores 1.0.
+sequence is its own stream starting from an empty cache; a token's K experts are judged hit or miss against the cache
+as it was before the token, then inserted in order (an insertion may evict another expert of the same token); the first
+C distinct experts of a sequence fill free space and count as hits; hit rate = hits / (T_s * K) per sequence, then the
+mean over sequences. A running system (the runtime's simulator) counts cold misses as misses instead: with these
+conventions a cache of capacity >= E always scores 1.0.
 
 Policies (all evict the resident with the lowest priority, so all are stack algorithms, Mattson et al. 1970, and every
 capacity comes out of one pass of the priority-stack kernel in _stack.py):

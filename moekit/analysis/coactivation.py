@@ -63,7 +63,7 @@ def affinity_from_counts(counts) -> np.ndarray:
 class AffinityConcentration:
     """How predictable layer l+1's experts are from layer l's, averaged over p weighted by p's selections."""
 
-    topk_mass: float  # mean over p of the probability mass of row p's k largest entries; k/E = uniform, 1 = deterministic
+    topk_mass: float  # mean over p of the mass of row p's k largest entries; k/E = uniform, 1 = deterministic
     row_entropy_bits: float  # mean over p of H(row p); log2 E = uniform
     k: int
 
@@ -71,8 +71,9 @@ class AffinityConcentration:
 def affinity_concentration(counts, k: int) -> AffinityConcentration:
     """Concentration of an affinity count matrix [E, E] (ExFlow, arXiv 2401.08383, motivates placement by affinity).
 
-    Each row is weighted by its count (so frequently used experts weigh more and unused rows drop out). With k = top-k of
-    layer l+1, a fully predictable next layer gives topk_mass = 1 (each token's K next-layer experts are the row's top K).
+    Each row is weighted by its count (so frequently used experts weigh more and unused rows drop out). With k = top-k
+    of layer l+1, a fully predictable next layer gives topk_mass = 1 (each token's K next-layer experts are the row's
+    top K).
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or (counts < 0).any():

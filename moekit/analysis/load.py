@@ -9,8 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.analysis._common import (check_ids, check_logits, check_weights, entropy_bits, segment_sums,
-                                     sequence_bounds, softmax)
+from moekit.analysis._common import (
+    check_ids,
+    check_logits,
+    check_weights,
+    entropy_bits,
+    segment_sums,
+    sequence_bounds,
+    softmax,
+)
 
 _LN2 = float(np.log(2.0))
 

@@ -1,7 +1,8 @@
-"""Local routing consistency: SRP and SCH ("Not All Models Suit Expert Offloading", arXiv 2505.16056, github ljcleo/moe-lrc).
+"""Local routing consistency: SRP and SCH ("Not All Models Suit Expert Offloading", arXiv 2505.16056, github
+ljcleo/moe-lrc).
 
-Both are per layer, for segment lengths m (default 4, 16, 64, 256), over sliding windows of m consecutive tokens that never
-cross a sequence boundary; sequences shorter than m contribute nothing.
+Both are per layer, for segment lengths m (default 4, 16, 64, 256), over sliding windows of m consecutive tokens that
+never cross a sequence boundary; sequences shorter than m contribute nothing.
 
 SRP (segment routing performance): how well one fixed expert set per window, chosen by a threshold on in-window counts,
 predicts the per-token top-k.  SCH (segment cache hit rate): hit rate of a per-layer cache whose eviction looks at the
@@ -147,8 +148,8 @@ def segment_cache_hit_rate(ids, seq_id, n_experts: int, capacities, segment_leng
 
     arXiv 2505.16056, SCH, with the conventions of the released code (src/41_sch_calc.py, calc_fsf): per sequence, a
     per-layer cache of C experts that, when full, evicts the resident with the lowest priority = (uses in the current
-    window, then most recent use); the window while processing token i is tokens i..i+m-1 (cut at the sequence end) and a
-    use is consumed when its token's expert is inserted; a token's K experts are judged against the cache as it was
+    window, then most recent use); the window while processing token i is tokens i..i+m-1 (cut at the sequence end) and
+    a use is consumed when its token's expert is inserted; a token's K experts are judged against the cache as it was
     before the token, then inserted in order (an insertion may evict another expert of the same token); the first C
     distinct experts of a sequence fill free space and count as hits; hit rate = hits / (T_s * K) per sequence, SCH =
     mean over sequences. Deviation: sequences shorter than m are left out (the released code only sees sequences of one

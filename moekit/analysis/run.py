@@ -17,8 +17,7 @@ import numpy as np
 from moekit.analysis import _stack
 from moekit.analysis._common import check_ids, check_tokens_vector, sequence_bounds
 from moekit.analysis.cache import POLICIES, capacities_for, hit_rates_from_batch
-from moekit.analysis.coactivation import (affinity_concentration, affinity_counts, affinity_from_counts,
-                                          coactivation)
+from moekit.analysis.coactivation import affinity_concentration, affinity_counts, affinity_from_counts, coactivation
 from moekit.analysis.load import summarise_layer
 from moekit.analysis.locality import SEGMENT_LENGTHS, sch_from_batch, segment_routing_performance
 from moekit.analysis.specialisation import domain_jsd, domain_nmi, domain_usage, token_expert_npmi
@@ -32,19 +31,20 @@ CONVENTIONS = {
            "(lbl_source); sequence = mean of per-sequence LBL, global = over all tokens",
     "max_vio": "(max load - mean load) / mean load (arXiv 2408.15664); sequence = mean over sequences",
     "token_entropy": "bits; over all E experts from logits, else over the renormalised top-k weights (entropy_source)",
-    "affinity": "P(e_{l+1}=q | e_l=p) from all pairs of selections of one token in consecutive layers (arXiv 2401.08383);"
-                " topk_mass = mean over p (weighted by p's selections) of the mass of the row's K largest entries",
+    "affinity": "P(e_{l+1}=q | e_l=p) from all pairs of selections of one token in consecutive layers "
+                "(arXiv 2401.08383); topk_mass = mean over p (weighted by p's selections) of the mass of the row's "
+                "K largest entries",
     "domain_jsd": "Jensen-Shannon divergence in bits (square of scipy's distance), in [0, 1]",
     "domain_nmi": "I(domain; expert) / H(domain), every top-k selection one observation",
-    "npmi": "RICE (arXiv 2505.14681); probabilities over top-k selections; tokens with fewer than min_count occurrences "
-            "skipped",
+    "npmi": "RICE (arXiv 2505.14681); probabilities over top-k selections; tokens with fewer than min_count "
+            "occurrences skipped",
     "srp": "arXiv 2505.16056; best F1 over tau in 0..m, one tau per layer; windows inside sequences",
-    "sch": "arXiv 2505.16056 released-code conventions: per sequence, judged before the token, first C distinct experts "
-           "count as hits, hits/(T*K) per sequence then mean; sequences shorter than m skipped",
-    "cache": "LRU / LFU (perfect, ties by recency) / Belady MIN / opt with SCH's conventions (free fill counts as hits), "
-             "so capacity >= E scores 1.0; the runtime simulator counts cold misses instead. opt (MIN with bypass, a "
-             "token's experts requested together) is the offline ceiling under these conventions; plain MIN is not "
-             "always above LFU and SCH here",
+    "sch": "arXiv 2505.16056 released-code conventions: per sequence, judged before the token, first C distinct "
+           "experts count as hits, hits/(T*K) per sequence then mean; sequences shorter than m skipped",
+    "cache": "LRU / LFU (perfect, ties by recency) / Belady MIN / opt with SCH's conventions (free fill counts as "
+             "hits), so capacity >= E scores 1.0; the runtime simulator counts cold misses instead. opt (MIN with "
+             "bypass, a token's experts requested together) is the offline ceiling under these conventions; plain "
+             "MIN is not always above LFU and SCH here",
     "super_experts": "arXiv 2507.23279: first 75% of layers, output_max > 99.5th percentile and > max/10",
 }
 

@@ -86,10 +86,10 @@ def token_expert_npmi(ids, token_id, n_experts: int, top_n: int = 10, min_count:
     """nPMI between token ids and experts (RICE, arXiv 2505.14681, Eq. for nPMI; ALGORITHMS.md §1):
     nPMI(x, e) = log2[p(x, e) / (p(x) p(e))] / (-log2 p(x, e)).
 
-    Probabilities are over top-k selections (N = T * K): p(x, e) = n(x, e) / N, p(e) = n(e) / N, and p(x) = n(x) / T (the
-    share of selections made by tokens x). Only tokens occurring at least `min_count` times are ranked, so a token seen
-    once with one expert (nPMI near 1 by chance) cannot crowd out real associations. Ties are broken by joint count,
-    then token id.
+    Probabilities are over top-k selections (N = T * K): p(x, e) = n(x, e) / N, p(e) = n(e) / N, and p(x) = n(x) / T
+    (the share of selections made by tokens x). Only tokens occurring at least `min_count` times are ranked, so a token
+    seen once with one expert (nPMI near 1 by chance) cannot crowd out real associations. Ties are broken by joint
+    count, then token id.
     """
     ids = check_ids(ids, n_experts)
     token_id = check_tokens_vector(token_id, ids.shape[0], "token_id")

@@ -115,10 +115,10 @@ def lrc_curves(locality: dict, layer_names: Sequence[str], multiples: Sequence[i
 
 
 POLICY_STYLE = {
-    "lru": dict(color="tab:blue", marker="o", label="LRU"),
-    "lfu": dict(color="tab:orange", marker="s", label="LFU"),
-    "belady": dict(color="tab:green", marker="^", label="Belady MIN"),
-    "opt": dict(color="black", linestyle="--", marker="", label="opt (ceiling)"),
+    "lru": {"color": "tab:blue", "marker": "o", "label": "LRU"},
+    "lfu": {"color": "tab:orange", "marker": "s", "label": "LFU"},
+    "belady": {"color": "tab:green", "marker": "^", "label": "Belady MIN"},
+    "opt": {"color": "black", "linestyle": "--", "marker": "", "label": "opt (ceiling)"},
 }
 
 

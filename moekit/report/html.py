@@ -173,8 +173,8 @@ def _super_expert_section(rows) -> str:
 
 def _npmi_section(npmi: list, names) -> str:
     parts = ["<h2>Token-expert association (nPMI)</h2>",
-             f'<p class="note">Most associated token ids per expert (RICE, arXiv 2505.14681); tokens seen fewer than '
-             f'{npmi[0]["min_count"]} times are skipped. Token strings appear when results carry them.</p>']
+             (f'<p class="note">Most associated token ids per expert (RICE, arXiv 2505.14681); tokens seen fewer than '
+             f'{npmi[0]["min_count"]} times are skipped. Token strings appear when results carry them.</p>')]
     for name, layer in zip(names, npmi):
         tokens = layer.get("tokens") or layer["token_ids"]
         rows = []

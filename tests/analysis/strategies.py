@@ -1,4 +1,5 @@
-"""Small random routing traces for property tests: a few sequences, tokens that often reuse their predecessor's experts."""
+"""Small random routing traces for property tests: a few sequences, tokens that often reuse their predecessor's
+experts."""
 
 from __future__ import annotations
 

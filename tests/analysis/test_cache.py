@@ -160,12 +160,13 @@ def test_capacities_for():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(policy="fifo"), dict(capacities=[0]), dict(capacities=[]), dict(ids=np.array([[0, 0]])),
-    dict(ids=np.array([[0, 5]])), dict(ids=np.array([0, 1])), dict(seq_id=np.array([0, 1, 0])),
-    dict(ids=np.array([[0.0, 1.0]])), dict(ids=np.zeros((0, 2), dtype=np.int64)),
+    {"policy": "fifo"}, {"capacities": [0]}, {"capacities": []}, {"ids": np.array([[0, 0]])},
+    {"ids": np.array([[0, 5]])}, {"ids": np.array([0, 1])}, {"seq_id": np.array([0, 1, 0])},
+    {"ids": np.array([[0.0, 1.0]])}, {"ids": np.zeros((0, 2), dtype=np.int64)},
 ])
 def test_bad_input_raises(bad):
-    args = dict(ids=np.array([[0, 1], [1, 2], [2, 0]]), seq_id=np.array([0, 0, 1]), capacities=[2], policy="lru")
+    args = {"ids": np.array([[0, 1], [1, 2], [2, 0]]), "seq_id": np.array([0, 0, 1]), "capacities": [2],
+            "policy": "lru"}
     args.update(bad)
     if args["ids"].ndim == 2 and args["ids"].shape[0] != args["seq_id"].shape[0]:
         args["seq_id"] = np.zeros(args["ids"].shape[0], dtype=np.int64)

@@ -7,8 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from moekit.analysis import (expert_counts, expert_frequency, gate_probs, layer_entropy, load_balance_loss,
-                             max_violation, sequence_max_violation, soft_usage, summarise_layer, token_entropy)
+from moekit.analysis import (
+    expert_counts,
+    expert_frequency,
+    gate_probs,
+    layer_entropy,
+    load_balance_loss,
+    max_violation,
+    sequence_max_violation,
+    soft_usage,
+    summarise_layer,
+    token_entropy,
+)
 
 IDS = np.array([[0, 1], [0, 2], [1, 0], [3, 0]])  # counts e0: 4, e1: 2, e2: 1, e3: 1 (8 selections)
 WEIGHTS = np.array([[3.0, 1.0], [1.0, 1.0], [2.0, 2.0], [1.0, 3.0]])  # renormalised: .75/.25, .5/.5, .5/.5, .25/.75
@@ -52,8 +62,8 @@ def test_lbl_from_logits_uniform_gate_is_one():
 
 
 def test_lbl_sequence_differs_from_global():
-    # Seq 0 always picks experts {0, 1} with gate mass on them, seq 1 always {2, 3}: globally balanced (f = 1/4 each,
-    # P = 1/4 each -> 1.0), but each sequence is fully concentrated: f = [.5, .5, 0, 0], P = [.5, .5, 0, 0] -> 4 * .5 = 2.
+    # Seq 0 always picks experts {0, 1} with gate mass on them, seq 1 always {2, 3}: globally balanced (f = 1/4
+    # each, P = 1/4 each -> 1.0), but each sequence is concentrated: f = P = [.5, .5, 0, 0] -> 4 * (.25 + .25) = 2.
     ids = np.array([[0, 1], [1, 0], [2, 3], [3, 2]])
     w = np.ones((4, 2))
     lbl = load_balance_loss(ids, 4, SEQ, weights=w)

@@ -125,9 +125,9 @@ def test_sch_layers_batched_equal_separate():
         np.testing.assert_allclose(both[layer], segment_cache_hit_rate(ids[layer], seq, 8, [3, 6], [4, 16]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(segment_lengths=[0]), dict(segment_lengths=[]), dict(n_experts=2)])
+@pytest.mark.parametrize("kwargs", [{"segment_lengths": [0]}, {"segment_lengths": []}, {"n_experts": 2}])
 def test_bad_input_raises(kwargs):
-    args = dict(ids=np.array([[0, 1], [1, 2]]), seq_id=np.array([0, 0]), n_experts=3, segment_lengths=[2])
+    args = {"ids": np.array([[0, 1], [1, 2]]), "seq_id": np.array([0, 0]), "n_experts": 3, "segment_lengths": [2]}
     args.update(kwargs)
     with pytest.raises(ValueError):
         segment_routing_performance(**args)

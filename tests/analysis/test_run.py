@@ -7,8 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from moekit.analysis import (cache_hit_rates, coactivation, segment_cache_hit_rate, segment_routing_performance,
-                             summarise_layer)
+from moekit.analysis import (
+    cache_hit_rates,
+    coactivation,
+    segment_cache_hit_rate,
+    segment_routing_performance,
+    summarise_layer,
+)
 from moekit.analysis.run import analyze_arrays, to_json
 
 
@@ -19,8 +24,8 @@ def _trace(rng, n_tok=120, n_experts=6, top_k=2, n_layers=3):
         ids = np.argsort(rng.random((n_tok, n_experts)), axis=1)[:, :top_k]
         w = rng.random((n_tok, top_k)) + 0.1
         layers.append({"ids": ids, "weights": -np.sort(-w, axis=1), "logits": rng.normal(size=(n_tok, n_experts))})
-    meta = dict(position=np.concatenate([np.arange(50), np.arange(40), np.arange(30)]),
-                token_id=rng.integers(0, 20, n_tok), domain=np.repeat([0, 1, 0], [50, 40, 30]))
+    meta = {"position": np.concatenate([np.arange(50), np.arange(40), np.arange(30)]),
+                "token_id": rng.integers(0, 20, n_tok), "domain": np.repeat([0, 1, 0], [50, 40, 30])}
     return layers, seq, meta
 
 

@@ -27,8 +27,8 @@ def _results(rng, n_layers=3, with_optional=True):
     if with_optional:
         out_max = np.ones((n_layers, n_experts))
         out_max[0, 3] = 50.0
-        extra = dict(token_id=rng.integers(0, 15, n_tok), domain=np.repeat([0, 1, 1], lengths),
-                     domain_names=["code", "<prose & math>"], output_max=out_max)
+        extra = {"token_id": rng.integers(0, 15, n_tok), "domain": np.repeat([0, 1, 1], lengths),
+                     "domain_names": ["code", "<prose & math>"], "output_max": out_max}
     names = ["a", "b<1> & c", "d"][:n_layers]
     return analyze_arrays(layers, seq, n_experts, segment_lengths=(4, 16), npmi_min_count=2, layer_names=names, **extra)
 
@@ -37,10 +37,10 @@ def test_report_is_self_contained_and_complete(tmp_path):
     out = render_report(_results(np.random.default_rng(0)), tmp_path / "report.html", title="demo <model>")
     text = out.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)  # no external assets
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.IGNORECASE)  # no external assets
     assert "<link" not in text and "<script" not in text
     for fig_id in FIGURES:
-        block = re.search(rf'<figure id="{fig_id}">(.*?)</figure>', text, re.S)
+        block = re.search(rf'<figure id="{fig_id}">(.*?)</figure>', text, re.DOTALL)
         assert block, fig_id
         assert 'src="data:image/png;base64,' in block.group(1) and "<figcaption>" in block.group(1)
     for table_id in TABLES:
