@@ -297,7 +297,8 @@ def print_row(row: dict) -> None:
     print(f"moekit prefetch {'on' if mk['prefetch'] else 'off'}" +
           (f" (prefetch {'off' if mk['prefetch'] else 'on'}: {other:.3f} tok/s)" if other is not None else ""))
     print(f"full bound {row['full_bound_tok_s']:.2f} tok/s = 1 / max(missed bytes / disk bandwidth, layers x top-k x "
-          f"{row['expert_compute_ms']:.2f} ms expert compute): moekit reaches {row['fraction_of_full_bound']:.2f} of it")
+          f"{row['expert_compute_ms']:.2f} ms expert compute): moekit reaches "
+          f"{row['fraction_of_full_bound']:.2f} of it")
     print(f"bound {row['bound_tok_s']:.2f} tok/s = disk bandwidth / moekit missed bytes per token; prefetch precision "
           f"{mk['prefetch_precision']:.2f}, recall {mk['prefetch_recall']:.2f}; wait {mk['wait_s']:.1f} s, "
           f"compute {mk['compute_s']:.1f} s")
@@ -331,7 +332,8 @@ def main() -> None:
         rows.append(bench(path, args.work, args))
         print_row(rows[-1])
     print(json.dumps({"benchmark": "offload", "budget_fraction": args.budget, "new_tokens": args.new_tokens,
-                      "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch, "io_threads": args.io_threads,
+                      "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch,
+                      "io_threads": args.io_threads,
                       "threads": args.threads, "rows": rows},
                       default=float))
 

@@ -34,6 +34,7 @@ def run(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="pre-gating prefetch of the next layer"),
     store: Path = typer.Option(None, "--store", help="expert store folder (default: a cache dir, built on first run)"),
     fiddler: bool = typer.Option(False, "--fiddler", help="GPU only: compute misses on the CPU when that is faster"),
+    io_threads: int = typer.Option(4, "--io-threads", min=1, help="threads reading experts from the store"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
 ) -> None:
@@ -51,7 +52,8 @@ def run(
     with console.status(f"expert store {store}", spinner="dots") if not json_out else _null():
         rt.build_store(view, store)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the tier experts are cached in, chosen once
-    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler)
+    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler,
+                    io_threads=io_threads)
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)

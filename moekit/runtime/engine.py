@@ -2,14 +2,14 @@
 `model.set_experts_implementation`): no edits to transformers, no patched methods.
 
 Per call of a layer's experts module (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]):
-  group the T*K (token, slot) pairs by expert in eager's order -> for each selected expert, ascending: cache hit, or a miss
-  served by a finished prefetch or a positioned read from the store -> the expert on its tokens with the family's own gate
-  function (native weight slices, see store.py) -> weighted index_add_, exactly as transformers' eager loop, so logits
-  match the in-memory model bit for bit in float32.
-Prefetch (pre-gating: ExpertFlow arXiv 2410.17954, Pre-gated MoE arXiv 2308.12066): before computing layer l, layer l+1's
-router is applied to layer l's input, and its predicted experts that are not resident are read on a background thread
-while layer l computes. Prefetched experts sit in a staging dict outside the cache (at most top-k x T per layer) and do not
-touch the policy: hit/miss counters are the same with or without prefetch, which is what the simulator models.
+  group the T*K (token, slot) pairs by expert in eager's order -> the policy judges the step's experts at once -> the
+  misses are read on I/O threads, a bounded window in compute order -> each selected expert, ascending, on its tokens
+  with the family's own gate function (native weight slices, see store.py) -> weighted index_add_, exactly as
+  transformers' eager loop, so logits match the in-memory model bit for bit in float32.
+Prefetch (pre-gating: ExpertFlow arXiv 2410.17954, Pre-gated MoE arXiv 2308.12066): before computing layer l, layer
+l+1's router is applied to layer l's input, and its predicted experts that are not resident are read on the I/O threads
+while layer l computes. Prefetched experts wait outside the cache (at most the predicted set) and do not touch the
+policy: hit/miss counters are the same with or without prefetch, which is what the simulator models.
 Dimension legend: T tokens, E experts, K selected per token, H hidden, I expert intermediate.
 """
 
@@ -94,7 +94,8 @@ class LayerStats:
         looked = c["hits"] + c["misses"]
         return {
             "layer": self.layer, **c, "hit_rate": c["hits"] / looked if looked else float("nan"),
-            "bytes_read": self.demand_bytes + self.prefetch_bytes, "prefetch_reads": self.prefetch_reads, "prefetch_used": self.prefetch_used,
+            "bytes_read": self.demand_bytes + self.prefetch_bytes, "prefetch_reads": self.prefetch_reads,
+            "prefetch_used": self.prefetch_used,
             "prefetch_precision": self.correct / self.predicted if self.predicted else float("nan"),
             "prefetch_recall": self.correct / self.actual if self.actual else float("nan"),
             "compute_s": self.total_s - self.wait_s, "wait_s": self.wait_s,
@@ -247,7 +248,7 @@ class LayerRuntime:
 
 def _kernel(layout):
     """The family's eager per-expert computation on native slices (transformers' modeling_*.py experts loops):
-    F.linear for [out, in] storage; x @ W + b for transposed storage (GPT-OSS). Gate via the module's own _apply_gate."""
+    F.linear for [out, in] storage; x @ W + b for transposed storage (GPT-OSS). Gate: the module's own _apply_gate."""
 
     def gate(m, y):
         return m._apply_gate(y) if layout.has_gate else m.act_fn(y)
@@ -334,7 +335,8 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if capacity < view.top_k:
         need = min_budget(view, store.expert_bytes)
         raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
-                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: minimum budget {format_bytes(need)} "
+                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
+                        f"minimum budget {format_bytes(need)} "
                         f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
     if policy == "belady":
         raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, not `run`")

@@ -2,15 +2,16 @@
 MoE layer, read back one expert at a time with a single positioned read.
 
 Layout (schema version 1, `manifest.json` next to the files):
-  layer_{index:03d}.safetensors  tensors "{e:05d}.gate_up", "{e:05d}.down" (+ "{e:05d}.gate_up_bias", "{e:05d}.down_bias")
-Each tensor is the family's *native* per-expert slice (`experts.gate_up_proj[e]` etc.: concatenated or interleaved gate/up,
-transposed where the family stores it transposed), not the canonical gate/up/down of `MoELayer.get_expert`: computing with
-the native slice and the experts module's own gate function reproduces transformers' eager forward bit for bit, while the
-canonical split drifts by ~1e-10 (float32, measured on qwen3_moe/mixtral/gpt_oss). `canonical()` converts for readers.
-safetensors writes tensors sorted by name, so an expert's tensors are adjacent: one `os.preadv` per expert, no mmap, which
-lets the reader drop the pages it read (POSIX_FADV_DONTNEED) so the OS page cache cannot hide disk reads in benchmarks.
-With drop_cache the reads use O_DIRECT instead where the file system allows it (no page cache, no kernel copy).
-The files stay ordinary safetensors files (`safe_open` reads them; tests check).
+  layer_{index:03d}.safetensors  "{e:05d}.gate_up", "{e:05d}.down" (+ "{e:05d}.gate_up_bias", "{e:05d}.down_bias")
+Each tensor is the family's *native* per-expert slice (`experts.gate_up_proj[e]` etc.: concatenated or interleaved
+gate/up, transposed where the family stores it transposed), not the canonical gate/up/down of `MoELayer.get_expert`:
+computing with the native slice and the experts module's own gate function reproduces transformers' eager forward bit
+for bit, while the canonical split drifts by ~1e-10 (float32, measured on qwen3_moe/mixtral/gpt_oss). `canonical()`
+converts for readers. safetensors writes tensors sorted by name, so an expert's tensors are adjacent: one `os.preadv`
+per expert, no mmap, so the reader controls the page cache: POSIX_FADV_RANDOM (no readahead), and with drop_cache
+O_DIRECT reads (no page cache, no kernel copy) or, where the file system refuses O_DIRECT, POSIX_FADV_DONTNEED after
+each read, so the OS page cache cannot hide disk reads in benchmarks. The files stay ordinary safetensors files
+(`safe_open` reads them; tests check).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def _read_index(file: Path) -> list[_Entry]:
 
 
 def canonical(weights: dict[str, torch.Tensor], layout) -> dict[str, torch.Tensor]:
-    """Native per-expert slices from the store -> canonical gate/up [I, H], down [H, I] (+ biases), as get_expert gives."""
+    """Native per-expert slices from the store -> canonical gate/up [I, H], down [H, I] (+ biases), as get_expert."""
     gu = weights["gate_up"].T if layout.transposed else weights["gate_up"]  # [2I, H] or [I, H]
     out = {}
     if layout.has_gate:

@@ -1,4 +1,4 @@
-"""Shared helpers for runtime tests: an offloaded tiny model next to its in-memory twin, a saved checkpoint + tokenizer."""
+"""Shared helpers for runtime tests: an offloaded tiny model next to its in-memory twin, seeded prompts."""
 
 from __future__ import annotations
 
@@ -17,17 +17,6 @@ def offloaded(family: str, store_dir, *, budget=None, policy="lru", prefetch=Tru
     if budget is None:
         budget = rt.min_budget(view, rt.ExpertStore(store_dir).expert_bytes)
     return ref, model, rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, record=record)
-
-
-def word_tokenizer(vocab_size: int):
-    """A whitespace word-level tokenizer with `vocab_size` entries (w0..), for saved tiny checkpoints."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
