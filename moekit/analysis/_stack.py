@@ -20,7 +20,8 @@ key before and after its use) is computed up front by vectorised scans, so the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +56,7 @@ class Reuse:
     prev: np.ndarray  # int32: flat index (t * K + k) of the same expert's previous reference, -1 if none
     rank: np.ndarray  # int32: uses of this expert in the stream so far, this one included
     next: np.ndarray  # int32: flat index of its next reference, Tmax * K if none
+    window: dict = field(default_factory=dict)  # m -> uses of the expert in tokens t+1..t+m-1 (see window_uses)
 
 
 def make_batch(ids, starts: np.ndarray, lengths: np.ndarray, n_experts: int) -> SeqBatch:
@@ -123,23 +125,28 @@ def reuse(batch: SeqBatch) -> Reuse:
     return Reuse(cold, prev, rank, nxt)
 
 
-def window_uses(batch: SeqBatch, reuse_: Reuse, window: int) -> np.ndarray:
-    """Uses of each reference's expert in the next window - 1 tokens of its stream (t+1 .. t+m-1), [Tmax, K, B] int32.
+def window_uses(batch: SeqBatch, reuse_: Reuse, windows: Sequence[int]) -> None:
+    """Fill reuse_.window[m], for every m in windows not there yet: uses of each reference's expert in the next m - 1
+    tokens of its stream (t+1 .. t+m-1), [Tmax, K, B].
 
-    A forward scan that reads, lagging m - 1 tokens behind, the running count of tokens that used the expert.
+    One forward scan for all m: the running count of tokens that used each expert, read m - 1 tokens late.
     """
+    ms = sorted({int(m) for m in windows} - set(reuse_.window))
+    if not ms:
+        return
     t_max, top_k, n_b = batch.ids.shape
-    out = np.zeros((t_max, top_k, n_b), dtype=np.int32)
+    dtype = np.int16 if ms[-1] < 2**15 else np.int32
+    outs = {m: np.zeros((t_max, top_k, n_b), dtype=dtype) for m in ms}
     count = np.zeros((batch.n_experts + 1) * n_b, dtype=np.int32)
-    for u in range(t_max + window - 1):
+    for u in range(t_max + ms[-1] - 1):
         if u < t_max:
-            n = batch.active[u]
-            count[batch.flat[u, :, :n]] += 1
-        t = u - window + 1
-        if 0 <= t < t_max:
-            n = batch.active[t]  # streams that ended before u keep their final count: the window is cut there
-            out[t, :, :n] = count[batch.flat[t, :, :n]] - reuse_.rank[t, :, :n]
-    return out
+            count[batch.flat[u, :, :batch.active[u]]] += 1
+        for m in ms:
+            t = u - m + 1
+            if 0 <= t < t_max:
+                n = batch.active[t]  # streams that ended before u keep their final count: the window is cut there
+                outs[m][t, :, :n] = count[batch.flat[t, :, :n]] - reuse_.rank[t, :, :n]
+    reuse_.window.update(outs)
 
 
 def _key_dtype(bits: int):
@@ -167,7 +174,9 @@ def policy_keys(batch: SeqBatch, reuse_: Reuse, policy: str, window: int = 0):
     dtype = _key_dtype(id_bits + ts_bits + count_bits)
     csh = id_bits + ts_bits
     slot = np.arange(top_k, dtype=dtype)[:, None]  # [K, 1]
-    wn = window_uses(batch, reuse_, window) if policy == "sch" else None
+    if policy == "sch":
+        window_uses(batch, reuse_, [window])
+    wn = reuse_.window.get(window) if policy == "sch" else None
     never = dtype(t_max * top_k)
 
     def keys(t: int):

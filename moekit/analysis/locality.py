@@ -102,10 +102,28 @@ def _window_histograms(ids, starts, lengths, n_experts, ms, chunk: int = 1 << 16
                 counts = csum[:, lo + m:hi + m] - csum[:, lo:hi]  # [E, chunk] c_e of windows starting at lo..hi-1
                 ok = room[lo:hi] >= m  # [chunk]
                 counts *= ok.astype(np.uint16)
-                hist += np.bincount(counts.ravel(), minlength=m + 1)[: m + 1]
+                hist += _count_histogram(counts, m)
                 hist[0] -= int((~ok).sum()) * n_experts
         out.append((hist, n_valid))
     return out
+
+
+def _count_histogram(counts: np.ndarray, m: int) -> np.ndarray:
+    """Histogram [m + 1] of the values of counts [E, n] (uint16, each <= m).
+
+    g experts' counts are packed into one base-(m+1) code first, so bincount (whose int64 conversion dominates) sees
+    E/g times fewer values; the histogram is the sum of the code histogram's g marginals.
+    """
+    n_exp, base = counts.shape[0], m + 1
+    g = max((d for d in range(1, n_exp + 1) if n_exp % d == 0 and base**d <= 2**16), default=1)
+    if g == 1:
+        return np.bincount(counts.ravel(), minlength=base)[:base]
+    grouped = counts.reshape(n_exp // g, g, -1)  # [E/g, g, n]
+    code = grouped[:, 0].copy()
+    for r in range(1, g):  # digit r carries weight base**r; the largest code is base**g - 1 < 2**16
+        code += grouped[:, r] * np.uint16(base**r)
+    joint = np.bincount(code.ravel(), minlength=base**g).reshape((base,) * g)  # axis 0 = the highest digit
+    return sum(joint.sum(axis=tuple(a for a in range(g) if a != keep)) for keep in range(g))
 
 
 def segment_routing_performance(ids, seq_id, n_experts: int, segment_lengths=SEGMENT_LENGTHS) -> SRPResult:
@@ -159,7 +177,9 @@ def segment_cache_hit_rate(ids, seq_id, n_experts: int, capacities, segment_leng
     ms = _check_segments(segment_lengths)
     caps = check_capacities(capacities)
     batch = _stack.make_batch(ids if ids.ndim == 3 else ids[None], *sequence_bounds(seq_id, ids.shape[-2]), n_experts)
-    out = np.stack([sch_from_batch(batch, caps, int(m)) for m in ms], axis=1)  # [L, M, C]
+    reuse = _stack.reuse(batch)
+    _stack.window_uses(batch, reuse, ms)  # one scan for every m
+    out = np.stack([sch_from_batch(batch, caps, int(m), reuse) for m in ms], axis=1)  # [L, M, C]
     return out if ids.ndim == 3 else out[0]
 
 

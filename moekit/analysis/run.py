@@ -180,6 +180,7 @@ def _locality_and_cache(res, ids_l, starts, lengths, n_experts, segment_lengths,
         with _timed(timings, "layout + reuse scan"):
             batch = _stack.make_batch([ids_l[i] for i in members], starts, lengths, n_experts)
             reuse = _stack.reuse(batch)
+            _stack.window_uses(batch, reuse, res["locality"]["segment_lengths"])  # one scan for every m
         sch_k = np.empty((len(members), n_ms, caps.size))
         for j, m in enumerate(res["locality"]["segment_lengths"]):
             with _timed(timings, f"sch m={m}"):

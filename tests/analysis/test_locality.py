@@ -133,3 +133,12 @@ def test_bad_input_raises(kwargs):
         segment_routing_performance(**args)
     with pytest.raises(ValueError):
         segment_cache_hit_rate(args["ids"], args["seq_id"], args["n_experts"], [2], args["segment_lengths"])
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("n_experts", [1, 6, 32])
+def test_packed_count_histogram_equals_bincount(m, n_experts):
+    from moekit.analysis.locality import _count_histogram
+
+    counts = np.random.default_rng(m * 100 + n_experts).integers(0, m + 1, (n_experts, 500)).astype(np.uint16)
+    assert _count_histogram(counts, m).tolist() == np.bincount(counts.ravel(), minlength=m + 1).tolist()
