@@ -28,6 +28,7 @@ import numpy as np
 _NOT_FOUND = -2  # key of an expert with no entry (first use): matches nothing
 _EMPTY = -1  # free slot: below every real key (>= 0), so the first C distinct experts fill free space first
 _PAD = 32767  # effective depth of padding references (beyond a stream's end)
+_MARK = {t: np.iinfo(t).min for t in (np.int32, np.int64)}  # the referenced expert's entry during a push: below all
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def _push(st: np.ndarray, old: np.ndarray, new: np.ndarray, pm: np.ndarray, bypa
     there. bypass=True: the expert enters as the carried element instead of on top, so a cache for which it has the
     lowest priority of residents + newcomer does not keep it (MIN with bypass).
     """
-    st[st == old] = np.iinfo(st.dtype).min
+    st[st == old] = _MARK[st.dtype.type]
     if bypass:
         np.minimum(st[0], new, out=pm[0])
         np.maximum(st[0], new, out=st[0])
@@ -284,7 +285,7 @@ def hit_rates(eff: np.ndarray, batch: SeqBatch, capacities: np.ndarray, min_len:
     """
     t_max, top_k, n_b = eff.shape
     flat = eff.reshape(t_max * top_k, n_b)  # padding holds _PAD: never below a capacity
-    hits = np.stack([np.count_nonzero(flat < min(cap, _PAD), axis=0) for cap in capacities], axis=1)  # [B, C]
+    hits = np.stack([(flat < min(cap, _PAD)).sum(axis=0, dtype=np.int64) for cap in capacities], axis=1)  # [B, C]
     rate = hits / np.maximum(batch.lengths * top_k, 1)[:, None]  # [B, C]
     keep = batch.lengths >= min_len  # [B]
     n_per_layer = np.bincount(batch.layer[keep], minlength=batch.n_layers)  # [L]
