@@ -166,7 +166,7 @@ def policy_keys(batch: SeqBatch, reuse_: Reuse, policy: str, window: int = 0):
       lfu     count = uses so far in the stream (perfect LFU), timestamp = last use.
       belady  timestamp = Tmax * K - next use (sooner next use = higher); no count. opt: same keys.
       sch     count = uses in the current window not yet consumed, timestamp = last use (arXiv 2505.16056). Between
-              tokens the stream's window slides; `refresh` adds 1 to the count of experts used by the entering token.
+              tokens the window slides; stack_depths adds 1 to the count of the experts of the entering token.
     """
     t_max, top_k, _ = batch.ids.shape
     id_bits = max(int(batch.n_experts).bit_length(), 1)  # ids 0..E-1 < 2**id_bits, and EMPTY & mask is no id

@@ -1,4 +1,4 @@
-"""Expert-cache hit rate versus capacity for LRU, LFU and Belady MIN, per layer.
+"""Expert-cache hit rate versus capacity for LRU, LFU, Belady MIN and the offline optimum, per layer.
 
 Conventions (SCH's, from the moe-lrc released code, arXiv 2505.16056, so that these curves and SCH share one plot): each
 sequence is its own stream starting from an empty cache; a token's K experts are judged hit or miss against the cache
