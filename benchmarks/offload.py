@@ -30,12 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import moekit.models  # noqa: E402
-import moekit.runtime as rt  # noqa: E402
+import moekit.models
+import moekit.runtime as rt
 
-SYNTH = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=64, num_experts_per_tok=8, num_hidden_layers=4,
-             num_attention_heads=16, num_key_value_heads=4, head_dim=128, intermediate_size=6144, vocab_size=8192,
-             max_position_embeddings=4096, norm_topk_prob=True, tie_word_embeddings=False)
+SYNTH = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 64, "num_experts_per_tok": 8,
+         "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
+         "intermediate_size": 6144, "vocab_size": 8192, "max_position_embeddings": 4096, "norm_topk_prob": True,
+         "tie_word_embeddings": False}
 
 
 def synthetic_checkpoint(path: Path, layers: int) -> Path:
@@ -127,20 +128,22 @@ def expert_compute_s(path: Path, threads: int, reps: int = 20) -> float:
     return sorted(times)[reps // 2]
 
 
-def decode(model, prompt: torch.Tensor, new_tokens: int, after_step=lambda: None) -> tuple[torch.Tensor, float]:
-    """Greedy decode; returns (tokens [new_tokens], seconds of the decode steps after the first token)."""
+def decode(model, prompt: torch.Tensor, new_tokens: int, snapshot=lambda: None, after_step=lambda: None):
+    """Greedy decode -> (tokens [new_tokens], seconds of the decode steps after the first token, snapshot() taken right
+    after the first token, for decode-only accounting)."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         toks, past = [tok], out.past_key_values
         after_step()
+        first = snapshot()
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(tok, past_key_values=past, use_cache=True)
             tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
             toks.append(tok)
             after_step()
-        return torch.cat(toks, dim=1)[0], time.perf_counter() - t0
+        return torch.cat(toks, dim=1)[0], time.perf_counter() - t0, first
 
 
 def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
@@ -167,15 +170,8 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
     om.layers[0].store.drop_page_cache()
     outs, secs, steps, bytes_counted, io, missed = [], 0.0, 0, 0, 0, 0
     for p in prompts:
-        counted = [0]
-
-        def mark():  # counters at the first token: decode-only accounting
-            if not counted[0]:
-                counted[0] = (om.totals(), read_bytes())
-
-        toks, s = decode(view.model, p, new_tokens, mark)
+        toks, s, (first, io0) = decode(view.model, p, new_tokens, snapshot=lambda: (om.totals(), read_bytes()))
         after = om.totals()
-        first, io0 = counted[0]
         outs.append(toks)
         secs, steps = secs + s, steps + new_tokens - 1
         bytes_counted += after["bytes_read"] - first["bytes_read"]
@@ -189,9 +185,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
            "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
            "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps}
     om.close()
-    del view, om
-    gc.collect()
-    return res, outs, store_dir
+    return res, outs, store_dir  # the model is freed when this frame goes; main() collects between runs
 
 
 def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int, layers: int, prompts, new_tokens):
@@ -222,17 +216,10 @@ def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int,
     drop_pages(files)
     outs, secs, steps, io = [], 0.0, 0, 0
     for p in prompts:
-        io0 = [None]
-
-        def step():
-            drop_pages(files)
-            if io0[0] is None:
-                io0[0] = read_bytes()
-
-        toks, s = decode(model, p, new_tokens, step)
+        toks, s, io0 = decode(model, p, new_tokens, snapshot=read_bytes, after_step=lambda: drop_pages(files))
         outs.append(toks)
         secs, steps = secs + s, steps + new_tokens - 1
-        io += read_bytes() - io0[0]
+        io += read_bytes() - io0
     disk_layers = layers - min(resident_layers, layers)
     res = {"tok_s": steps / secs, "bytes_per_token": disk_layers * expert_bytes_layer, "io_bytes_per_token": io / steps,
            "resident_layers": int(min(resident_layers, layers))}
@@ -246,6 +233,7 @@ def bench(path: Path, work: Path, args) -> dict:
     prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
     variants = {}
     for prefetch in ([True, False] if args.prefetch is None else [args.prefetch]):
+        gc.collect()  # the previous variant's model
         variants[prefetch] = run_moekit(path, work, args.budget, prompts, args.new_tokens, prefetch, args.policy,
                                         args.io_threads)
     best = max(variants, key=lambda k: variants[k][0]["tok_s"])

@@ -8,8 +8,20 @@ Spec: ALGORITHMS.md §6; conventions of hit rates: §1 (a running system: cold m
 """
 
 from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offload, parse_bytes
-from moekit.runtime.policies import available as available_policies, make as make_policy, register
+from moekit.runtime.policies import available as available_policies
+from moekit.runtime.policies import make as make_policy
+from moekit.runtime.policies import register
 from moekit.runtime.store import ExpertStore, build_store
 
-__all__ = ["ExpertStore", "OffloadedModel", "build_store", "format_bytes", "make_policy", "min_budget", "offload",
-           "parse_bytes", "available_policies", "register"]
+__all__ = [
+           "ExpertStore",
+           "OffloadedModel",
+           "available_policies",
+           "build_store",
+           "format_bytes",
+           "make_policy",
+           "min_budget",
+           "offload",
+           "parse_bytes",
+           "register",
+]

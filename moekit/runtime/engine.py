@@ -15,6 +15,7 @@ Dimension legend: T tokens, E experts, K selected per token, H hidden, I expert 
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -30,11 +31,11 @@ from torch import nn
 
 from moekit.errors import UserError
 from moekit.ops.routing import route
-import moekit.runtime.policies as policies
+from moekit.runtime import policies
 from moekit.runtime.store import ExpertStore
 
 IMPLEMENTATION = "moekit_offload"
-_RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, LayerRuntime]" = weakref.WeakKeyDictionary()
+_RUNTIMES: weakref.WeakKeyDictionary[nn.Module, LayerRuntime] = weakref.WeakKeyDictionary()
 
 
 def _experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
@@ -125,7 +126,7 @@ class LayerRuntime:
     # hot path ------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        T, K = ids.shape
+        T = ids.shape[0]
         flat = ids.T.reshape(-1)  # [K*T], slot-major: eager walks torch.where(expert_mask[e]) over [K, T]
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
         counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
@@ -346,7 +347,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moekit-io")
     layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record, prefetch, window=io_threads)
               for m in view.layers]
-    for rt, nxt in zip(layers, layers[1:]):
+    for rt, nxt in itertools.pairwise(layers):
         rt.next = nxt
     _register_once()
     for rt in layers:

@@ -36,7 +36,7 @@ class Hardware:
         terms = {"load": missed_bytes / (self.slow_gbs * 1e9), "memory": active_bytes / (self.fast_gbs * 1e9),
                  "compute": 2 * active_params / (self.compute_tflops * 1e12)}
         limit = max(terms, key=terms.get)
-        inv = lambda s: float("inf") if s == 0 else 1.0 / s  # noqa: E731
+        inv = lambda s: float("inf") if s == 0 else 1.0 / s
         return {"load_bound_tok_s": inv(terms["load"]), "bound_tok_s": inv(terms[limit]), "limited_by": limit}
 
     def as_dict(self) -> dict:

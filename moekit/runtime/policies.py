@@ -18,7 +18,7 @@ import numpy as np
 
 from moekit.errors import UserError
 
-_POLICIES: dict[str, Callable[..., "CachePolicy"]] = {}
+_POLICIES: dict[str, Callable[..., CachePolicy]] = {}
 
 
 def register(name: str):
@@ -36,7 +36,7 @@ def available() -> list[str]:
     return sorted(_POLICIES)
 
 
-def make(name: str, capacity: int, **kwargs) -> "CachePolicy":
+def make(name: str, capacity: int, **kwargs) -> CachePolicy:
     if name not in _POLICIES:
         raise UserError(f"unknown cache policy {name!r}; available: {', '.join(available())}")
     return _POLICIES[name](capacity, **kwargs)

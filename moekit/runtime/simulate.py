@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.errors import UserError
-import moekit.runtime.policies as policies
+from moekit.runtime import policies
 from moekit.runtime.hardware import Hardware
 
 
@@ -67,7 +67,7 @@ def simulate(ids_per_layer, *, num_experts: int, top_k: int, expert_bytes: int, 
     results = []
     for name in policies_:
         for mult in capacities:
-            cap = int(round(float(mult) * top_k))
+            cap = round(float(mult) * top_k)
             if cap < 1:
                 raise UserError(f"capacity {mult}x top-{top_k} is below one expert")
             cap = min(cap, num_experts)

@@ -16,6 +16,8 @@ each read, so the OS page cache cannot hide disk reads in benchmarks. The files 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import struct
@@ -170,10 +172,8 @@ class ExpertStore:
         self._direct_fds.clear()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(OSError, AttributeError, TypeError):  # interpreter shutdown: os may be gone
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def _read_index(file: Path) -> list[_Entry]:
@@ -191,7 +191,7 @@ def _read_index(file: Path) -> list[_Entry]:
     for e in range(len(experts)):
         parts = sorted(experts[e], key=lambda p: p[3])
         start, end = parts[0][3], parts[-1][4]
-        assert all(p[3] == q[4] for q, p in zip(parts, parts[1:])), "an expert's tensors must be adjacent"
+        assert all(p[3] == q[4] for q, p in itertools.pairwise(parts)), "an expert's tensors must be adjacent"
         rel = tuple((name, dt, shape, a - start, b - start) for name, dt, shape, a, b in parts)
         entries.append(_Entry(offset=base + start, nbytes=end - start, parts=rel))
     return entries
