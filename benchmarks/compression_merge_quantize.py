@@ -162,7 +162,7 @@ def main() -> None:
     for method in ("msmoe", "hcsmoe"):
         for cut in (0.25, 0.5):
             for calib in ("general", "code"):
-                g = int(round(e * (1 - cut)))
+                g = round(e * (1 - cut))
                 jobs.append((f"{method} -{int(cut * 100)}% calib={calib}",
                              lambda m=method, g=g, c=calib: run_merge(base, cals[c], m, g)))
         g = e // 2

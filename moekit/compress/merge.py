@@ -296,7 +296,7 @@ def low_rank_params(view: MoEView, rank: int) -> int:
     """Routed-expert parameters if every merged matrix [m, n] were stored as U [m, r] V [r, n] (biases dense)."""
     total = 0
     for layer in view.layers:
-        for k, v in layer.get_expert(0).items():
+        for v in layer.get_expert(0).values():
             total += layer.num_experts * (min(rank, *v.shape) * sum(v.shape) if v.dim() == 2 else v.numel())
     return total
 

@@ -267,8 +267,9 @@ def write_sidecar(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
 def load_quantized(path: Path, dtype: torch.dtype | None = None):
     """A quantised checkpoint -> its model, with every quantised expert rebuilt from the packed sidecar (not from the
     dense copy). Same logits as plain from_pretrained on the folder; a runtime holding only the sidecar saves bytes."""
-    import moekit.models
     from safetensors import safe_open
+
+    import moekit.models
 
     path = Path(path)
     config_file = path / SIDECAR / "quantization.json"

@@ -13,7 +13,15 @@ import moekit.models
 from moekit.compress.calib import collect
 from moekit.compress.checkpoint import save_checkpoint
 from moekit.compress.merge import (
-    alignment, apply_merge, hcsmoe_groups, low_rank, merge, merge_group, msmoe_groups, permute, plan_merge,
+    alignment,
+    apply_merge,
+    hcsmoe_groups,
+    low_rank,
+    merge,
+    merge_group,
+    msmoe_groups,
+    permute,
+    plan_merge,
 )
 from moekit.errors import UserError
 from moekit.ops.reference import expert_mlp
@@ -99,7 +107,7 @@ def _permuted_copies_model(noise=0.0):
 def test_alignment_helps_merging_permuted_copies():
     errors = {}
     for align in (True, False):
-        model, view = _permuted_copies_model(noise=1e-3)
+        _, view = _permuted_copies_model(noise=1e-3)
         cal = _cal(view)
         report = merge(view, cal, 4, method="msmoe", align=align)
         errors[align] = max(report["layer_relative_error"].values())

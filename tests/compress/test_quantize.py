@@ -16,7 +16,14 @@ import moekit.models
 from moekit.compress.calib import collect
 from moekit.compress.checkpoint import save_checkpoint
 from moekit.compress.quantize import (
-    BITS, dequantize_matrix, load_quantized, pack_codes, quantize, quantize_matrix, solve_bits, unpack_codes,
+    BITS,
+    dequantize_matrix,
+    load_quantized,
+    pack_codes,
+    quantize,
+    quantize_matrix,
+    solve_bits,
+    unpack_codes,
 )
 from moekit.errors import UserError
 from tests.conftest import tiny_model
