@@ -196,3 +196,26 @@ def _locality_and_cache(res, ids_l, starts, lengths, n_experts, segment_lengths,
     res["locality"]["capacities"] = caps_l  # [L][C]
     res["cache"]["capacities"] = caps_l
     res["cache"].update(curves)  # policy -> [L][C]
+
+
+def analyze_trace(trace, *, tokenizer=None, timings: dict | None = None, **options) -> dict:
+    """analyze_arrays over a recorded trace (`moekit.trace.open(...)`); with a tokenizer, the nPMI tables also carry
+    the decoded token strings."""
+    if trace.kind != "tokens" or trace.num_tokens == 0:
+        raise ValueError(f"{trace.folder}: per-token analyses need a per-token trace with tokens (this one is "
+                         f"{trace.kind} with {trace.num_tokens} tokens)")
+    logits = bool(trace.manifest.get("logits"))
+    layers = [{"ids": trace.ids(l), "weights": trace.weights(l), **({"logits": trace.logits(l)} if logits else {})}
+              for l in trace.layers]
+    stats = trace.activation_stats
+    res = analyze_arrays(
+        layers, trace.seq_id, trace.num_experts, position=trace.position, token_id=trace.token_id,
+        domain=trace.domain if trace.domain_names else None, domain_names=trace.domain_names or None,
+        output_max=stats[1] if stats is not None else None, layer_names=[f"L{l}" for l in trace.layers],
+        timings=timings, **options,
+    )
+    if tokenizer is not None:
+        for layer in res.get("npmi", []):
+            layer["tokens"] = [[tokenizer.decode([t]) if t >= 0 else None for t in toks] for toks in layer["token_ids"]]
+    res["trace"] = {"folder": str(trace.folder), "model": trace.manifest.get("model"), "layers": trace.layers}
+    return res

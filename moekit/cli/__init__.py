@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from moekit.cli import eval, prune  # noqa: F401,A004  (moekit eval, moekit prune)
     from moekit.cli import trace  # noqa: F401
     from moekit.cli import run, simulate  # noqa: F401  (moekit run, moekit simulate)
+    from moekit.cli import ablate, analyze  # noqa: F401  (moekit analyze, moekit ablate)
 
     try:
         app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)

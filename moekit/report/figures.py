@@ -6,6 +6,8 @@ Every function takes parts of `results` (JSON values: None where a number is und
 
 from __future__ import annotations
 
+import warnings
+
 import io
 from collections.abc import Sequence
 
@@ -128,7 +130,8 @@ def hit_rate_curves(cache: dict, locality: dict, multiples: Sequence[int]) -> Fi
     x = np.asarray(multiples)
     fig = new_figure(6.5, 4.2)
     ax = fig.add_subplot()
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (segments longer than every sequence)
         for m, curve in zip(locality["segment_lengths"], np.nanmean(as_array(locality["sch"]), axis=0)):
             ax.plot(x, curve, color="tab:purple", alpha=0.35 + 0.15 * np.log2(m) / 8, lw=1, label=f"SCH m={m}")
         for policy in cache["policies"]:

@@ -1,0 +1,55 @@
+"""`moekit ablate MODEL --trace TRACE --experts super|random|top`: zero experts, report the perplexity change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from moekit.cli import app, console, err_console, print_json
+
+
+@app.command()
+def ablate(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder of an MoE causal LM"),
+    trace_dir: Path = typer.Option(..., "--trace", help="a trace of MODEL recorded with --activation-stats"),
+    data: list[str] = typer.Option(..., "--data", help="held-out text: .txt, .jsonl or demo-corpus domains"),
+    experts: str = typer.Option("super", "--experts", help="super | random | top"),
+    count: int = typer.Option(None, "--count", help="experts to zero for random/top (default: as many as super)"),
+    seed: int = typer.Option(0, "--seed"),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="held-out tokens per data source"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Zero experts chosen from the trace's activation statistics and compare held-out perplexity with the
+    unablated model (Super Experts, arXiv 2507.23279)."""
+    import moekit.models
+    import moekit.trace
+    from moekit.compress.ablate import choose_experts, zero_experts
+    from moekit.compress.evaluate import domain_windows, evaluate, load_tokenizer
+    from moekit.trace.data import encoder, resolve_data
+
+    trace = moekit.trace.open(trace_dir)
+    if count is None and experts != "super":
+        count = len(choose_experts(trace, "super"))
+    chosen = choose_experts(trace, experts, count, seed)
+    sources = resolve_data(data)
+    view = moekit.models.load(model, dtype="float32")
+    windows = domain_windows(sources, encoder(load_tokenizer(model)), 256, max_tokens)
+    with err_console.status("evaluating the unablated model"):
+        before = evaluate(view.model, windows).to_dict()
+    zero_experts(view, chosen)
+    with err_console.status(f"evaluating with {len(chosen)} experts zeroed"):
+        after = evaluate(view.model, windows).to_dict()
+    result = {"experts": experts, "zeroed": [list(p) for p in chosen], "before": before, "after": after}
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=f"{len(chosen)} {experts} experts zeroed: {chosen[:8]}{' ...' if len(chosen) > 8 else ''}")
+    for col in ("domain", "perplexity before", "after", "change"):
+        table.add_column(col, justify="right")
+    for name in [*before["domains"], "overall"]:
+        b = before["domains"].get(name, before["overall"])["perplexity"]
+        a = after["domains"].get(name, after["overall"])["perplexity"]
+        table.add_row(name, f"{b:.2f}", f"{a:.2f}", f"{(a / b - 1) * 100:+.1f}%")
+    console.print(table)
