@@ -19,7 +19,7 @@ def trace(
     data: list[str] = typer.Option(..., "--data", help="a .txt file (documents separated by a <|endoftext|> line), "
                                    "a .jsonl file with `text` (+ `domain`/`label`), or demo-corpus domains: code,prose"),
     out: Path = typer.Option(..., "--out", help="trace folder to write"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens, split equally across the data sources"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per sequence (non-overlapping windows of a document)"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     chunk_tokens: int = typer.Option(65536, "--chunk-tokens", help="tokens per Parquet chunk (memory stays flat)"),
