@@ -226,3 +226,13 @@ def tiny_model(model_type: str, seed: int = 0):
 @pytest.fixture(params=sorted(TINY))
 def family(request):
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA device: skip them everywhere else (CI has none)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
