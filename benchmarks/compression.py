@@ -13,7 +13,7 @@ Rows: base, then {random, frequency, tcess, easy-ep, naee} x {25%, 50% of expert
 on every domain. Calibration statistics are collected once per calibration set on the unpruned model and shared by the
 methods. Columns: experts kept per layer, model bytes in bf16 (as the demo ships), perplexity per domain, macro
 perplexity (exp of the mean per-domain NLL) and its ratio to base, mean |logit difference| to the base model on one full
-window per domain, and the mean relative MoE-layer output error ||Z - Z_pruned|| / ||Z|| on the calibration tokens
+window per domain (its longest, all cut to the shortest), and the mean relative MoE-layer output error ||Z - Z_pruned|| / ||Z|| on the calibration tokens
 (what NAEE minimises; informative even on an untrained model). Ends with one JSON line.
 """
 
@@ -149,8 +149,9 @@ def main() -> None:
     eval_s = time.time() - t0
     print(f"base: macro perplexity {base_ppl['macro']:.3f} on {base_ppl['tokens']} held-out tokens "
           f"({base_ppl['tokens'] / eval_s:.0f} tokens/s)", flush=True)
-    probe = torch.as_tensor(np.stack([next(w for w in eval_ws[d] if len(w) == SEQ) for d in DOMAINS]),
-                            dtype=torch.long)  # [D, S] one full window per domain
+    longest = [max(eval_ws[d], key=len) for d in DOMAINS]  # some domains have no full window (short documents)
+    cut = min(len(w) for w in longest)
+    probe = torch.as_tensor(np.stack([w[:cut] for w in longest]), dtype=torch.long)  # [D, S] one window per domain
     base_logits = probe_logits(base, probe)
     rows = [{"calib": "-", "method": "base", "removed": "0%", "experts": E, "bytes": bf16_bytes(base),
              "ppl": base_ppl, "search": "-", "plan_s": 0.0, "dlogit": 0.0, "layer_err": 0.0}]
