@@ -368,10 +368,10 @@ register(Method("naee", plan_naee, summary="NAEE reconstruction-loss enumeration
 def check_residual_identity(view: MoEView) -> None:
     """EASY-EP's h is read as (decoder-layer output) - (MoE-block output): exact when the layer adds the block's output
     straight to the residual (every pre-norm family). Families that normalise the block output first are refused."""
-    from moekit.models import _decoder_layers
+    from moekit.models import decoder_layers
 
     for layer in view.layers:
-        decoder = _decoder_layers(view.model)[layer.index]
+        decoder = decoder_layers(view.model)[layer.index]
         norms = [name for name in POST_BLOCK_NORMS if hasattr(decoder, name)]
         if norms:
             raise UserError(f"easy-ep needs the residual stream before the MoE block; this {view.model_type} layer "
@@ -385,11 +385,11 @@ def collect_stats(view: MoEView, batches, max_tokens: int | None, residual: bool
     post-attention norm in pre-norm layers, shared experts not included."""
     if not residual:
         return Stats(collect(view, batches, max_tokens), sample_len=sample_len)
-    from moekit.models import _decoder_layers
+    from moekit.models import decoder_layers
 
     check_residual_identity(view)
     outs: dict[int, list[torch.Tensor]] = {}
-    decoders = _decoder_layers(view.model)
+    decoders = decoder_layers(view.model)
     handles = [decoders[m.index].register_forward_hook(_keep_output(m.index, outs)) for m in view.layers]
     try:
         cal = collect(view, batches, max_tokens)

@@ -55,7 +55,7 @@ def _load_model(path: Path, *, dtype, meta: bool) -> nn.Module:
 def view(model: nn.Module) -> MoEView:
     adapter = get(model.config.model_type)
     moe, dense = [], []
-    for i, decoder_layer in enumerate(_decoder_layers(model)):
+    for i, decoder_layer in enumerate(decoder_layers(model)):
         block = getattr(decoder_layer, adapter.block, None)
         if block is not None and hasattr(block, adapter.experts):
             moe.append(_moe_layer(i, decoder_layer, block, adapter, model.config))
@@ -66,7 +66,8 @@ def view(model: nn.Module) -> MoEView:
     return MoEView(model=model, adapter=adapter, layers=moe, dense_layers=dense)
 
 
-def _decoder_layers(model: nn.Module):
+def decoder_layers(model: nn.Module):
+    """The decoder layers of a transformers causal LM (MoE and dense), in order."""
     base = getattr(model, "model", None) or model.base_model
     return base.layers
 
@@ -106,4 +107,5 @@ def _layout_from_flags(experts: nn.Module) -> ExpertLayout:
     )
 
 
-__all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "get", "load", "load_config", "register", "supported"]
+__all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "decoder_layers", "get", "load", "load_config", "register",
+           "supported"]

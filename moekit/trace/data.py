@@ -104,7 +104,8 @@ def encoder(tokenizer) -> Callable[[str], list[int]]:
     one, as the demo model saw every document in training."""
     if hasattr(tokenizer, "encode_plus") or hasattr(tokenizer, "apply_chat_template"):  # transformers tokenizer
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return lambda text: list(tokenizer.encode(text, add_special_tokens=False)) + eos
+        # verbose=False: documents longer than model_max_length are fine here, they are cut into windows
+        return lambda text: list(tokenizer.encode(text, add_special_tokens=False, verbose=False)) + eos
     if hasattr(tokenizer, "encode"):  # tokenizers.Tokenizer or anything with encode(text) -> ids / Encoding
         def encode(text: str) -> list[int]:
             out = tokenizer.encode(text)
