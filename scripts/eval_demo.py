@@ -15,7 +15,8 @@ same config; both rounded to bf16 as shipped, evaluated in fp32 with the eager e
 - per-domain expert usage in one layer (top experts by share of selections);
 - domain identification from routing alone: a window's expert-count vector (all layers) is assigned to the nearest
   domain centroid (cosine), centroids from even windows, accuracy on odd windows;
-- sample generations (greedy, no repeated 4-grams) from prompts cut from held-out documents.
+- sample generations (greedy, no repeated 4-grams) from 12-token prompts cut from held-out documents (from the
+  first line after a third of the document).
 Router choices are captured with forward hooks on each layer's `mlp.gate`, which returns (logits, weights, indices).
 """
 
@@ -142,7 +143,10 @@ def samples(model, tok, corpus: Path, per_domain: int, prompt_tokens: int, new_t
         step = max(1, len(docs) // per_domain)
         out[domain] = []
         for doc in docs[::step][:per_domain]:
-            ids = tok(doc, add_special_tokens=False)["input_ids"][:prompt_tokens]
+            # Start at a line a third of the way in: document openings (man page headers) look alike across domains.
+            start = doc.find("\n", len(doc) // 3) + 1
+            body = doc[start:].lstrip() or doc
+            ids = tok(body, add_special_tokens=False)["input_ids"][:prompt_tokens]
             prompt = tok.decode(ids)
             gen = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                                  no_repeat_ngram_size=4, pad_token_id=tok.eos_token_id)
@@ -180,7 +184,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0, help="the seed train_demo.py initialised the model with")
-    ap.add_argument("--max-windows", type=int, default=0, help="per domain; 0 = all (for quick checks)")
+    ap.add_argument("--max-windows", type=int, default=96, help="windows per domain (the first ones); 0 = all")
+    ap.add_argument("--only", choices=["trained", "untrained"], help="evaluate one model, cache it, skip the report")
+    ap.add_argument("--reuse", action="store_true", help="reuse a model's cached <out>/<name>.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=3)
     args = ap.parse_args()
@@ -194,12 +200,21 @@ def main() -> None:
     if args.max_windows:
         windows = {d: w[: args.max_windows] for d, w in windows.items()}
     res = {"windows": {d: len(w) for d, w in windows.items()}, "seq": args.seq}
+    args.out.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
-        res[name] = evaluate(model, windows, args.batch)
+        cache = args.out / f"{name}.json"
+        if args.only and name != args.only:
+            continue
+        if args.reuse and cache.exists():
+            res[name] = json.loads(cache.read_text())
+        else:
+            res[name] = evaluate(model, windows, args.batch)
+            cache.write_text(json.dumps(res[name]))
         print(f"{name}: done at {time.time() - t0:.0f} s", flush=True)
+    if args.only:
+        return
     usage_layer = int(np.argmax([layer["nmi"] for layer in res["trained"]["layers"]]))
     res["samples"] = samples(models["trained"], tok, args.corpus, args.samples, prompt_tokens=12, new_tokens=40)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     cfg = models["trained"].config
     md = markdown(res, usage_layer, cfg.num_experts, cfg.num_experts_per_tok)
