@@ -7,14 +7,8 @@ import json
 import pytest
 
 from moekit.cli import main
+from tests.helpers import run_cli
 from tests.trace.helpers import save_checkpoint, write_corpus
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
 
 
 @pytest.fixture(scope="module")
