@@ -36,12 +36,12 @@ def print_json(obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from moekit.cli import info  # noqa: F401  (registers subcommands)
-    from moekit.cli import merge, quantize  # noqa: F401  (moekit merge, moekit quantize)
-    from moekit.cli import eval, prune  # noqa: F401,A004  (moekit eval, moekit prune)
+    # registers the subcommands, listed in --help in pipeline order
+    from moekit.cli import info  # noqa: F401
     from moekit.cli import trace  # noqa: F401
-    from moekit.cli import run, simulate  # noqa: F401  (moekit run, moekit simulate)
-    from moekit.cli import ablate, analyze  # noqa: F401  (moekit analyze, moekit ablate)
+    from moekit.cli import analyze, ablate  # noqa: F401
+    from moekit.cli import eval, prune, merge, quantize  # noqa: F401,A004
+    from moekit.cli import run, simulate  # noqa: F401
 
     try:
         app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)

@@ -21,8 +21,7 @@ def ablate(
     max_tokens: int = typer.Option(8192, "--max-tokens", help="held-out tokens per data source"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Zero experts chosen from the trace's activation statistics and compare held-out perplexity with the
-    unablated model (Super Experts, arXiv 2507.23279)."""
+    """Zero experts chosen by their activation outliers and report the held-out perplexity change (arXiv 2507.23279)."""
     import moekit.models
     import moekit.trace
     from moekit.compress.ablate import choose_experts, zero_experts
