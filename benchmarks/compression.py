@@ -3,10 +3,9 @@ pruning method, against the unpruned model measured in the same run.
 
     .venv/bin/python benchmarks/compression.py [--model demo/model] [--eval-tokens 2048] [--calib-tokens 4096]
 
-Model: --model, else demo/model, else the training run's checkpoint runs/demo/ckpt/state.pt (mid-training), else a
-random Qwen3-MoE of the demo shape (the script says which; perplexities of a random model say nothing about quality).
-Same protocol as benchmarks/compression_merge_quantize.py: float32 on CPU; calibration text from the TRAINING split
-(demo/corpus/train), evaluation on the held-out split, --eval-tokens per domain in non-overlapping 256-token windows.
+Model: --model, else demo/model. Same protocol as benchmarks/compression_merge_quantize.py (benchmarks/_demo.py):
+float32 on CPU; evaluation on the first --eval-tokens held-out tokens per domain in non-overlapping 256-token windows,
+calibration on windows from the second half of the held-out files (disjoint from the evaluation).
 
 Rows: base, then {random, frequency, tcess, easy-ep, naee} x {25%, 50% of experts removed} x {general calibration
 (--calib-tokens spread over all 8 domains), single-domain calibration (--calib-tokens of --single only)}, each evaluated
@@ -22,61 +21,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _demo import DOMAINS, SEQ, calib_windows, eval_windows, load_demo  # noqa: E402  (benchmarks/_demo.py)
 
 import moekit.models  # noqa: E402
 from moekit.compress import prune as pruning  # noqa: E402
 from moekit.compress.evaluate import batches, evaluate  # noqa: E402
 from moekit.ops.reference import reference_moe_forward  # noqa: E402
-from moekit.trace.data import encoder, resolve_data, sequences  # noqa: E402
 
-DOMAINS = ["prose", "code", "math", "german", "french", "russian", "japanese", "dialogue"]
 METHODS = ["random", "frequency", "tcess", "easy-ep", "naee"]
-SEQ = 256
-
-
-def load_demo(model_arg: str | None):
-    """(model float32 eval, tokenizer, description of what was loaded)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_arg) if model_arg else ROOT / "demo/model"
-    if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
-        return model.eval(), AutoTokenizer.from_pretrained(path), str(path)
-    tok = AutoTokenizer.from_pretrained(ROOT / "runs/demo/tokenizer")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_demo import model_config
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(len(tok), tok.eos_token_id), dtype=torch.float32)
-    model.set_experts_implementation("eager")
-    ckpt = ROOT / "runs/demo/ckpt/state.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        return model.eval(), tok, f"runs/demo/ckpt/state.pt (mid-training, step {state.get('step')}; no demo/model)"
-    return model.eval(), tok, "RANDOM Qwen3-MoE of the demo shape (no demo/model, no checkpoint): quality meaningless"
-
-
-def windows(tok, split: str, domains: list[str], tokens_per_domain: int) -> dict[str, list[np.ndarray]]:
-    encode, out = encoder(tok), {}
-    for d in domains:
-        src = resolve_data([str(ROOT / f"demo/corpus/{split}/{d}.txt")])
-        out[d] = [s.token_ids for s in sequences(src, encode, SEQ, tokens_per_domain) if len(s.token_ids) >= 2]
-    return out
 
 
 def calibrate(model, tok, domains: list[str], tokens: int) -> pruning.Stats:
-    """X, Z and the residual h of every MoE layer on `tokens` training tokens spread evenly over `domains`."""
-    ws = windows(tok, "train", domains, -(-tokens // len(domains)))
+    """X, Z and the residual h of every MoE layer on `tokens` calibration tokens spread evenly over `domains`."""
+    ws = calib_windows(tok, -(-tokens // len(domains)), domains)
     view = moekit.models.load(model)
     return pruning.collect_stats(view, batches([w for d in ws for w in ws[d]], 8), tokens, residual=True,
                                  sample_len=SEQ)
@@ -134,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain")
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="training tokens per calibration set")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens per calibration set")
     ap.add_argument("--single", default="code", help="the single calibration domain")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
@@ -142,7 +104,7 @@ def main() -> None:
     t_start = time.time()
     base, tok, what = load_demo(args.model)
     print(f"model: {what}", flush=True)
-    eval_ws = windows(tok, "heldout", DOMAINS, args.eval_tokens)
+    eval_ws = eval_windows(tok, args.eval_tokens)
     E = moekit.models.load(base).num_experts
     t0 = time.time()
     base_ppl = score(base, eval_ws)
@@ -169,7 +131,7 @@ def main() -> None:
                       f"{extra['search']})", flush=True)
     print()
     print(f"Model: {what}. Eval: {args.eval_tokens} held-out tokens per domain (256-token windows); calibration: "
-          f"{args.calib_tokens} training tokens per set. Total {time.time() - t_start:.0f} s.\n")
+          f"{args.calib_tokens} calibration tokens per set. Total {time.time() - t_start:.0f} s.\n")
     print(markdown(rows, base_ppl["macro"]))
     print(json.dumps({"benchmark": "prune", "model": what, "eval_tokens_per_domain": args.eval_tokens,
                       "calib_tokens": args.calib_tokens, "rows": rows}, default=str))

@@ -4,10 +4,9 @@ unmodified model measured in the same run.
     .venv/bin/python benchmarks/compression_merge_quantize.py [--model demo/model] [--eval-tokens 1024] \
         [--calib-tokens 4096]
 
-Model: --model, else demo/model, else the training run's checkpoint runs/demo/ckpt/state.pt (mid-training), else a
-random Qwen3-MoE of the demo shape (the script says which; perplexities of a random model say nothing about quality).
-Everything runs in float32 on CPU. Calibration text comes from the TRAINING split (demo/corpus/train), evaluation from
-the held-out split: --eval-tokens per domain (non-overlapping 256-token windows), so runs stay well under 15 minutes.
+Model: --model, else demo/model. Everything runs in float32 on CPU (benchmarks/_demo.py): evaluation on the first
+--eval-tokens held-out tokens per domain (non-overlapping 256-token windows), calibration on windows from the second
+half of the held-out files (disjoint from the evaluation), so runs need only a fresh clone and stay under 15 minutes.
 
 Rows:
 - base: the unmodified model.
@@ -28,57 +27,20 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _demo import DOMAINS, SEQ, calib_windows, eval_windows, load_demo  # noqa: E402  (benchmarks/_demo.py)
 
 import moekit.models  # noqa: E402
 from moekit.compress import merge as merging  # noqa: E402
 from moekit.compress import quantize as quant  # noqa: E402
 from moekit.compress.calib import collect  # noqa: E402
-from moekit.trace.data import encoder, resolve_data, sequences  # noqa: E402
 
-DOMAINS = ["prose", "code", "math", "german", "french", "russian", "japanese", "dialogue"]
-SEQ = 256
 
 
 # ---------------------------------------------------------------- model and data
-
-
-def load_demo(model_arg: str | None):
-    """(model float32 eval, tokenizer, description)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_arg) if model_arg else ROOT / "demo/model"
-    if path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
-        return model.eval(), AutoTokenizer.from_pretrained(path), f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
-    tok = AutoTokenizer.from_pretrained(ROOT / "runs/demo/tokenizer")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_demo import model_config
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(len(tok), tok.eos_token_id), dtype=torch.float32)
-    model.set_experts_implementation("eager")
-    ckpt = ROOT / "runs/demo/ckpt/state.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        return model.eval(), tok, f"runs/demo/ckpt/state.pt (mid-training, step {state.get('step')}; demo/model absent)"
-    return model.eval(), tok, "RANDOM Qwen3-MoE of the demo shape (no demo/model, no checkpoint): quality meaningless"
-
-
-def windows(tok, split: str, domains: list[str], tokens_per_domain: int) -> dict[str, list[np.ndarray]]:
-    encode = encoder(tok)
-    out = {}
-    for d in domains:
-        src = resolve_data([str(ROOT / f"demo/corpus/{split}/{d}.txt")])
-        out[d] = [s.token_ids for s in sequences(src, encode, SEQ, tokens_per_domain) if len(s.token_ids) >= 2]
-    return out
 
 
 def as_batches(ws: dict[str, list[np.ndarray]]) -> list[torch.Tensor]:
@@ -147,11 +109,11 @@ def main() -> None:
     base, tok, desc = load_demo(args.model)
     view = moekit.models.load(base)
     e = view.num_experts
-    heldout = windows(tok, "heldout", DOMAINS, args.eval_tokens)
+    heldout = eval_windows(tok, args.eval_tokens)
     probe = torch.stack([torch.as_tensor(heldout[d][0][:SEQ]) for d in DOMAINS if len(heldout[d][0]) == SEQ]).long()
     cals = {
-        "general": collect(view, as_batches(windows(tok, "train", DOMAINS, args.calib_tokens // len(DOMAINS)))),
-        "code": collect(view, as_batches(windows(tok, "train", ["code"], args.calib_tokens))),
+        "general": collect(view, as_batches(calib_windows(tok, args.calib_tokens // len(DOMAINS)))),
+        "code": collect(view, as_batches(calib_windows(tok, args.calib_tokens, ["code"]))),
     }
     base_probe = probe_logits(base, probe)
     print(f"model {desc}; setup {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -201,7 +163,7 @@ def main() -> None:
 def print_table(rows, desc, args, probe_windows, seconds) -> None:
     base = rows[0]["ppl"]["macro"]
     print(f"\nmodel: {desc}; held-out {args.eval_tokens} tokens/domain x {len(DOMAINS)} domains (windows of {SEQ}); "
-          f"calibration {args.calib_tokens} training tokens; |dlogit| on {probe_windows} windows; {seconds:.0f} s\n")
+          f"calibration {args.calib_tokens} held-out (second-half) tokens; |dlogit| on {probe_windows} windows; {seconds:.0f} s\n")
     head = ["config", "experts", "avg bits", "MB", *DOMAINS, "macro ppl", "vs base", "|dlogit|", "layer err"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
