@@ -30,29 +30,21 @@ def lfm2_moe(config, router) -> RoutingRule:
     )
 
 
+def _sigmoid_bias_renorm(router, scale: float) -> RoutingRule:
+    """sigmoid; top-k on score + the selection bias (no groups); weights renormalised (+1e-20) and x scale."""
+    return RoutingRule(top_k=router.top_k, scoring="sigmoid", correction_bias=True, renormalize=True, renorm_eps=1e-20,
+                       routed_scaling_factor=scale)
+
+
 def afmoe(config, router) -> RoutingRule:
     """AFMoE: sigmoid; top-k on score + expert_bias; weights always renormalised (+1e-20) and x route_scale."""
-    return RoutingRule(
-        top_k=router.top_k,
-        scoring="sigmoid",
-        correction_bias=True,
-        renormalize=True,
-        renorm_eps=1e-20,
-        routed_scaling_factor=float(router.route_scale),
-    )
+    return _sigmoid_bias_renorm(router, float(router.route_scale))
 
 
 def hy_v3(config, router) -> RoutingRule:
     """HY-V3 (Hunyuan): sigmoid (float32 linear); top-k on score + the block's e_score_correction_bias; weights
     renormalised (+1e-20), x router_scaling_factor."""
-    return RoutingRule(
-        top_k=router.top_k,
-        scoring="sigmoid",
-        correction_bias=True,
-        renormalize=True,
-        renorm_eps=1e-20,
-        routed_scaling_factor=float(router.router_scaling_factor),
-    )
+    return _sigmoid_bias_renorm(router, float(router.router_scaling_factor))
 
 
 def sigmoid_topk(config, router) -> RoutingRule:
@@ -73,7 +65,8 @@ def kolibri1(config, router) -> RoutingRule:
 
 
 def beam(config, router) -> RoutingRule:
-    """Beam: the DeepSeek-V3 router without its scaling; BeamMoE scales the routed sum by routed_scaling_factor."""
+    """Beam: the DeepSeek-V3 router without its scaling (its router has none; BeamMoE scales the routed sum by
+    routed_scaling_factor)."""
     return RoutingRule(
         top_k=router.top_k,
         scoring="sigmoid",
