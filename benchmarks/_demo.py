@@ -1,8 +1,8 @@
 """What the compression benchmarks share: the demo model and its held-out text, from a fresh clone.
 
-Evaluation windows are the first tokens of each domain's held-out file; calibration windows come from the second half
-of the same files, so they never overlap the evaluation and need nothing outside the repository (the training split,
-demo/corpus/train, is rebuilt by scripts/build_corpus.py and absent from a fresh clone).
+Evaluation windows are the first tokens of each domain's held-out file. Calibration windows come from the training
+split (demo/corpus/train, rebuilt by scripts/build_corpus.py) when it is there, else from the second half of the
+held-out files, which never overlaps the evaluation and needs nothing outside the repository (`--calib-split`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,12 @@ def load_demo(model_arg: str | None):
                                                                    else path)
 
 
-def _domain_windows(tok, domain: str) -> list[np.ndarray]:
-    src = resolve_data([str(ROOT / f"demo/corpus/heldout/{domain}.txt")])
+def default_calib_split() -> str:
+    return "train" if (ROOT / "demo/corpus/train").is_dir() else "heldout"
+
+
+def _domain_windows(tok, domain: str, split: str = "heldout") -> list[np.ndarray]:
+    src = resolve_data([str(ROOT / f"demo/corpus/{split}/{domain}.txt")])
     return [s.token_ids for s in sequences(src, encoder(tok), SEQ) if len(s.token_ids) >= 2]
 
 
@@ -43,12 +47,13 @@ def eval_windows(tok, tokens_per_domain: int, domains=DOMAINS) -> dict[str, list
     return {d: _take(_domain_windows(tok, d), tokens_per_domain) for d in domains}
 
 
-def calib_windows(tok, tokens_per_domain: int, domains=DOMAINS) -> dict[str, list[np.ndarray]]:
-    """`tokens_per_domain` tokens from the second half of each domain's held-out windows (disjoint from eval)."""
+def calib_windows(tok, tokens_per_domain: int, domains=DOMAINS, split: str = "heldout") -> dict[str, list[np.ndarray]]:
+    """`tokens_per_domain` tokens per domain: the first of the training split, or from the second half of the
+    held-out windows (disjoint from eval)."""
     out = {}
     for d in domains:
-        ws = _domain_windows(tok, d)
-        out[d] = _take(ws[len(ws) // 2:], tokens_per_domain)
+        ws = _domain_windows(tok, d, split)
+        out[d] = _take(ws if split == "train" else ws[len(ws) // 2:], tokens_per_domain)
     return out
 
 

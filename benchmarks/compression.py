@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from _demo import DOMAINS, SEQ, calib_windows, eval_windows, load_demo  # noqa: E402  (benchmarks/_demo.py)
+from _demo import (  # noqa: E402  (benchmarks/_demo.py)
+    DOMAINS, SEQ, calib_windows, default_calib_split, eval_windows, load_demo)
 
 import moekit.models  # noqa: E402
 from moekit.compress import prune as pruning  # noqa: E402
@@ -36,9 +37,9 @@ from moekit.ops.reference import reference_moe_forward  # noqa: E402
 METHODS = ["random", "frequency", "tcess", "easy-ep", "naee"]
 
 
-def calibrate(model, tok, domains: list[str], tokens: int) -> pruning.Stats:
+def calibrate(model, tok, domains: list[str], tokens: int, split: str) -> pruning.Stats:
     """X, Z and the residual h of every MoE layer on `tokens` calibration tokens spread evenly over `domains`."""
-    ws = calib_windows(tok, -(-tokens // len(domains)), domains)
+    ws = calib_windows(tok, -(-tokens // len(domains)), domains, split)
     view = moekit.models.load(model)
     return pruning.collect_stats(view, batches([w for d in ws for w in ws[d]], 8), tokens, residual=True,
                                  sample_len=SEQ)
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens per calibration set")
+    ap.add_argument("--calib-split", choices=["train", "heldout"], default=default_calib_split(),
+                    help="calibration text: the training split, or the held-out files' second half")
     ap.add_argument("--single", default="code", help="the single calibration domain")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
@@ -119,7 +122,7 @@ def main() -> None:
              "ppl": base_ppl, "search": "-", "plan_s": 0.0, "dlogit": 0.0, "layer_err": 0.0}]
     calib_sets = {"general": DOMAINS, f"single ({args.single})": [args.single]}
     for calib_name, domains in calib_sets.items():
-        stats = calibrate(base, tok, domains, args.calib_tokens)
+        stats = calibrate(base, tok, domains, args.calib_tokens, args.calib_split)
         for method in args.methods.split(","):
             for frac in (0.25, 0.5):
                 n = E - round(frac * E)
@@ -131,7 +134,8 @@ def main() -> None:
                       f"{extra['search']})", flush=True)
     print()
     print(f"Model: {what}. Eval: {args.eval_tokens} held-out tokens per domain (256-token windows); calibration: "
-          f"{args.calib_tokens} calibration tokens per set. Total {time.time() - t_start:.0f} s.\n")
+          f"{args.calib_tokens} calibration tokens per set ({args.calib_split} split). "
+          f"Total {time.time() - t_start:.0f} s.\n")
     print(markdown(rows, base_ppl["macro"]))
     print(json.dumps({"benchmark": "prune", "model": what, "eval_tokens_per_domain": args.eval_tokens,
                       "calib_tokens": args.calib_tokens, "rows": rows}, default=str))

@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from _demo import DOMAINS, SEQ, calib_windows, eval_windows, load_demo  # noqa: E402  (benchmarks/_demo.py)
+from _demo import (  # noqa: E402  (benchmarks/_demo.py)
+    DOMAINS, SEQ, calib_windows, default_calib_split, eval_windows, load_demo)
 
 import moekit.models  # noqa: E402
 from moekit.compress import merge as merging  # noqa: E402
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens per domain")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (general: split over domains)")
+    ap.add_argument("--calib-split", choices=["train", "heldout"], default=default_calib_split(),
+                    help="calibration text: the training split, or the held-out files' second half")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,8 +115,9 @@ def main() -> None:
     heldout = eval_windows(tok, args.eval_tokens)
     probe = torch.stack([torch.as_tensor(heldout[d][0][:SEQ]) for d in DOMAINS if len(heldout[d][0]) == SEQ]).long()
     cals = {
-        "general": collect(view, as_batches(calib_windows(tok, args.calib_tokens // len(DOMAINS)))),
-        "code": collect(view, as_batches(calib_windows(tok, args.calib_tokens, ["code"]))),
+        "general": collect(view, as_batches(calib_windows(tok, args.calib_tokens // len(DOMAINS), DOMAINS,
+                                                          args.calib_split))),
+        "code": collect(view, as_batches(calib_windows(tok, args.calib_tokens, ["code"], args.calib_split))),
     }
     base_probe = probe_logits(base, probe)
     print(f"model {desc}; setup {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -163,7 +167,7 @@ def main() -> None:
 def print_table(rows, desc, args, probe_windows, seconds) -> None:
     base = rows[0]["ppl"]["macro"]
     print(f"\nmodel: {desc}; held-out {args.eval_tokens} tokens/domain x {len(DOMAINS)} domains (windows of {SEQ}); "
-          f"calibration {args.calib_tokens} held-out (second-half) tokens; |dlogit| on {probe_windows} windows; {seconds:.0f} s\n")
+          f"calibration {args.calib_tokens} tokens ({args.calib_split} split); |dlogit| on {probe_windows} windows; {seconds:.0f} s\n")
     head = ["config", "experts", "avg bits", "MB", *DOMAINS, "macro ppl", "vs base", "|dlogit|", "layer err"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
