@@ -53,14 +53,13 @@ def simulate(
 
     import moekit.trace
     from moekit.runtime.hardware import load_profile
-    from moekit.runtime.policies import available
+    from moekit.runtime.policies import policy_class
     from moekit.runtime.simulate import simulate as run_sim
     from moekit.runtime.simulate import with_bounds
 
     names = [p.strip() for p in policy.split(",") if p.strip()]
     for name in names:
-        if name not in available():
-            raise UserError(f"unknown cache policy {name!r}; available: {', '.join(available())}")
+        policy_class(name)  # unknown names fail before the trace is read
     caps, hw = parse_capacities(capacity), load_profile(hardware)
     trace = moekit.trace.open(trace_dir)
     n = slice(None, max_tokens or None)

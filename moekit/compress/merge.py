@@ -29,6 +29,7 @@ import torch
 from moekit.compress.calib import Calibration
 from moekit.compress.edit import keep_experts
 from moekit.errors import UserError
+from moekit.registry import Registry
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.reference import expert_mlp, reference_moe_forward
 from moekit.ops.routing import route
@@ -185,15 +186,14 @@ def _hcsmoe_layer(layer: MoELayer, x: torch.Tensor, g: int) -> tuple[list[list[i
     return hcsmoe_groups(mean_expert_outputs(layer, x), f, g), f
 
 
-METHODS: dict[str, Callable] = {}
+METHODS: Registry = Registry("merge method")
 ALIGN_DEFAULT: dict[str, bool] = {}
 
 
 def register(name: str, fn: Callable, align: bool) -> None:
     """A method: (layer, calibration inputs x [T, H], G) -> (groups, usage f [E]); `align` is its paper's default."""
-    if name in METHODS:
-        raise ValueError(f"merge method {name!r} is already registered")
-    METHODS[name], ALIGN_DEFAULT[name] = fn, align
+    METHODS.register(name, fn)
+    ALIGN_DEFAULT[name] = align
 
 
 register("msmoe", _msmoe_layer, align=True)
@@ -203,12 +203,11 @@ register("hcsmoe", _hcsmoe_layer, align=False)  # HC-SMoE merges without permuta
 def plan_merge(view: MoEView, cal: Calibration, groups: int, method: str = "msmoe", progress=None) -> MergePlan:
     """Groups of experts per MoE layer from calibration inputs."""
     check_groups(view, groups)
-    if method not in METHODS:
-        raise UserError(f"unknown merge method {method!r}; known: {', '.join(sorted(METHODS))}")
+    layer_method = METHODS.lookup(method)
     plan = MergePlan(method, {}, {})
     for layer in view.layers:
         x = cal.x[layer.index].to(layer.expert_params()[0].dtype)  # [T, H] as the model computed it
-        plan.groups[layer.index], plan.usage[layer.index] = METHODS[method](layer, x, groups)
+        plan.groups[layer.index], plan.usage[layer.index] = layer_method(layer, x, groups)
         if progress is not None:
             progress()
     return plan

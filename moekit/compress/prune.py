@@ -26,6 +26,7 @@ import torch
 
 from moekit.compress.calib import Calibration, collect
 from moekit.errors import UserError
+from moekit.registry import Registry
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.reference import expert_mlp
 from moekit.ops.routing import route
@@ -78,21 +79,15 @@ class Method:
     summary: str = ""
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry = Registry("pruning method")
 
 
 def register(method: Method) -> Method:
-    if method.name in METHODS:
-        raise ValueError(f"a pruning method {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UserError(f"unknown pruning method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return METHODS.lookup(name)
 
 
 # ---------------------------------------------------------------- shared helpers

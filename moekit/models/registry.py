@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moekit.errors import UserError
+from moekit.registry import Registry
 from moekit.ops.routing import RoutingRule
 
 
@@ -50,27 +50,19 @@ class Adapter:
     notes: str = ""
 
 
-_ADAPTERS: dict[str, Adapter] = {}
+_ADAPTERS: Registry = Registry("adapter", unknown="model type {name!r} is not a supported MoE family; supported: {known}")
 
 
 def register(adapter: Adapter) -> Adapter:
-    if adapter.model_type in _ADAPTERS:
-        raise ValueError(f"an adapter for {adapter.model_type!r} is already registered")
-    _ADAPTERS[adapter.model_type] = adapter
-    return adapter
+    return _ADAPTERS.register(adapter.model_type, adapter)
 
 
 def supported() -> list[str]:
-    return sorted(_ADAPTERS)
+    return _ADAPTERS.names()
 
 
 def get(model_type: str) -> Adapter:
-    try:
-        return _ADAPTERS[model_type]
-    except KeyError:
-        raise UserError(
-            f"model type {model_type!r} is not a supported MoE family; supported: {', '.join(supported())}"
-        ) from None
+    return _ADAPTERS.lookup(model_type)
 
 
 __all__ = ["Adapter", "ExpertLayout", "RoutingRule", "get", "register", "supported"]

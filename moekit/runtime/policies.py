@@ -12,34 +12,36 @@ Belady needs the future and exists for the simulator only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import numpy as np
 
 from moekit.errors import UserError
+from moekit.registry import Registry
 
-_POLICIES: dict[str, Callable[..., CachePolicy]] = {}
+_POLICIES: Registry = Registry("cache policy")
 
 
 def register(name: str):
     """Class decorator: make a policy available by name (`make("lru", capacity)`, `--policy lru`)."""
 
     def deco(cls):
-        _POLICIES[name] = cls
         cls.name = name
-        return cls
+        return _POLICIES.register(name, cls)
 
     return deco
 
 
 def available() -> list[str]:
-    return sorted(_POLICIES)
+    return _POLICIES.names()
+
+
+def policy_class(name: str) -> type[CachePolicy]:
+    """The policy registered under `name` (a one-line UserError listing the known ones otherwise)."""
+    return _POLICIES.lookup(name)
 
 
 def make(name: str, capacity: int, **kwargs) -> CachePolicy:
-    if name not in _POLICIES:
-        raise UserError(f"unknown cache policy {name!r}; available: {', '.join(available())}")
-    return _POLICIES[name](capacity, **kwargs)
+    return policy_class(name)(capacity, **kwargs)
 
 
 class CachePolicy:
