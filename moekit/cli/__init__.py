@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moekit.errors import UserError
 
@@ -33,6 +35,36 @@ def _root() -> None:
 def print_json(obj) -> None:
     """Machine-readable output: one JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+@contextmanager
+def progress_bar(description: str, total: int):
+    """A transient progress bar on stderr (stdout stays clean for --json); yields tick(n=1)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def binary_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name: str | None):
+    """--dtype NAME -> torch dtype (None: the checkpoint's own)."""
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, print_json
+from moekit.cli import app, console, print_json, progress_bar
 
 
 @app.command("eval")
@@ -23,14 +23,13 @@ def eval_(
     """Perplexity (exp of the mean next-token NLL) and top-1 accuracy per domain and overall."""
     import torch
 
-    from moekit.cli.prune import rich_progress
     from moekit.compress.evaluate import evaluate_path
 
     if threads > 0:
         torch.set_num_threads(threads)
 
     result = evaluate_path(model, data, seq_len=seq_len, max_tokens=max_tokens or None, batch_size=batch_size,
-                           progress_factory=lambda total: rich_progress("evaluating", total))
+                           progress_factory=lambda total: progress_bar("evaluating", total))
     if json_out:
         print_json(result)
         return

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, print_json
+from moekit.cli import app, binary_bytes, console, print_json
 
 
 @app.command()
@@ -33,7 +33,7 @@ def info(
         ("shared experts", summary["shared_experts"]),
         ("parameters", f"{_count(summary['params_total'])} total, {_count(summary['params_active_per_token'])} "
                        f"active per token"),
-        ("bytes per expert", f"{_bytes(summary['bytes_per_expert'])} ({summary['dtype']})"),
+        ("bytes per expert", f"{binary_bytes(summary['bytes_per_expert'])} ({summary['dtype']})"),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -45,10 +45,3 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"

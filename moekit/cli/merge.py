@@ -8,9 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, print_json
-
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+from moekit.cli import app, console, parse_dtype, print_json, progress_bar
 
 
 @app.command()
@@ -38,10 +36,10 @@ def merge(
     from moekit.compress.calibdata import calibrate, load_tokenizer, token_batches
     from moekit.compress.checkpoint import save_checkpoint
 
-    view = moekit.models.load(model, dtype=_dtype(dtype))
+    view = moekit.models.load(model, dtype=parse_dtype(dtype))
     merging.check_groups(view, groups)
     cal = calibrate(view, token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens))
-    with _layer_progress(len(view.layers), f"merging ({method})") as step:
+    with progress_bar(f"merging ({method})", len(view.layers)) as step:
         report = merging.merge(view, cal, groups, method=method, router=router, align=align, rank=low_rank,
                                progress=step)
     report["source"], report["calibration"] = str(model), calib
@@ -59,32 +57,3 @@ def merge(
                                               f"(relative, on {report['calibration_tokens']} calibration tokens)")]:
         table.add_row(key, value)
     console.print(table)
-
-
-def _dtype(name: str | None):
-    import torch
-
-    from moekit.errors import UserError
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return getattr(torch, name)
-
-
-class _layer_progress:
-    """A rich progress bar over `total` steps; the context value advances it by one."""
-
-    def __init__(self, total: int, label: str):
-        from rich.progress import Progress
-
-        self.progress = Progress(console=console, transient=True, disable=not console.is_terminal)
-        self.task = self.progress.add_task(label, total=total)
-
-    def __enter__(self):
-        self.progress.start()
-        return lambda: self.progress.advance(self.task)
-
-    def __exit__(self, *exc):
-        self.progress.stop()

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moekit.cli import app, console, err_console, print_json
-from moekit.cli.info import _bytes
-
-
-@contextmanager
-def rich_progress(description: str, total: int):
-    """A progress bar on stderr; yields tick(n)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+from moekit.cli import app, binary_bytes, console, print_json, progress_bar
 
 
 @app.command()
@@ -43,7 +31,7 @@ def prune(
     if threads > 0:
         torch.set_num_threads(threads)
     rep = prune_checkpoint(model, keep, method, calib, out, max_tokens=max_tokens, seq_len=seq_len,
-                           opts=PruneOptions(seed=seed), progress_factory=rich_progress)
+                           opts=PruneOptions(seed=seed), progress_factory=progress_bar)
     if json_out:
         print_json(rep)
         return
@@ -53,7 +41,7 @@ def prune(
     for index, row in rep["layers"].items():
         table.add_row(index, _ids(row["kept"]), _ids(row["dropped"]))
     console.print(table)
-    console.print(f"wrote {out}; parameters {_bytes(rep['bytes_before'])} -> {_bytes(rep['bytes_after'])}; "
+    console.print(f"wrote {out}; parameters {binary_bytes(rep['bytes_before'])} -> {binary_bytes(rep['bytes_after'])}; "
                   f"calibration: {rep['calibration']['tokens']} tokens of {', '.join(rep['calibration']['data'])}")
 
 

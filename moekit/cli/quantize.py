@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, print_json
-from moekit.cli.merge import _dtype, _layer_progress
+from moekit.cli import app, console, parse_dtype, print_json, progress_bar
 
 
 @app.command()
@@ -39,11 +38,11 @@ def quantize(
     if method == "pmq" and avg_bits < q.DENSE and not calib:
         raise UserError("--method pmq needs calibration data: pass --calib DATA")
     q.check_group_size(group_size)
-    view = moekit.models.load(model, dtype=_dtype(dtype))
+    view = moekit.models.load(model, dtype=parse_dtype(dtype))
     cal = None
     if method == "pmq" and avg_bits < q.DENSE:
         cal = calibrate(view, token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens))
-    with _layer_progress(len(view.layers) * view.num_experts, f"quantising ({method})") as step:
+    with progress_bar(f"quantising ({method})", len(view.layers) * view.num_experts) as step:
         result = q.quantize(view, avg_bits, method=method, group_size=group_size, cal=cal, progress=step)
     report = {**result.report, "source": str(model), "calibration": calib}
     save_checkpoint(view.model, out, source=model, report=report, extra=result.write)
