@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from moekit.compress.calib import Calibration, collect
@@ -16,16 +17,23 @@ from moekit.errors import UserError
 from moekit.models.view import MoEView
 
 
+def calib_windows(tokenizer, sources, *, seq_len: int, max_tokens: int) -> dict[str, list[np.ndarray]]:
+    """Resolved data sources -> calibration windows per domain; every source gets an equal share of max_tokens, so
+    `--calib code,prose` really mixes both."""
+    from moekit.compress.evaluate import domain_windows
+    from moekit.trace.data import encoder
+
+    return domain_windows(sources, encoder(tokenizer), seq_len, -(-max_tokens // len(sources)))
+
+
 def token_batches(tokenizer, specs: Sequence[str], *, seq_len: int = 256, max_tokens: int = 8192) -> list[torch.Tensor]:
-    """Data specs -> token-id batches [B, S] of equal-length windows; every source gets an equal share of max_tokens
-    (as `moekit prune` calibrates, so `--calib code,prose` really mixes both)."""
-    from moekit.compress.evaluate import batches, domain_windows
-    from moekit.trace.data import encoder, resolve_data
+    """Data specs -> token-id batches [B, S] of equal-length calibration windows (see calib_windows)."""
+    from moekit.compress.evaluate import batches
+    from moekit.trace.data import resolve_data
 
     if max_tokens < 1:
         raise UserError(f"--calib-tokens must be >= 1, got {max_tokens}")
-    sources = resolve_data(specs)
-    windows = domain_windows(sources, encoder(tokenizer), seq_len, -(-max_tokens // len(sources)))
+    windows = calib_windows(tokenizer, resolve_data(specs), seq_len=seq_len, max_tokens=max_tokens)
     return list(batches([w for ws in windows.values() for w in ws]))
 
 

@@ -460,8 +460,9 @@ def prune_checkpoint(model_path: Path, keep: str, method: str, calib: list[str],
     """`moekit prune`: check everything cheap first, calibrate, plan, edit, save atomically; returns the report."""
     import moekit.models
     from moekit.compress.checkpoint import save_checkpoint
-    from moekit.compress.evaluate import batches, domain_windows, load_tokenizer
-    from moekit.trace.data import encoder, resolve_data
+    from moekit.compress.calibdata import calib_windows
+    from moekit.compress.evaluate import batches, load_tokenizer
+    from moekit.trace.data import resolve_data
 
     spec, opts = get_method(method), opts or PruneOptions()
     if Path(out).exists():
@@ -474,8 +475,7 @@ def prune_checkpoint(model_path: Path, keep: str, method: str, calib: list[str],
     view = moekit.models.load(model_path)
     if spec.needs_residual:
         check_residual_identity(view)
-    per_source = -(-max_tokens // len(sources))  # every calibration source gets its share
-    windows = domain_windows(sources, encoder(load_tokenizer(model_path)), seq_len, per_source)
+    windows = calib_windows(load_tokenizer(model_path), sources, seq_len=seq_len, max_tokens=max_tokens)
     calib_batches = list(batches([w for ws in windows.values() for w in ws]))
     E, before = view.num_experts, model_bytes(view.model)
     with _progress(progress_factory, "calibrating", len(calib_batches)) as tick:
