@@ -38,7 +38,9 @@ def merge(
 
     view = moekit.models.load(model, dtype=parse_dtype(dtype))
     merging.check_groups(view, groups)
-    cal = calibrate(view, token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens))
+    batches = token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens)
+    with progress_bar("calibrating", sum(b.numel() for b in batches)) as tick:
+        cal = calibrate(view, batches, progress=tick)
     with progress_bar(f"merging ({method})", len(view.layers)) as step:
         report = merging.merge(view, cal, groups, method=method, router=router, align=align, rank=low_rank,
                                progress=step)

@@ -41,7 +41,9 @@ def quantize(
     view = moekit.models.load(model, dtype=parse_dtype(dtype))
     cal = None
     if method == "pmq" and avg_bits < q.DENSE:
-        cal = calibrate(view, token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens))
+        batches = token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens)
+        with progress_bar("calibrating", sum(b.numel() for b in batches)) as tick:
+            cal = calibrate(view, batches, progress=tick)
     with progress_bar(f"quantising ({method})", len(view.layers) * view.num_experts) as step:
         result = q.quantize(view, avg_bits, method=method, group_size=group_size, cal=cal, progress=step)
     report = {**result.report, "source": str(model), "calibration": calib}

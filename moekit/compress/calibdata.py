@@ -1,4 +1,4 @@
-"""Calibration text -> token batches -> `Calibration` (MoE block inputs and outputs), with a progress bar.
+"""Calibration text -> token batches -> `Calibration` (MoE block inputs and outputs).
 
 Shared by `moekit merge` and `moekit quantize`. Data specs are the trace stage's (`moekit.trace.data.resolve_data`): a
 .txt / .jsonl file or a demo-corpus domain name; windows never cross a document.
@@ -37,17 +37,13 @@ def token_batches(tokenizer, specs: Sequence[str], *, seq_len: int = 256, max_to
     return list(batches([w for ws in windows.values() for w in ws]))
 
 
-def calibrate(view: MoEView, batches: list[torch.Tensor], *, label: str = "calibration") -> Calibration:
-    """Run the model over the batches under a progress bar, keeping every MoE block's input and output."""
-    from rich.progress import Progress
+def calibrate(view: MoEView, batches: list[torch.Tensor], *, progress=None) -> Calibration:
+    """Run the model over the batches, keeping every MoE block's input and output; `progress(n_tokens)` after each."""
 
-    total = sum(b.numel() for b in batches)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=total)
+    def stream():
+        for b in batches:
+            yield b
+            if progress is not None:
+                progress(b.numel())
 
-        def stream():
-            for b in batches:
-                yield b
-                progress.advance(task, b.numel())
-
-        return collect(view, stream(), max_tokens=total)
+    return collect(view, stream(), max_tokens=sum(b.numel() for b in batches))
