@@ -9,15 +9,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, print_json
+from moekit.cli import app, console, print_json, progress_bar
 
 
 def default_store_dir(model: Path) -> Path:
     """Where the expert store of a checkpoint is built once: $MOEKIT_CACHE (default ~/.cache/moekit)/stores/NAME-HASH,
-    the hash covering the checkpoint's absolute path and its weight files' sizes and mtimes (a retrained model gets a
-    fresh store)."""
+    the hash covering the store schema, the checkpoint's absolute path and its weight files' sizes and mtimes (a
+    retrained model or a new store format gets a fresh store)."""
+    from moekit.runtime.store import SCHEMA_VERSION
+
     root = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "stores"
-    h = hashlib.sha256(str(model.resolve()).encode())
+    h = hashlib.sha256(f"{SCHEMA_VERSION}:{model.resolve()}".encode())
     for f in sorted(model.glob("*.safetensors")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -46,11 +48,14 @@ def run(
 
     import moekit.models
     import moekit.runtime as rt
+    from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
-    view = moekit.models.load(model)  # note: the full checkpoint is read once here, then its experts are freed
     store = store or default_store_dir(model)
-    with console.status(f"expert store {store}", spinner="dots") if not json_out else _null():
-        rt.build_store(view, store)
+    if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
+        layers = len(moekit.models.load(model, meta=True).layers)
+        with progress_bar(f"building the expert store {store}", layers) as tick:
+            build_store_from_checkpoint(model, store, progress=tick)
+    view = load_from_store(model, store)  # resident weights only: the experts stay in the store
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the tier experts are cached in, chosen once
     om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler,
                     io_threads=io_threads)
@@ -87,10 +92,3 @@ def stats_table(rows: list[dict], summary: dict) -> Table:
                       f"{r['compute_s']:.3f}", f"{r['wait_s']:.3f}")
     return table
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

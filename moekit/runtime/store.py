@@ -1,8 +1,10 @@
 """Expert store: every routed expert of a checkpoint unfused into its own byte range on disk, one safetensors file per
 MoE layer, read back one expert at a time with a single positioned read.
 
-Layout (schema version 1, `manifest.json` next to the files):
+Layout (schema version 2, `manifest.json` next to the files, written last):
   layer_{index:03d}.safetensors  "{e:05d}.gate_up", "{e:05d}.down" (+ "{e:05d}.gate_up_bias", "{e:05d}.down_bias")
+  resident.safetensors           every other parameter and buffer by in-memory name (see resident_tensors), so a run
+                                 rebuilds the model from the store without reading the checkpoint's experts
 Each tensor is the family's *native* per-expert slice (`experts.gate_up_proj[e]` etc.: concatenated or interleaved
 gate/up, transposed where the family stores it transposed), not the canonical gate/up/down of `MoELayer.get_expert`:
 computing with the native slice and the experts module's own gate function reproduces transformers' eager forward bit
@@ -29,7 +31,8 @@ from safetensors.torch import save_file
 
 from moekit.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: resident.safetensors (non-expert weights) next to the expert files
+RESIDENT = "resident.safetensors"
 _NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -44,28 +47,66 @@ def _native_names(layout) -> dict[str, str]:
 
 
 def build_store(view, directory, *, progress=None) -> Path:
-    """Write every routed expert of `view` (a moekit MoEView with real weights) to `directory`; returns it.
+    """Write every routed expert of `view` (a moekit MoEView with real weights) and its resident (non-expert) weights
+    to `directory`; returns it. Idempotent: an existing store whose manifest matches the model is kept.
+    `moekit.runtime.checkpoint.build_store_from_checkpoint` writes the same store without holding the model in RAM."""
+    fused = ((layer.index, {k: getattr(layer.experts, v).detach() for k, v in _native_names(layer.layout).items()})
+             for layer in view.layers)
+    return write_store(directory, _manifest(view), fused, resident_tensors(view), progress=progress)
 
-    Idempotent: an existing store whose manifest matches the model is kept.
-    """
+
+def write_store(directory, manifest: dict, fused, resident: tuple[dict, dict], *, progress=None) -> Path:
+    """fused: iterable of (layer index, {store name: fused tensor [E, ...]}), consumed one layer at a time (a caller
+    may load each layer lazily); resident: (tensors, aliases) from `resident_tensors`."""
     directory = Path(directory)
-    manifest = _manifest(view)
     if (directory / "manifest.json").is_file():
         if json.loads((directory / "manifest.json").read_text()) == manifest:
             return directory
         raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
     directory.mkdir(parents=True, exist_ok=True)
-    for layer in view.layers:
-        names = _native_names(layer.layout)
-        fused = {k: getattr(layer.experts, v).detach() for k, v in names.items()}
-        tensors = {f"{e:05d}.{k}": t[e].contiguous() for e in range(layer.num_experts) for k, t in fused.items()}
-        tmp = directory / f".layer_{layer.index:03d}.tmp"
-        save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION)})
-        tmp.replace(directory / f"layer_{layer.index:03d}.safetensors")  # atomic: a killed build leaves no half file
+    for index, tensors in fused:
+        num = next(iter(tensors.values())).shape[0]
+        per_expert = {f"{e:05d}.{k}": t[e].contiguous() for e in range(num) for k, t in tensors.items()}
+        _save_atomic(per_expert, directory / f"layer_{index:03d}.safetensors")
+        del per_expert, tensors
         if progress is not None:
             progress()
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tensors, aliases = resident
+    _save_atomic(tensors, directory / RESIDENT, {"aliases": json.dumps(aliases)})
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the store complete
     return directory
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION), **(metadata or {})})
+    tmp.replace(path)  # atomic: a killed build leaves no half file
+
+
+def resident_tensors(view, fetch=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every parameter and buffer (non-persistent ones included: rotary tables) except the routed experts' fused
+    weights, by in-memory name (after transformers' checkpoint conversions, so loading needs none), each storage once:
+    returns (tensors, aliases {tied name: stored name}). fetch(module_name, tensor_name) supplies tensors that sit on
+    the meta device (offloaded by accelerate while building from a checkpoint)."""
+    model = view.model
+    skip = {(id(layer.experts), n) for layer in view.layers for n in _native_names(layer.layout).values()}
+    tensors, aliases, seen = {}, {}, {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for n, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is None or (id(module), n) in skip:
+                continue
+            name = f"{module_name}.{n}" if module_name else n
+            if t.device.type == "meta":
+                t = fetch(module_name, n) if fetch is not None else t
+                if t.device.type == "meta":
+                    raise RuntimeError(f"{name} has no data (meta device)")
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else name
+            if key in seen:
+                aliases[name] = seen[key]
+            elif name not in tensors:
+                seen[key] = name
+                tensors[name] = t.detach().contiguous()
+    return tensors, aliases
 
 
 def _manifest(view) -> dict:

@@ -1,0 +1,167 @@
+"""Offloaded runs straight from a checkpoint, never holding all its experts in memory.
+
+`build_store_from_checkpoint` (once per checkpoint): transformers' own `from_pretrained` with a device map that sends
+every routed-experts module to "disk" (accelerate's offload folder, a temporary folder next to the store) and the rest
+to "cpu". transformers applies its checkpoint conversions (per-expert keys -> fused [E, ...] tensors, renamings) as
+it does for any load, and writes each converted expert tensor to the offload folder as it goes, so memory holds the
+resident weights plus the tensors being converted, not the experts. The store's layer files are then written one layer
+at a time from the offload folder, and the folder is removed. Costs: the experts are read once and written twice; the
+offload folder needs as much free disk as the experts.
+
+`load_from_store` (every run): the model skeleton on the meta device from the config, the resident weights assigned
+from the store's `resident.safetensors` (in-memory names: no conversion), the fused expert parameters left on meta for
+`offload` to serve from the store. Nothing of the checkpoint's weights is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import moekit.models
+from moekit.errors import UserError
+from moekit.runtime.store import RESIDENT, _manifest, _native_names, resident_tensors, write_store
+
+
+def _expert_modules(view) -> dict[str, object]:
+    """qualified module name -> MoELayer, for the routed-experts modules."""
+    names = {id(m): n for n, m in view.model.named_modules()}
+    return {names[id(layer.experts)]: layer for layer in view.layers}
+
+
+def _device_map(view) -> dict[str, str]:
+    """Experts modules on "disk", every other tensor on "cpu", named module by module: accelerate then keeps those as
+    they are and hooks only the offloaded modules. A module above an experts module (a MoE block with its own
+    tensors, e.g. a routing bias) is named tensor by tensor, since naming it would place its whole subtree."""
+    experts = _expert_modules(view)
+    dmap = {}
+    for name, module in view.model.named_modules():
+        if name in experts or any(name.startswith(e + ".") for e in experts):
+            dmap.update({name: "disk"} if name in experts else {})
+            continue
+        tensors = [n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+        if not tensors:
+            continue
+        if any(e.startswith(name + ".") or not name for e in experts):
+            dmap.update({f"{name}.{n}" if name else n: "cpu" for n in tensors})
+        else:
+            dmap[name] = "cpu"
+    return dmap
+
+
+def build_store_from_checkpoint(path, directory, *, progress=None) -> Path:
+    """The expert store of the checkpoint at `path` in `directory` (kept if it is already there); returns it.
+    progress() is called once per MoE layer written."""
+    from accelerate.hooks import remove_hook_from_submodules
+    from transformers import AutoModelForCausalLM
+
+    path, directory = Path(path), Path(directory)
+    skeleton = moekit.models.load(path, meta=True)  # fails with a one-line error for unsupported/dense models
+    if (directory / "manifest.json").is_file():
+        check_store(directory, skeleton)
+        return directory
+    offload = directory.with_name(f".{directory.name}.offload")
+    shutil.rmtree(offload, ignore_errors=True)  # left by a killed build
+    offload.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            with _quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype="auto", device_map=_device_map(skeleton), offload_folder=str(offload),
+                    experts_implementation="eager")
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
+        view = moekit.models.load(model)
+        hooks = {name: getattr(view.model.get_submodule(name), "_hf_hook", None) for name in _expert_modules(view)}
+
+        def offloaded(module_name: str, tensor_name: str) -> torch.Tensor:  # accelerate's weights_map: file-backed
+            return hooks[module_name].weights_map[tensor_name]
+
+        def fused():
+            for name, layer in _expert_modules(view).items():
+                yield layer.index, {k: offloaded(name, v) for k, v in _native_names(layer.layout).items()}
+
+        resident = resident_tensors(view, fetch=offloaded)
+        write_store(directory, _manifest(view), fused(), resident, progress=progress)
+        remove_hook_from_submodules(model)
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence what is expected here: accelerate's note on tensor-level device-map keys, transformers' note that
+    weights were offloaded and its per-tensor progress bar (the CLI shows one bar per MoE layer written)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_store(directory: Path, view) -> None:
+    """Refuse a store built from another model (dtype aside: the skeleton's is nominal)."""
+    have = json.loads((Path(directory) / "manifest.json").read_text())
+    want = _manifest(view)
+    keys = ("model_type", "layers", "num_experts", "layout", "shapes")
+    if {k: have.get(k) for k in keys} != {k: want[k] for k in keys}:
+        raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
+
+
+def load_from_store(path, directory):
+    """The MoEView of the checkpoint at `path` with its resident weights read from the store in `directory` and its
+    routed experts' fused parameters on the meta device (call `offload` next)."""
+    from transformers import GenerationConfig
+
+    path, directory = Path(path), Path(directory)
+    view = moekit.models.load(path, meta=True)
+    check_store(directory, view)
+    model = view.model
+    with safe_open(directory / RESIDENT, framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        for name in f.keys():
+            _assign(model, name, f.get_tensor(name))
+    for alias, name in aliases.items():
+        _assign(model, alias, model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name))
+    experts = {(id(layer.experts), n) for layer in view.layers for n in _native_names(layer.layout).values()}
+    for module_name, module in model.named_modules():
+        for n, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and t.device.type == "meta" and (id(module), n) not in experts:
+                raise UserError(f"{directory}: {module_name}.{n} is missing from {RESIDENT}; delete the store to "
+                                f"rebuild it")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.set_experts_implementation("eager")
+    return moekit.models.load(model.eval())
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    module_name, _, n = name.rpartition(".")
+    return n in model.get_submodule(module_name)._parameters
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, n = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if n in module._parameters:
+        module._parameters[n] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    elif n in module._buffers:
+        module._buffers[n] = value
+    else:
+        raise UserError(f"the store's resident weight {name} is not in this model; delete the store to rebuild it")
