@@ -160,9 +160,12 @@ def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
 
 def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: int, prefetch: bool, policy: str,
                io_threads: int):
-    view = moekit.models.load(path)
-    store_dir = work / f"store-{path.name}"
-    rt.build_store(view, store_dir)
+    from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
+    from moekit.runtime.store import SCHEMA_VERSION
+
+    store_dir = work / f"store-v{SCHEMA_VERSION}-{path.name}"  # as `moekit run`: built once, experts never all in RAM
+    build_store_from_checkpoint(path, store_dir)
+    view = load_from_store(path, store_dir)
     expert_bytes = rt.ExpertStore(store_dir).expert_bytes
     total_expert = expert_bytes * view.num_experts * len(view.layers)
     budget = int(budget_frac * total_expert)
@@ -299,7 +302,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic model")
     ap.add_argument("--budget", type=float, default=0.25, help="fraction of the routed experts' bytes")
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=6)
+    ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                     help="default: run moekit both ways and report the faster (both in the JSON)")

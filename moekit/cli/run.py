@@ -33,10 +33,22 @@ def run(
     budget: str = typer.Option("512MB", "--budget", help="bytes of routed experts kept in memory, e.g. 512MB, 2GiB"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score"),
-    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="pre-gating prefetch of the next layer"),
+    prefetch: bool = typer.Option(None, "--prefetch/--no-prefetch",
+                                  help="pre-gating prefetch of the next layer (default: on with a GPU; off on the CPU, "
+                                       "where speculative reads slowed decoding in every measurement: docs/runtime.md)"),
     store: Path = typer.Option(None, "--store", help="expert store folder (default: a cache dir, built on first run)"),
     fiddler: bool = typer.Option(False, "--fiddler", help="GPU only: compute misses on the CPU when that is faster"),
     io_threads: int = typer.Option(4, "--io-threads", min=1, help="threads reading experts from the store"),
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="torch compute threads (default: all cores but one, which the reads need: with "
+                                     "every core computing, OpenMP barriers stall behind the I/O threads)"),
+    lowbit: int = typer.Option(None, "--lowbit", help="HOBBIT: read low-weight misses as BITS-bit copies (2, 3, 4, 8; "
+                                                      "changes the output; copies built once next to the store)"),
+    lowbit_threshold: float = typer.Option(0.1, "--lowbit-threshold", min=0.0,
+                                           help="routing weight below which a miss uses its low-bit copy"),
+    eam_trace: Path = typer.Option(None, "--eam-trace",
+                                   help="MoE-Infinity: prefetch the experts of the request in this trace (recorded "
+                                        "with this model) whose activation matrix best matches, instead of pre-gating"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
 ) -> None:
@@ -49,16 +61,25 @@ def run(
     import moekit.models
     import moekit.runtime as rt
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
+    from moekit.runtime.eam import collection_from_trace
+    from moekit.runtime.lowbit import build_lowbit, lowbit_dir
 
+    layers = len(moekit.models.load(model, meta=True).layers)  # config only: a bad MODEL fails here, in one line
     store = store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
-        layers = len(moekit.models.load(model, meta=True).layers)
         with progress_bar(f"building the expert store {store}", layers) as tick:
             build_store_from_checkpoint(model, store, progress=tick)
+    if lowbit is not None and not (lowbit_dir(store, lowbit) / "manifest.json").is_file():
+        with progress_bar(f"building {lowbit}-bit copies of the experts", layers) as tick:
+            build_lowbit(store, lowbit, progress=tick)
+    eams = collection_from_trace(eam_trace) if eam_trace is not None else None
     view = load_from_store(model, store)  # resident weights only: the experts stay in the store
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the tier experts are cached in, chosen once
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+    if prefetch is None:
+        prefetch = device != "cpu" or eams is not None
     om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler,
-                    io_threads=io_threads)
+                    io_threads=io_threads, lowbit=lowbit, lowbit_threshold=lowbit_threshold, eam=eams)
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)

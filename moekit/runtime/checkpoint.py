@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -98,19 +99,23 @@ def build_store_from_checkpoint(path, directory, *, progress=None) -> Path:
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """Silence what is expected here: accelerate's note on tensor-level device-map keys, transformers' note that
-    weights were offloaded and its per-tensor progress bar (the CLI shows one bar per MoE layer written)."""
+    """Silence what is expected here: accelerate's notes on tensor-level device-map keys and on offloaded weights,
+    transformers' per-tensor progress bar (the CLI shows one bar per MoE layer written)."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    accelerate_log = logging.getLogger("accelerate")
+    accelerate_level = accelerate_log.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    accelerate_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The following device_map keys do not match")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        accelerate_log.setLevel(accelerate_level)
         if bars:
             hf_logging.enable_progress_bar()
 

@@ -3,9 +3,10 @@
 
 Per call of a layer's experts module (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]):
   group the T*K (token, slot) pairs by expert in eager's order -> the policy judges the step's experts at once -> the
-  misses are read on I/O threads, a bounded window in compute order -> each selected expert, ascending, on its tokens
-  with the family's own gate function (native weight slices, see store.py) -> weighted index_add_, exactly as
-  transformers' eager loop, so logits match the in-memory model bit for bit in float32.
+  misses are read on I/O threads, a bounded window at a time -> the hits are computed while the misses load, then each
+  miss as its read finishes, with the family's own gate function (native weight slices, see store.py) -> the weighted
+  outputs summed with index_add_ in ascending expert order, exactly as transformers' eager loop, so logits match the
+  in-memory model bit for bit in float32 whatever order the experts were computed in.
 Prefetch (pre-gating: ExpertFlow arXiv 2410.17954, Pre-gated MoE arXiv 2308.12066): before computing layer l, layer
 l+1's router is applied to layer l's input, and its predicted experts that are not resident are read on the I/O threads
 while layer l computes. Prefetched experts wait outside the cache (at most the predicted set) and do not touch the
@@ -21,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import nn
 from moekit.errors import UserError
 from moekit.ops.routing import route
 from moekit.runtime import policies
+from moekit.runtime.io import PREFETCH, IOPool
 from moekit.runtime.store import ExpertStore
 
 IMPLEMENTATION = "moekit_offload"
@@ -82,6 +84,8 @@ class LayerStats:
     prefetch_bytes: int = 0  # read by the prefetch thread (used or wasted); only that thread writes it
     prefetch_reads: int = 0  # prefetches issued (cancelled ones included)
     prefetch_used: int = 0  # misses served by a finished or in-flight prefetch
+    lowbit_reads: int = 0  # misses served by a low-bit copy (HOBBIT), not cached
+    lowbit_bytes: int = 0
     predicted: int = 0  # |predicted set| summed over steps
     actual: int = 0  # |selected set| summed over steps
     correct: int = 0  # |predicted & selected|
@@ -95,8 +99,9 @@ class LayerStats:
         looked = c["hits"] + c["misses"]
         return {
             "layer": self.layer, **c, "hit_rate": c["hits"] / looked if looked else float("nan"),
-            "bytes_read": self.demand_bytes + self.prefetch_bytes, "prefetch_reads": self.prefetch_reads,
-            "prefetch_used": self.prefetch_used,
+            "bytes_read": self.demand_bytes + self.prefetch_bytes + self.lowbit_bytes,
+            "prefetch_reads": self.prefetch_reads, "prefetch_used": self.prefetch_used,
+            "lowbit_reads": self.lowbit_reads,
             "prefetch_precision": self.correct / self.predicted if self.predicted else float("nan"),
             "prefetch_recall": self.correct / self.actual if self.actual else float("nan"),
             "compute_s": self.total_s - self.wait_s, "wait_s": self.wait_s,
@@ -122,6 +127,10 @@ class LayerRuntime:
         self.kernel = _kernel(layer.layout)  # chosen once per layer
         self.policy_wants_weights = type(policy).begin_step is not policies.CachePolicy.begin_step
         self.costs = None  # Fiddler cost model (GPU only): misses may be computed on the CPU instead of copied
+        self.lowbit = None  # HOBBIT: a LowBitStore for misses whose routing weight is below lowbit_threshold
+        self.lowbit_threshold = 0.0
+        self.eam = None  # MoE-Infinity: an ActivationMatrixPredictor shared by the layers, replacing pre-gating
+        self.position = 0  # index among the MoE layers (the EAM's row)
 
     # hot path ------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -131,35 +140,48 @@ class LayerRuntime:
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
         counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
         experts = [e for e, c in enumerate(counts) if c]
-        if self.next is not None and self.prefetch_enabled:
-            self.next.prefetch(x)
+        groups, start = {}, 0
+        for e in experts:
+            sel = order[start:start + counts[e]]
+            start += counts[e]
+            groups[e] = (sel % T, sel // T)  # token [c], slot [c]
+        if self.eam is not None:
+            if self.position == 0 and T > 1:  # a prefill: a new request (a one-token prompt continues the last one)
+                self.eam.reset()
+            self.eam.observe(self.position, ids.cpu().numpy())
+        for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
+            self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
         resident = self._begin_step(ids, weights, experts)
         on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
-        # all of the step's misses are known now: read them on the I/O threads, `window` at a time, in compute order,
-        # so reads overlap each other (queue depth) and the computation of earlier experts
-        todo = deque(e for e in experts if e not in resident and e not in on_cpu and e not in self.pending)
+        misses = [e for e in experts if e not in resident and e not in on_cpu]
+        low = self._unimportant(misses, groups, weights) if self.lowbit is not None else set()
+        # all of the step's misses are known now: read them on the I/O threads, `window` at a time, in id order, so
+        # reads overlap each other (queue depth) and the computation of the hits, which goes first
+        todo = deque(e for e in misses if e not in self.pending)
         reads: dict = {}
-        self._submit(todo, reads)
+        self._submit(todo, reads, low)
+        if self.next is not None and self.prefetch_enabled:  # after this layer's reads: speculation queues behind
+            self.next.prefetch(x)
+        ys = {}  # expert -> weighted output [c, H]
+
+        def compute(e, w):
+            tok, slot = groups[e]
+            ys[e] = self.kernel(self.layer.experts, x[tok], w) * weights[tok, slot, None]
+
+        for e in experts:
+            if e in resident:
+                compute(e, resident[e])
+        for e in on_cpu:  # Fiddler: the weights stay on the host, the activations move
+            tok, slot = groups[e]
+            y = self.kernel(self.layer.experts, x[tok].cpu(), self._read(e)).to(x.device)
+            ys[e] = y * weights[tok, slot, None]
+            self.policy.discard(e)
+            self.cache.pop(e, None)
+        for e, w in self._arrivals(misses, reads, todo, low):  # in the order the reads finish
+            compute(e, w)
         out = torch.zeros_like(x)  # [T, H]
-        start = 0
-        for e, c in zip(experts, (counts[e] for e in experts)):
-            sel = order[start:start + c]
-            start += c
-            tok, slot = sel % T, sel // T  # [c], [c]
-            if e in on_cpu:  # Fiddler: weights stay on the host, activations move
-                y = self.kernel(self.layer.experts, x[tok].cpu(), self._read(e)).to(x.device)
-                self.policy.discard(e)
-                self.cache.pop(e, None)
-                y = y * weights[tok, slot, None]
-                out.index_add_(0, tok, y.to(out.dtype))
-                continue
-            w = resident.get(e)
-            if w is None:
-                w = self._miss(e, reads)
-                self._submit(todo, reads)
-            y = self.kernel(self.layer.experts, x[tok], w)  # [c, H]
-            y = y * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+        for e in experts:  # summed in eager's order (ascending expert id): float sums stay bit-identical
+            out.index_add_(0, groups[e][0], ys[e].to(out.dtype))
         self._end_step()
         self.stats.total_s += time.perf_counter() - t0
         return out
@@ -191,23 +213,59 @@ class LayerRuntime:
             fut.cancel()
         self.pending.clear()
 
-    def _submit(self, todo: deque, reads: dict) -> None:
+    def _submit(self, todo: deque, reads: dict, low: set[int]) -> None:
         while todo and len(reads) < self.window:
             e = todo.popleft()
-            reads[e] = self.pool.submit(self._counted_load, e, "demand_bytes")
+            reads[e] = self.pool.submit(self._load_lowbit, e) if e in low else \
+                self.pool.submit(self._counted_load, e, "demand_bytes")
 
-    def _miss(self, e: int, reads: dict) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        fut = self.pending.pop(e, None)
-        if fut is not None:
-            self.stats.prefetch_used += 1
-        else:
-            fut = reads.pop(e)
-        w = fut.result()
-        self.stats.wait_s += time.perf_counter() - t0
-        if e in self.policy.resident:
-            self.cache[e] = w
+    def _unimportant(self, misses: list[int], groups: dict, weights: torch.Tensor) -> set[int]:
+        """HOBBIT's token-level rule: a miss whose routing weight (its largest over the step's tokens) is below the
+        threshold is read as its low-bit copy and computed with it; it is not cached (the policy forgets it), so a
+        later step that needs it at full weight reads the full copy. A prefetch already in flight is used instead."""
+        low = set()
+        for e in misses:
+            tok, slot = groups[e]
+            if e not in self.pending and weights[tok, slot].max().item() < self.lowbit_threshold:
+                low.add(e)
+                self.policy.discard(e)
+        return low
+
+    def _load_lowbit(self, e: int) -> dict[str, torch.Tensor]:  # runs on an I/O thread
+        w = self.lowbit.read(self.layer.index, e)
+        if self.device.type != "cpu":
+            w = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in w.items()}
+        with self.lock:
+            self.stats.lowbit_reads += 1
+            self.stats.lowbit_bytes += self.lowbit.expert_bytes
         return w
+
+    def _arrivals(self, misses: list[int], reads: dict, todo: deque, low: set[int]):
+        """Yield (expert, weights) for the step's misses as their reads (demand or prefetch) finish, keeping
+        `window` demand reads in flight; misses the policy admitted enter the cache."""
+        remaining = list(misses)
+        while remaining:
+            futures = {}
+            for e in remaining:
+                fut = self.pending.get(e) or reads.get(e)
+                if fut is not None:
+                    futures[fut] = e
+            t0 = time.perf_counter()
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            self.stats.wait_s += time.perf_counter() - t0
+            for fut in sorted(done, key=futures.get):
+                e = futures[fut]
+                if self.pending.get(e) is fut:
+                    del self.pending[e]
+                    self.stats.prefetch_used += 1
+                else:
+                    del reads[e]
+                remaining.remove(e)
+                self._submit(todo, reads, low)
+                w = fut.result()
+                if e in self.policy.resident:
+                    self.cache[e] = w
+                yield e, w
 
     def _fiddler(self, experts, counts, resident) -> set[int]:
         from moekit.runtime.costmodel import place_misses
@@ -237,13 +295,17 @@ class LayerRuntime:
 
     # prefetch (called by the previous MoE layer, before it computes) ----------------------------------------------
     def prefetch(self, x: torch.Tensor) -> None:
-        """Pre-gating: this layer's router on the previous layer's input x [T, H] -> predicted experts; read the
-        non-resident ones in the background."""
-        _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
-        self.predicted = set(torch.unique(pred).tolist())
+        """Predict this layer's experts before it runs and read the non-resident ones in the background.
+        Pre-gating: this layer's router on the previous layer's input x [T, H]. With an activation-matrix predictor
+        (MoE-Infinity, eam.py): the stored request whose EAM best matches this request's so far names them."""
+        if self.eam is not None:
+            self.predicted = self.eam.predict(self.position)
+        else:
+            _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
+            self.predicted = set(torch.unique(pred).tolist())
         for e in self.predicted:
             if e not in self.policy.resident and e not in self.pending:
-                self.pending[e] = self.pool.submit(self._counted_load, e, "prefetch_bytes")
+                self.pending[e] = self.pool.submit(self._counted_load, e, "prefetch_bytes", priority=PREFETCH)
                 self.stats.prefetch_reads += 1
 
 
@@ -286,7 +348,7 @@ class OffloadedModel:
     def totals(self) -> dict:
         rows = self.stats()
         tot = {k: sum(r[k] for r in rows) for k in ("hits", "misses", "evictions", "bytes_read", "prefetch_reads",
-                                                        "prefetch_used", "compute_s", "wait_s")}
+                                                        "prefetch_used", "lowbit_reads", "compute_s", "wait_s")}
         pred = sum(rt.stats.predicted for rt in self.layers)
         act = sum(rt.stats.actual for rt in self.layers)
         ok = sum(rt.stats.correct for rt in self.layers)
@@ -307,6 +369,8 @@ class OffloadedModel:
         for rt in self.layers:
             rt.cache.clear()
             rt.store.close()
+            if rt.lowbit is not None:
+                rt.lowbit.close()
 
 
 def min_budget(view, expert_bytes: int) -> int:
@@ -315,7 +379,8 @@ def min_budget(view, expert_bytes: int) -> int:
 
 
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
-            device: str = "cpu", record: bool = False, fiddler: bool = False, io_threads: int = 4) -> OffloadedModel:
+            device: str = "cpu", record: bool = False, fiddler: bool = False, io_threads: int = 4,
+            lowbit: int | None = None, lowbit_threshold: float = 0.1, eam=None) -> OffloadedModel:
     """Serve `view`'s routed experts from the store in `store_dir` (see store.build_store) under a byte budget split
     evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel.
 
@@ -323,7 +388,11 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     io_threads: threads reading experts (a step's misses and the prefetches are read concurrently: SSDs and virtual
     disks deliver their bandwidth only with several reads in flight).
     fiddler (GPU only): compute a missed expert on the CPU when the measured cost model says it is faster than copying
-    it (costmodel.py); its hit/miss counters then no longer match the simulator's, which models copies only."""
+    it (costmodel.py); its hit/miss counters then no longer match the simulator's, which models copies only.
+    lowbit (HOBBIT, arXiv 2411.01433; off by default because it changes the output): a miss whose routing weight is
+    below lowbit_threshold is read from the store's `lowbit` -bit copies (lowbit.build_lowbit) and not cached.
+    eam: an EAM collection [N, L, E] (eam.collection_from_trace) makes prefetch predict by activation-matrix matching
+    (MoE-Infinity) instead of pre-gating; its top-k per layer is the model's top-k."""
     for layer in view.layers:
         if not hasattr(layer.experts, "is_transposed") or layer.rule.weight_on_input:
             raise UserError(f"{view.model_type}: its experts do not go through transformers' experts interface "
@@ -344,11 +413,26 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     dev = torch.device(device)
     if io_threads < 1:
         raise UserError(f"io_threads must be >= 1, got {io_threads}")
-    pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moekit-io")
+    pool = IOPool(io_threads)
     layers = [LayerRuntime(m, policies.make(policy, capacity), store, pool, dev, record, prefetch, window=io_threads)
               for m in view.layers]
     for rt, nxt in itertools.pairwise(layers):
         rt.next = nxt
+    if eam is not None:
+        from moekit.runtime.eam import ActivationMatrixPredictor
+
+        if tuple(eam.shape[1:]) != (len(layers), view.num_experts):
+            raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
+                            f"model has {len(layers)} x {view.num_experts}: record the trace with this model")
+        predictor = ActivationMatrixPredictor(eam, view.top_k)
+        for pos, rt in enumerate(layers):
+            rt.eam, rt.position = predictor, pos
+    if lowbit is not None:
+        from moekit.runtime.lowbit import LowBitStore
+
+        low_store = LowBitStore(store_dir, lowbit, drop_cache=drop_cache)
+        for rt in layers:
+            rt.lowbit, rt.lowbit_threshold = low_store, lowbit_threshold
     _register_once()
     for rt in layers:
         _free_fused(rt.layer.experts)

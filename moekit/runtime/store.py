@@ -34,7 +34,7 @@ from moekit.errors import UserError
 SCHEMA_VERSION = 2  # 2: resident.safetensors (non-expert weights) next to the expert files
 RESIDENT = "resident.safetensors"
 _NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8}  # U8: lowbit.py
 
 
 def _native_names(layout) -> dict[str, str]:

@@ -9,14 +9,14 @@ import moekit.runtime as rt
 from tests.conftest import tiny_model
 
 
-def offloaded(family: str, store_dir, *, budget=None, policy="lru", prefetch=True, record=False, seed=0):
+def offloaded(family: str, store_dir, *, budget=None, policy="lru", prefetch=True, record=False, seed=0, **options):
     """(in-memory model, offloaded twin, OffloadedModel). budget None = the minimum."""
     ref, model = tiny_model(family, seed), tiny_model(family, seed)
     view = moekit.models.load(model)
     rt.build_store(view, store_dir)
     if budget is None:
         budget = rt.min_budget(view, rt.ExpertStore(store_dir).expert_bytes)
-    return ref, model, rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, record=record)
+    return ref, model, rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, record=record, **options)
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
