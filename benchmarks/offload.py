@@ -159,7 +159,7 @@ def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
 
 
 def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: int, prefetch: bool, policy: str,
-               io_threads: int):
+               io_threads: int, lowbit: int | None = None, lowbit_threshold: float = 0.1):
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
     from moekit.runtime.store import SCHEMA_VERSION
 
@@ -169,7 +169,12 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
     expert_bytes = rt.ExpertStore(store_dir).expert_bytes
     total_expert = expert_bytes * view.num_experts * len(view.layers)
     budget = int(budget_frac * total_expert)
-    om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=True, io_threads=io_threads)
+    if lowbit is not None:
+        from moekit.runtime.lowbit import build_lowbit
+
+        build_lowbit(store_dir, lowbit)
+    om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=True, io_threads=io_threads,
+                    lowbit=lowbit, lowbit_threshold=lowbit_threshold)
     om.layers[0].store.drop_page_cache()
     outs, secs, steps, bytes_counted, io, missed = [], 0.0, 0, 0, 0, 0
     for p in prompts:
@@ -186,7 +191,8 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
            "prefetch_recall": t["prefetch_recall"], "wait_s": t["wait_s"], "compute_s": t["compute_s"],
            "experts_per_layer": om.capacity, "budget": budget, "expert_bytes": expert_bytes,
            "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
-           "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps}
+           "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps,
+           "lowbit_reads": t["lowbit_reads"]}
     om.close()
     return res, outs, store_dir  # the model is freed when this frame goes; main() collects between runs
 
@@ -244,6 +250,14 @@ def bench(path: Path, work: Path, args) -> dict:
     mk["prefetch"] = best
     if len(variants) > 1:
         mk["tok_s_other_prefetch_setting"] = variants[not best][0]["tok_s"]
+    if args.lowbit is not None:  # HOBBIT: low-weight misses as low-bit copies (changes the output: agreement printed)
+        gc.collect()
+        low, low_out, _ = run_moekit(path, work, args.budget, prompts, args.new_tokens, best, args.policy,
+                                     args.io_threads, args.lowbit, args.lowbit_threshold)
+        low.update(lowbit_bits=args.lowbit, lowbit_threshold=args.lowbit_threshold)
+        low["same_tokens_fraction"] = sum(int((a == b).sum()) for a, b in zip(low_out, mk_out)) / sum(
+            a.numel() for a in mk_out)
+        mk["lowbit"] = low
     bws = [disk_bandwidth(store_dir, args.io_threads)]  # measured again after accelerate: the disk is shared
     row = {"model": str(path), "experts": f"{mk['layers']} layers x {mk['num_experts']} experts, top-{mk['top_k']}",
            "expert_mb": mk["expert_bytes"] / 1e6, "experts_gb": mk["total_expert_bytes"] / 1e9,
@@ -284,6 +298,11 @@ def print_row(row: dict) -> None:
         print(f"{'accelerate':<12}{acc['tok_s']:>9.3f}{acc['bytes_per_token'] / 1e6:>15.1f}"
               f"{acc['bytes_per_token'] / 1e6:>13.1f}{acc['io_bytes_per_token'] / 1e6:>13.1f}{'-':>10}{'-':>10}")
         print(f"ratio moekit/accelerate: {row['ratio']:.1f}x; same greedy tokens: {row['same_tokens']}")
+    if "lowbit" in mk:
+        low = mk["lowbit"]
+        print(f"moekit + {low['lowbit_bits']}-bit misses below weight {low['lowbit_threshold']}: {low['tok_s']:.3f} "
+              f"tok/s, read {low['bytes_per_token'] / 1e6:.1f} MB/tok, {low['lowbit_reads']} low-bit reads, "
+              f"greedy tokens equal to the exact run: {low['same_tokens_fraction']:.2f}")
     other = mk.get("tok_s_other_prefetch_setting")
     print(f"moekit prefetch {'on' if mk['prefetch'] else 'off'}" +
           (f" (prefetch {'off' if mk['prefetch'] else 'on'}: {other:.3f} tok/s)" if other is not None else ""))
@@ -307,6 +326,8 @@ def main() -> None:
     ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                     help="default: run moekit both ways and report the faster (both in the JSON)")
     ap.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--lowbit", type=int, default=None, help="also run moekit with HOBBIT low-bit misses of BITS")
+    ap.add_argument("--lowbit-threshold", type=float, default=0.1)
     ap.add_argument("--io-threads", type=int, default=4, help="moekit's expert-reading threads")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both systems (default 1: on a shared, oversubscribed 2-core "

@@ -37,6 +37,8 @@ from moekit.runtime.io import PREFETCH, IOPool
 from moekit.runtime.store import ExpertStore
 
 IMPLEMENTATION = "moekit_offload"
+_REORDER_BYTES = 32 << 20  # steps whose outputs (T x K x H) fit this compute hits before misses (see forward)
+_PREFETCH_CHUNK = 4 << 20  # a prefetch is read in chunks of this size, each a point where a demand read goes first
 _RUNTIMES: weakref.WeakKeyDictionary[nn.Module, LayerRuntime] = weakref.WeakKeyDictionary()
 
 
@@ -162,26 +164,36 @@ class LayerRuntime:
         self._submit(todo, reads, low)
         if self.next is not None and self.prefetch_enabled:  # after this layer's reads: speculation queues behind
             self.next.prefetch(x)
-        ys = {}  # expert -> weighted output [c, H]
+        out = torch.zeros_like(x)  # [T, H]
+        ys, summed = {}, 0  # expert -> weighted output [c, H] not summed yet; experts[:summed] are in `out`
 
-        def compute(e, w):
+        def compute(e, w, host=False):  # host: Fiddler, the weights stay on the CPU and the activations move
+            nonlocal summed
             tok, slot = groups[e]
-            ys[e] = self.kernel(self.layer.experts, x[tok], w) * weights[tok, slot, None]
+            y = self.kernel(self.layer.experts, x[tok].cpu() if host else x[tok], w)  # [c, H]
+            ys[e] = y.to(x.device) * weights[tok, slot, None]
+            while summed < len(experts) and experts[summed] in ys:  # sum in eager's order (ascending expert id) so
+                done = experts[summed]  # float sums stay bit-identical whatever order the experts were computed in
+                out.index_add_(0, groups[done][0], ys.pop(done).to(out.dtype))
+                summed += 1
 
-        for e in experts:
+        # decode-sized steps compute the hits first, while the misses load, then each miss as its read finishes;
+        # large steps (prefill) go in id order, so at most one expert's output waits to be summed (eager's memory)
+        small = T * ids.shape[1] * x.shape[-1] * x.element_size() <= _REORDER_BYTES
+        arrivals = self._arrivals(misses, reads, todo, low, ordered=not small)
+        for e in experts if small else ():
             if e in resident:
                 compute(e, resident[e])
-        for e in on_cpu:  # Fiddler: the weights stay on the host, the activations move
-            tok, slot = groups[e]
-            y = self.kernel(self.layer.experts, x[tok].cpu(), self._read(e)).to(x.device)
-            ys[e] = y * weights[tok, slot, None]
-            self.policy.discard(e)
-            self.cache.pop(e, None)
-        for e, w in self._arrivals(misses, reads, todo, low):  # in the order the reads finish
+        for e in experts:
+            if e in on_cpu:
+                compute(e, self._read(e), host=True)
+                self.policy.discard(e)
+                self.cache.pop(e, None)
+            elif not small:
+                compute(e, resident[e]) if e in resident else compute(*next(arrivals))
+        for e, w in arrivals:  # small steps: the misses as they arrive (large ones have consumed them all)
             compute(e, w)
-        out = torch.zeros_like(x)  # [T, H]
-        for e in experts:  # summed in eager's order (ascending expert id): float sums stay bit-identical
-            out.index_add_(0, groups[e][0], ys[e].to(out.dtype))
+        assert summed == len(experts)
         self._end_step()
         self.stats.total_s += time.perf_counter() - t0
         return out
@@ -232,21 +244,19 @@ class LayerRuntime:
         return low
 
     def _load_lowbit(self, e: int) -> dict[str, torch.Tensor]:  # runs on an I/O thread
-        w = self.lowbit.read(self.layer.index, e)
-        if self.device.type != "cpu":
-            w = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in w.items()}
+        w = self._to_device(self.lowbit.read(self.layer.index, e))
         with self.lock:
             self.stats.lowbit_reads += 1
             self.stats.lowbit_bytes += self.lowbit.expert_bytes
         return w
 
-    def _arrivals(self, misses: list[int], reads: dict, todo: deque, low: set[int]):
-        """Yield (expert, weights) for the step's misses as their reads (demand or prefetch) finish, keeping
-        `window` demand reads in flight; misses the policy admitted enter the cache."""
+    def _arrivals(self, misses: list[int], reads: dict, todo: deque, low: set[int], ordered: bool):
+        """Yield (expert, weights) for the step's misses as their reads (demand or prefetch) finish (ordered: in
+        `misses` order), keeping `window` demand reads in flight; misses the policy admitted enter the cache."""
         remaining = list(misses)
         while remaining:
             futures = {}
-            for e in remaining:
+            for e in remaining[:1] if ordered else remaining:
                 fut = self.pending.get(e) or reads.get(e)
                 if fut is not None:
                     futures[fut] = e
@@ -282,13 +292,14 @@ class LayerRuntime:
         return w
 
     def _counted_load(self, e: int, counter: str) -> dict[str, torch.Tensor]:  # runs on an I/O thread
-        w = self._load(e)
+        return self._counted(self.store.read(self.layer.index, e), counter)
+
+    def _counted(self, w: dict[str, torch.Tensor], counter: str) -> dict[str, torch.Tensor]:
         with self.lock:
             setattr(self.stats, counter, getattr(self.stats, counter) + self.store.expert_bytes)
-        return w
+        return self._to_device(w)
 
-    def _load(self, e: int) -> dict[str, torch.Tensor]:
-        w = self.store.read(self.layer.index, e)
+    def _to_device(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type != "cpu":  # GPU tier: pinned host buffer -> device copy
             w = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in w.items()}
         return w
@@ -305,7 +316,9 @@ class LayerRuntime:
             self.predicted = set(torch.unique(pred).tolist())
         for e in self.predicted:
             if e not in self.policy.resident and e not in self.pending:
-                self.pending[e] = self.pool.submit(self._counted_load, e, "prefetch_bytes", priority=PREFETCH)
+                self.pending[e] = self.pool.submit_steps(  # in chunks: demand reads overtake it between two
+                    self.store.reader(self.layer.index, e, _PREFETCH_CHUNK),
+                    lambda w: self._counted(w, "prefetch_bytes"), priority=PREFETCH)
                 self.stats.prefetch_reads += 1
 
 

@@ -51,8 +51,9 @@ def lowbit_dir(store_dir, bits: int) -> Path:
     return Path(store_dir) / f"lowbit{bits}"
 
 
-def build_lowbit(store_dir, bits: int = 4, group_size: int = 64, *, progress=None) -> Path:
+def build_lowbit(store_dir, bits: int = 4, group_size: int | None = None, *, progress=None) -> Path:
     """Write `bits`-bit copies of every expert of the store in `store_dir` to `store_dir/lowbit{bits}/`; returns it.
+    group_size None: 64, or the largest power of two below it dividing every matrix's input dimension.
 
     Idempotent: existing copies with the same width, group size and source store are kept. Every file is written to a
     temporary name and renamed, and the manifest comes last: a killed build leaves no half-written layer file, and a
@@ -62,6 +63,7 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int = 64, *, progress=Non
     try:
         if "lowbit_schema_version" in source.manifest:
             raise UserError(f"{store_dir} holds low-bit copies; pass the full-precision store they belong to")
+        group_size = group_size or _default_group_size(source.manifest)
         specs = _specs(source.manifest, bits, group_size)
         directory = lowbit_dir(store_dir, bits)
         manifest = _manifest(source.manifest, bits, group_size, specs)
@@ -86,12 +88,19 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int = 64, *, progress=Non
     return directory
 
 
+def _default_group_size(source: dict) -> int:
+    """64, or the largest smaller power of two dividing every matrix's input dimension (tiny models)."""
+    t = source["layout"]["transposed"]
+    inputs = [shape[0] if t else shape[1] for name, shape in source["shapes"].items() if name in MATRICES]
+    return next((g for g in (64, 32, 16, 8) if all(c % g == 0 for c in inputs)), 64)
+
+
 def _specs(source: dict, bits: int, group_size: int) -> dict[str, dict]:
     """Store name -> how it is encoded: matrices with their [R, C] = [out, in] shape; biases kept as raw bytes."""
     if bits not in BITS:
         raise UserError(f"low-bit copies need bits in {', '.join(map(str, BITS))}, got {bits}")
-    check_group_size(group_size)
     transposed = source["layout"]["transposed"]
+    check_group_size(group_size)
     dtype = source["dtype"].removeprefix("torch.")
     specs = {}
     for name, shape in source["shapes"].items():

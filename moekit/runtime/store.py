@@ -174,32 +174,11 @@ class ExpertStore:
         self.bytes_read = 0  # only the caller's thread count is exact; the engine keeps its own per-layer counts
 
     def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
-        entry = self._index[layer][e]
-        buf = self._read_direct(layer, entry) if self.direct else self._read_buffered(layer, entry)
-        self.bytes_read += entry.nbytes
-        return {name: buf[a:b].view(dtype).view(shape) for name, dtype, shape, a, b in entry.parts}
+        return self.reader(layer, e).run()
 
-    def _read_direct(self, layer: int, entry: _Entry) -> torch.Tensor:
-        start = entry.offset - entry.offset % _ALIGN
-        end = entry.offset + entry.nbytes
-        length = -(-(end - start) // _ALIGN) * _ALIGN
-        raw = torch.empty(length + _ALIGN, dtype=torch.uint8)
-        shift = -raw.data_ptr() % _ALIGN
-        buf = raw[shift:shift + length]
-        got = os.preadv(self._direct_fds[layer], [memoryview(buf.numpy())], start)  # short only past end of file
-        if got < end - start:
-            raise OSError(f"short read in layer {layer}: {got} of {end - start} bytes")
-        return buf[entry.offset - start:end - start]
-
-    def _read_buffered(self, layer: int, entry: _Entry) -> torch.Tensor:
-        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-        fd = self._fds[layer]
-        got = os.preadv(fd, [memoryview(buf.numpy())], entry.offset)
-        if got != entry.nbytes:
-            raise OSError(f"short read in layer {layer}: {got} of {entry.nbytes} bytes")
-        if self.drop_cache:
-            os.posix_fadvise(fd, entry.offset, entry.nbytes, os.POSIX_FADV_DONTNEED)
-        return buf
+    def reader(self, layer: int, e: int, chunk: int | None = None) -> ExpertRead:
+        """The read of one expert as a job of `chunk`-byte steps (None: one positioned read)."""
+        return ExpertRead(self, layer, self._index[layer][e], chunk)
 
     def drop_page_cache(self) -> None:
         """Evict every store page from the OS page cache (benchmarks start cold)."""
@@ -215,6 +194,50 @@ class ExpertStore:
     def __del__(self):
         with contextlib.suppress(OSError, AttributeError, TypeError):  # interpreter shutdown: os may be gone
             self.close()
+
+
+class ExpertRead:
+    """One expert's bytes, read in steps: `step()` reads the next chunk and says whether the read is complete, then
+    `result()` gives the tensors. Chunked reads let the I/O pool serve a demand read between two chunks of a prefetch
+    (io.py); `run()` does all steps. With O_DIRECT the range is widened to 4 KiB boundaries into an aligned buffer."""
+
+    def __init__(self, store: ExpertStore, layer: int, entry: _Entry, chunk: int | None):
+        self.store, self.layer, self.entry = store, layer, entry
+        if store.direct:
+            self.fd = store._direct_fds[layer]
+            self.start = entry.offset - entry.offset % _ALIGN
+            self.length = -(-(entry.offset + entry.nbytes - self.start) // _ALIGN) * _ALIGN
+            raw = torch.empty(self.length + _ALIGN, dtype=torch.uint8)
+            shift = -raw.data_ptr() % _ALIGN
+            self.buf = raw[shift:shift + self.length]
+        else:
+            self.fd, self.start, self.length = store._fds[layer], entry.offset, entry.nbytes
+            self.buf = torch.empty(self.length, dtype=torch.uint8)
+        self.chunk = self.length if chunk is None else max(_ALIGN, chunk - chunk % _ALIGN)
+        self.pos = 0
+
+    def step(self) -> bool:
+        n = min(self.chunk, self.length - self.pos)
+        got = os.preadv(self.fd, [memoryview(self.buf[self.pos:self.pos + n].numpy())], self.start + self.pos)
+        needed = min(n, self.entry.offset + self.entry.nbytes - self.start - self.pos)  # O_DIRECT: short past EOF
+        if got < needed:
+            raise OSError(f"short read in layer {self.layer}: {got} of {needed} bytes")
+        self.pos += n
+        if self.pos < self.length:
+            return False
+        if self.store.drop_cache and not self.store.direct:
+            os.posix_fadvise(self.fd, self.entry.offset, self.entry.nbytes, os.POSIX_FADV_DONTNEED)
+        self.store.bytes_read += self.entry.nbytes
+        return True
+
+    def result(self) -> dict[str, torch.Tensor]:
+        data = self.buf[self.entry.offset - self.start:]
+        return {name: data[a:b].view(dtype).view(shape) for name, dtype, shape, a, b in self.entry.parts}
+
+    def run(self) -> dict[str, torch.Tensor]:
+        while not self.step():
+            pass
+        return self.result()
 
 
 def _read_index(file: Path) -> list[_Entry]:

@@ -115,3 +115,34 @@ def test_simulator_counts_cold_misses():
     ids = [np.array([[0, 1], [0, 1], [0, 1]])]
     (r,) = simulate(ids, num_experts=4, top_k=2, expert_bytes=10, policies_=("lru",), capacities=(1,))
     assert (r.hits, r.misses) == (4, 2) and r.bytes_per_token == pytest.approx(20 / 3)
+
+
+def test_run_lowbit_builds_copies_once_and_reads_them(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    args = ["run", str(ckpt), "--budget", "1MB", "--prompt", "abc", "--max-new-tokens", "4", "--json"]
+    code, out, err = run_cli([*args, "--lowbit", "8", "--lowbit-threshold", "1.0"], capsys)  # every miss low-bit
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["lowbit_reads"] == res["misses"] > 0
+    (store,) = (tmp_path / "stores").iterdir()
+    assert (store / "lowbit8" / "manifest.json").is_file()
+    code, out, _ = run_cli(args, capsys)  # off by default
+    assert code == 0 and json.loads(out)["lowbit_reads"] == 0
+
+
+def test_run_lowbit_bad_width_is_one_line_exit_2(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    code, _, err = run_cli(["run", str(ckpt), "--prompt", "a", "--lowbit", "5"], capsys)
+    assert code == 2 and "bits" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_eam_trace_prefetches_and_keeps_the_text(ckpt, trace_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    args = ["run", str(ckpt), "--budget", "1MB", "--prompt", "the cat", "--max-new-tokens", "5", "--json"]
+    code, out, _ = run_cli([*args, "--eam-trace", str(trace_dir)], capsys)
+    assert code == 0
+    eam = json.loads(out)
+    code, out, _ = run_cli([*args, "--no-prefetch"], capsys)
+    plain = json.loads(out)
+    assert eam["prefetch_reads"] > 0 and plain["prefetch_reads"] == 0
+    assert eam["text"] == plain["text"]  # prefetching never changes the output
