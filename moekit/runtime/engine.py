@@ -159,6 +159,9 @@ class LayerRuntime:
         low = self._unimportant(misses, groups, weights) if self.lowbit is not None else set()
         # all of the step's misses are known now: read them on the I/O threads, `window` at a time, in id order, so
         # reads overlap each other (queue depth) and the computation of the hits, which goes first
+        for e in misses:
+            if e in self.pending:  # predicted right: its remaining chunks are now a demand read
+                self.pool.promote(self.pending[e])
         todo = deque(e for e in misses if e not in self.pending)
         reads: dict = {}
         self._submit(todo, reads, low)

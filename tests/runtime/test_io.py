@@ -83,3 +83,21 @@ def test_cancelling_a_started_chunked_prefetch_stops_it():
         job.result(timeout=5)
     assert log == ["p0"]
     pool.shutdown()
+
+
+def test_a_promoted_prefetch_goes_before_other_prefetches_and_speculation_is_limited():
+    pool, log, gate = IOPool(2, speculative=1), [], threading.Event()
+    first = _Job("a", 2, log, gate)
+    fa = pool.submit_steps(first, finish=str)
+    assert first.started.wait(5)  # the one speculative slot is taken by a0; b and c wait although a thread is free
+    fb = pool.submit_steps(_Job("b", 2, log), finish=str)
+    fc = pool.submit_steps(_Job("c", 2, log), finish=str)
+    threading.Event().wait(0.05)
+    assert log == []  # a0 is still held: nothing else speculative ran on the second thread
+    pool.promote(fc)  # c's layer asked for it: it is a demand read now, served by the free thread
+    assert fc.result(timeout=5) == "c"
+    assert log == ["c0", "c1"]
+    gate.set()
+    for f in (fa, fb):
+        f.result(timeout=5)
+    pool.shutdown()
