@@ -12,7 +12,6 @@ Belady needs the future and exists for the simulator only.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from moekit.errors import UserError
