@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moekit.compress.quantize import (
     BITS,
@@ -77,7 +76,8 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int | None = None, *, pro
             for e in range(source.manifest["num_experts"]):
                 for name, t in _encode(source.read(li, e), specs, bits, group_size).items():
                     tensors[f"{e:05d}.{name}"] = t
-            _write_atomic(directory / f"layer_{li:03d}.safetensors", tensors)
+            _store._save_atomic(tensors, directory / f"layer_{li:03d}.safetensors",  # atomic: temp file + rename
+                                {"moekit_lowbit": str(LOWBIT_SCHEMA_VERSION)})
             if progress is not None:
                 progress()
     finally:
@@ -143,15 +143,6 @@ def _encode(w: dict[str, torch.Tensor], specs: dict, bits: int, group_size: int)
         out[f"{name}.scale"] = q.scale.contiguous().view(torch.uint8)  # [R, 2N]
         out[f"{name}.zero"] = q.zero.contiguous()
     return out
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"moekit_lowbit": str(LOWBIT_SCHEMA_VERSION)})
-        tmp.replace(path)  # atomic: a reader never sees a half-written layer file
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class LowBitStore(ExpertStore):

@@ -78,9 +78,14 @@ def write_store(directory, manifest: dict, fused, resident: tuple[dict, dict], *
 
 
 def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write to a temporary name, then rename: a killed build leaves no half-written file under `path`'s name (nor
+    the temporary one, unless the process is killed outright)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION), **(metadata or {})})
-    tmp.replace(path)  # atomic: a killed build leaves no half file
+    try:
+        save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION), **(metadata or {})})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resident_tensors(view, fetch=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -10,9 +10,9 @@ import torch
 
 import moekit.models
 import moekit.runtime as rt
+import moekit.runtime.store as store_mod
 from moekit.compress.quantize import dequantize_expert, dequantize_matrix, quantize_expert, quantize_matrix
 from moekit.errors import UserError
-from moekit.runtime import lowbit
 from moekit.runtime.lowbit import LowBitStore, build_lowbit
 from moekit.runtime.store import canonical
 from tests.conftest import tiny_model
@@ -139,7 +139,7 @@ def test_bad_input_is_a_user_error(built):
 def test_killed_build_leaves_no_partial_layer_file(tmp_path, monkeypatch):
     view = moekit.models.load(tiny_model("qwen3_moe"))
     rt.build_store(view, tmp_path)
-    real_save = lowbit.save_file
+    real_save = store_mod.save_file
     written = []
 
     def dies_on_second_layer(tensors, path, metadata=None):
@@ -150,7 +150,7 @@ def test_killed_build_leaves_no_partial_layer_file(tmp_path, monkeypatch):
         written.append(path)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(lowbit, "save_file", dies_on_second_layer)
+    monkeypatch.setattr(store_mod, "save_file", dies_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
         build_lowbit(tmp_path, 4, G)
     out = tmp_path / "lowbit4"
@@ -158,7 +158,7 @@ def test_killed_build_leaves_no_partial_layer_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no manifest"):
         LowBitStore(tmp_path, 4)
 
-    monkeypatch.setattr(lowbit, "save_file", real_save)
+    monkeypatch.setattr(store_mod, "save_file", real_save)
     build_lowbit(tmp_path, 4, G)  # no manifest: rebuilt from scratch
     full, low = rt.ExpertStore(tmp_path), LowBitStore(tmp_path, 4)
     for li, e in _experts(full):
