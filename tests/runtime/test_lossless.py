@@ -99,3 +99,38 @@ def test_store_reads_are_exact_buffered_and_uncached(drop_cache, tmp_path):
             got = canonical(store.read(layer.index, e), layer.layout)
             assert all(torch.equal(got[k], v) for k, v in layer.get_expert(e).items())
     store.close()
+
+
+@pytest.mark.parametrize("reorder_bytes", [0, 1 << 30])
+def test_large_steps_in_id_order_and_small_steps_hits_first_are_both_exact(reorder_bytes, tmp_path, monkeypatch):
+    """forward computes small steps' hits before their misses and large steps (prefill) in expert-id order; both sum in
+    eager's order, so both reproduce the in-memory logits bit for bit."""
+    import moekit.runtime.engine as engine
+
+    monkeypatch.setattr(engine, "_REORDER_BYTES", reorder_bytes)
+    ref, model, om = offloaded("mixtral", tmp_path, prefetch=False)
+    x = prompt_ids(128, 17)
+    with torch.no_grad():
+        _assert_equal(model(x).logits, ref(x).logits, f"reorder limit {reorder_bytes}")
+        out = model.generate(x, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, ref.generate(x, max_new_tokens=6, do_sample=False))
+    assert om.totals()["misses"] > 0
+    om.close()
+
+
+def test_hits_computed_before_misses_still_sum_in_eager_order(tmp_path):
+    """A step whose highest expert is resident and whose lower ones are misses: the hit is computed first, yet the
+    output equals transformers' eager experts bit for bit (summed in ascending id)."""
+    ref, model, om = offloaded("qwen3_moe", tmp_path, budget="1GB", prefetch=False)
+    layer = om.layers[0]
+    hidden = model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, hidden, generator=g)  # [T, H]
+    weights = torch.rand(64, 4, generator=g)  # [T, K]
+    layer.forward(x[:1], torch.tensor([[7, 8, 9, 10]]), weights[:1])  # makes 7 resident
+    assert 7 in layer.cache and not {0, 1, 2} & set(layer.cache)
+    ids = torch.tensor([[0, 1, 2, 7]]).repeat(64, 1)  # [T, K]: three misses, then the hit
+    got = layer.forward(x, ids, weights)
+    experts = ref.model.layers[layer.layer.index].mlp.experts
+    assert torch.equal(got, experts(x, ids, weights))
+    om.close()
