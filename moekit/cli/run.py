@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
@@ -100,16 +101,26 @@ def run(
 
 
 def stats_table(rows: list[dict], summary: dict) -> Table:
+    """Per-layer counters; the prefetch columns only when something was prefetched, the low-bit one only when used."""
     from moekit.runtime import format_bytes
 
-    table = Table(title=f"{summary['new_tokens']} tokens in {summary['seconds']:.2f} s "
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,  # every column fits 80 characters
+                  title=f"{summary['new_tokens']} tokens in {summary['seconds']:.2f} s "
                         f"({summary['tokens_per_s']:.2f} tok/s), policy {summary['policy']}, "
                         f"{summary['experts_per_layer']} experts/layer")
-    for col in ("layer", "hits", "misses", "hit rate", "read", "prefetch P", "prefetch R", "compute s", "wait s"):
-        table.add_column(col, justify="right")
+    columns = {"layer": lambda r: str(r["layer"]), "hits": lambda r: str(r["hits"]),
+               "misses": lambda r: str(r["misses"]), "rate": lambda r: f"{r['hit_rate']:.3f}",
+               "read": lambda r: format_bytes(r["bytes_read"])}
+    if summary["prefetch_reads"]:
+        columns.update({"pre P": lambda r: f"{r['prefetch_precision']:.2f}",
+                        "pre R": lambda r: f"{r['prefetch_recall']:.2f}"})
+    if summary["lowbit_reads"]:
+        columns["low-bit"] = lambda r: str(r["lowbit_reads"])
+    columns.update({"comp s": lambda r: f"{r['compute_s']:.3f}", "wait s": lambda r: f"{r['wait_s']:.3f}"})
+    table.caption = "rate: hit rate; " + ("pre P / R: prefetch precision / recall; " if "pre P" in columns else "") \
+        + "comp s / wait s: seconds computing / waiting for reads"
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows + [{**summary, "layer": "all"}]:
-        table.add_row(str(r["layer"]), str(r["hits"]), str(r["misses"]), f"{r['hit_rate']:.3f}",
-                      format_bytes(r["bytes_read"]), f"{r['prefetch_precision']:.2f}", f"{r['prefetch_recall']:.2f}",
-                      f"{r['compute_s']:.3f}", f"{r['wait_s']:.3f}")
+        table.add_row(*(cell(r) for cell in columns.values()))
     return table
-

@@ -68,9 +68,14 @@ def test_run_json_and_stats(ckpt, tmp_path, capsys, monkeypatch):
 
 def test_run_streams_text_and_prints_table(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
-    code, out, _ = run_cli(["run", str(ckpt), "--prompt", "hello", "--max-new-tokens", "3", "--stats"], capsys)
+    code, out, _ = run_cli(["run", str(ckpt), "--prompt", "hello", "--max-new-tokens", "3", "--stats",
+                            "--no-prefetch"], capsys)
     assert code == 0
     assert "h e l l o" in out and "policy lru" in out and "all" in out
+    assert "pre P" not in out and "low-bit" not in out  # columns shown only when there is something to show
+    code, out, _ = run_cli(["run", str(ckpt), "--prompt", "hello", "--max-new-tokens", "3", "--stats", "--prefetch",
+                            "--lowbit", "8", "--lowbit-threshold", "1"], capsys)
+    assert code == 0 and "pre P" in out and "low-bit" in out
 
 
 def test_run_budget_too_small_is_one_line_exit_2(ckpt, tmp_path, capsys, monkeypatch):
