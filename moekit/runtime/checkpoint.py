@@ -28,7 +28,14 @@ from torch import nn
 
 import moekit.models
 from moekit.errors import UserError
-from moekit.runtime.store import RESIDENT, _manifest, _native_names, resident_tensors, write_store
+from moekit.runtime.store import (
+    RESIDENT,
+    _manifest,
+    _native_names,
+    fused_expert_tensors,
+    resident_tensors,
+    write_store,
+)
 
 
 def _expert_modules(view) -> dict[str, object]:
@@ -140,11 +147,10 @@ def load_from_store(path, directory):
     model = view.model
     with safe_open(directory / RESIDENT, framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        for name in f.keys():
-            _assign(model, name, f.get_tensor(name))
+        loaded = {name: _assign(model, name, f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not a dict)
     for alias, name in aliases.items():
-        _assign(model, alias, model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name))
-    experts = {(id(layer.experts), n) for layer in view.layers for n in _native_names(layer.layout).values()}
+        _assign(model, alias, loaded[name])  # the very same Parameter: tied weights stay tied
+    experts = fused_expert_tensors(view)
     for module_name, module in model.named_modules():
         for n, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is not None and t.device.type == "meta" and (id(module), n) not in experts:
@@ -153,20 +159,19 @@ def load_from_store(path, directory):
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.set_experts_implementation("eager")
-    return moekit.models.load(model.eval())
+    return moekit.models.load(model.eval())  # a fresh view: the skeleton's captured its tensors on the meta device
 
 
-def _is_param(model: nn.Module, name: str) -> bool:
-    module_name, _, n = name.rpartition(".")
-    return n in model.get_submodule(module_name)._parameters
-
-
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Set parameter or buffer `name` of `model` to `value` (wrapped as a Parameter for parameters); returns what was
+    set."""
     module_name, _, n = name.rpartition(".")
     module = model.get_submodule(module_name)
     if n in module._parameters:
-        module._parameters[n] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        value = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        module._parameters[n] = value
     elif n in module._buffers:
         module._buffers[n] = value
     else:
         raise UserError(f"the store's resident weight {name} is not in this model; delete the store to rebuild it")
+    return value

@@ -147,13 +147,15 @@ class LayerRuntime:
             sel = order[start:start + counts[e]]
             start += counts[e]
             groups[e] = (sel % T, sel // T)  # token [c], slot [c]
+        # the host copy of the routing, made once for whoever reads it (recording, a weight-aware policy, the EAM)
+        ids_np = ids.cpu().numpy() if self.record or self.policy_wants_weights or self.eam is not None else None
         if self.eam is not None:
             if self.position == 0 and T > 1:  # a prefill: a new request (a one-token prompt continues the last one)
                 self.eam.reset()
-            self.eam.observe(self.position, ids.cpu().numpy())
+            self.eam.observe(self.position, ids_np)
         for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
             self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
-        resident = self._begin_step(ids, weights, experts)
+        resident = self._begin_step(ids_np, weights, experts)
         on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
         misses = [e for e in experts if e not in resident and e not in on_cpu]
         low = self._unimportant(misses, groups, weights) if self.lowbit is not None else set()
@@ -201,12 +203,11 @@ class LayerRuntime:
         self.stats.total_s += time.perf_counter() - t0
         return out
 
-    def _begin_step(self, ids, weights, experts) -> dict:
-        """Policy decisions for the whole step; returns the hit experts' weights (held before any eviction)."""
+    def _begin_step(self, ids_np, weights, experts) -> dict:
+        """Policy decisions for the whole step (ids_np: the step's ids [T, K] on the host, None when nobody needs
+        them); returns the hit experts' weights (held before any eviction)."""
         self.stats.steps += 1
-        need = self.record or self.policy_wants_weights
-        ids_np = ids.cpu().numpy() if need else None
-        w_np = weights.float().cpu().numpy() if need else None
+        w_np = weights.float().cpu().numpy() if self.record or self.policy_wants_weights else None
         if self.record:
             self.stats.routing.append(ids_np.copy())
             self.stats.routing_weights.append(w_np.copy())

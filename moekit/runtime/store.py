@@ -33,7 +33,6 @@ from moekit.errors import UserError
 
 SCHEMA_VERSION = 2  # 2: resident.safetensors (non-expert weights) next to the expert files
 RESIDENT = "resident.safetensors"
-_NAMES = ("gate_up", "down", "gate_up_bias", "down_bias")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8}  # U8: lowbit.py
 
 
@@ -88,13 +87,18 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> Non
         tmp.unlink(missing_ok=True)
 
 
+def fused_expert_tensors(view) -> set[tuple[int, str]]:
+    """(id(experts module), parameter name) of every routed expert tensor the store holds: what is not resident."""
+    return {(id(layer.experts), n) for layer in view.layers for n in _native_names(layer.layout).values()}
+
+
 def resident_tensors(view, fetch=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every parameter and buffer (non-persistent ones included: rotary tables) except the routed experts' fused
     weights, by in-memory name (after transformers' checkpoint conversions, so loading needs none), each storage once:
     returns (tensors, aliases {tied name: stored name}). fetch(module_name, tensor_name) supplies tensors that sit on
     the meta device (offloaded by accelerate while building from a checkpoint)."""
     model = view.model
-    skip = {(id(layer.experts), n) for layer in view.layers for n in _native_names(layer.layout).values()}
+    skip = fused_expert_tensors(view)
     tensors, aliases, seen = {}, {}, {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for n, t in [*module._parameters.items(), *module._buffers.items()]:
