@@ -26,14 +26,11 @@ from moekit.compress.merge import (
 from moekit.errors import UserError
 from moekit.ops.reference import expert_mlp
 from tests.conftest import tiny_model
-
-
-def _ids(model, n=2, s=16, seed=0):
-    return torch.randint(0, model.config.vocab_size, (n, s), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import token_ids
 
 
 def _cal(view, n=4):
-    return collect(view, [_ids(view.model, 2, 16, seed=i) for i in range(n)])
+    return collect(view, [token_ids(view.model, 2, 16, seed=i) for i in range(n)])
 
 
 def _logits(model, ids):
@@ -63,7 +60,7 @@ def test_alignment_recovers_a_hidden_permutation(model_type):
 def test_g_equals_e_reproduces_logits_exactly(family, method):
     model = tiny_model(family)
     view = moekit.models.load(model)
-    ids = _ids(model)
+    ids = token_ids(model)
     before = _logits(model, ids)
     merge(view, _cal(view, 2), view.num_experts, method=method, router="average")
     assert torch.equal(_logits(model, ids), before)
@@ -134,7 +131,7 @@ def test_merged_checkpoint_reloads_with_same_logits(tmp_path, router, model_type
         torch.testing.assert_close(layer.router.weight[slot].detach(), want)
         if bias is not None and router == "dominant":
             assert layer.correction_bias[slot] == bias[members[0]]
-    ids = _ids(model)
+    ids = token_ids(model)
     expected = _logits(model, ids)
     out = save_checkpoint(model, tmp_path / "merged", report={"method": "merge"})
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()

@@ -27,10 +27,7 @@ from moekit.compress.quantize import (
 )
 from moekit.errors import UserError
 from tests.conftest import tiny_model
-
-
-def _ids(model, n=2, s=16, seed=0):
-    return torch.randint(0, model.config.vocab_size, (n, s), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import token_ids
 
 
 def _logits(model, ids):
@@ -92,7 +89,7 @@ def test_budget_below_the_smallest_width_is_a_user_error():
 
 def test_16_bits_is_a_pass_through(tmp_path):
     model = tiny_model("qwen3_moe")
-    ids = _ids(model)
+    ids = token_ids(model)
     before = _logits(model, ids)
     q = quantize(moekit.models.load(model), 16)
     assert torch.equal(_logits(model, ids), before) and not q.sidecar
@@ -110,12 +107,12 @@ def test_quantised_checkpoint_reloads_with_the_same_logits(tmp_path, model_type,
     tiny_model(model_type).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # as a bf16 checkpoint loads
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", experts_implementation="eager").eval()
     view = moekit.models.load(model)
-    cal = collect(view, [_ids(model, 2, 16, seed=i) for i in range(3)])
+    cal = collect(view, [token_ids(model, 2, 16, seed=i) for i in range(3)])
     q = quantize(view, bits, method=method, group_size=16, cal=cal)
     widths = [b for bs in q.report["bits_per_layer"].values() for b in bs]
     assert np.mean(widths) <= bits + 1e-9 and set(widths) <= set(BITS)
     assert q.report["packed_bytes"] < q.report["dense_bytes"]
-    ids = _ids(model)
+    ids = token_ids(model)
     expected = _logits(model, ids)
     out = save_checkpoint(model, tmp_path / "q", report=q.report, extra=q.write)
     json.loads((out / "compression.json").read_text())
@@ -137,7 +134,7 @@ def test_quantised_checkpoint_reloads_with_the_same_logits(tmp_path, model_type,
 def test_pmq_prefers_bits_where_routed_tokens_lose_most():
     model = tiny_model("qwen3_moe")
     view = moekit.models.load(model)
-    cal = collect(view, [_ids(model, 2, 32, seed=i) for i in range(4)])
+    cal = collect(view, [token_ids(model, 2, 32, seed=i) for i in range(4)])
     q = quantize(view, 3, method="pmq", group_size=16, cal=cal)
     layer = q.report["pmq"]["per_layer"]["0"]
     n, w, loss = np.array(layer["n"]), np.array(layer["w"]), np.array(layer["loss"])
@@ -163,8 +160,8 @@ def test_unused_experts_take_the_leftover_budget():
 def test_pmq_meets_its_budget_on_every_family(family):
     model = tiny_model(family)
     view = moekit.models.load(model)
-    cal = collect(view, [_ids(model, 2, 16, seed=i) for i in range(2)])
+    cal = collect(view, [token_ids(model, 2, 16, seed=i) for i in range(2)])
     q = quantize(view, 3, method="pmq", group_size=16, cal=cal)
     for widths in q.report["bits_per_layer"].values():
         assert sum(widths) <= 3 * len(widths) and set(widths) <= set(BITS)
-    assert torch.isfinite(_logits(model, _ids(model))).all()
+    assert torch.isfinite(_logits(model, token_ids(model))).all()
