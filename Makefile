@@ -7,15 +7,18 @@ STAMP := $(VENV)/.moekit-installed
 DEMO_MODEL := demo/model
 DEMO_DATA := prose,code,math,german,french,russian,japanese,dialogue
 OUT := out
+LOCK := requirements.lock
+LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test chromium clean
+.PHONY: setup demo test chromium clean lock
 
-$(STAMP): pyproject.toml
+# Exact versions from the committed lock (the ones the suite passed with), then moekit itself without resolving anything.
+# torch is locked to the 2.13.0 CPU build, which pip takes from local disk (an unpinned torch pulls a multi-GB CUDA
+# build). pip, setuptools and wheel are locked too, so the editable install needs no build isolation.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: the CPU build on local disk (an unpinned torch pulls a multi-GB CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,5 +43,20 @@ chromium:
 test: setup chromium
 	$(PY) -m pytest -q
 
+# Refresh the lock: resolve pyproject.toml's ranges afresh in a throw-away venv and freeze what was installed. Run
+# `make test` after it and commit requirements.lock only when the suite passes.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+	{ echo "# moekit's locked environment: written by \`make lock\`, installed by \`make setup\` (pip install -r)."; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'), $$(date -u +%F)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^moekit'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); now run make test (it rebuilds .venv from the new lock)"
+
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(OUT) $(LOCK_VENV)

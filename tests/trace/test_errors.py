@@ -14,6 +14,7 @@ from moekit.errors import UserError
 from moekit.trace import TraceOptions
 from tests.conftest import tiny_model
 from tests.trace.helpers import char_tokenizer, write_corpus
+from tests.trace.parquet_pages import data_pages
 
 
 @pytest.fixture
@@ -43,17 +44,23 @@ def test_truncated_chunk(trace_dir, capsys):
 
 
 def test_corrupted_column_data(trace_dir, capsys):
+    """Bytes flipped inside any data page's payload (found from the page headers, wherever the compressed layout puts
+    them) are caught by that page's CRC, for every column."""
     chunk = trace_dir / "chunk-00000.parquet"
-    data = bytearray(chunk.read_bytes())
-    footer = pq.ParquetFile(chunk).metadata.serialized_size + 8
-    middle = (len(data) - footer) // 2
-    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])  # footer intact: found by page CRCs
-    chunk.write_bytes(bytes(data))
-    t = moekit.trace.open(trace_dir)
-    with pytest.raises(UserError, match="chunk-00000.parquet is truncated or corrupted"):
-        for l in t.layers:
-            t.ids(l), t.weights(l)
-        t.seq_id, t.position, t.token_id, t.domain
+    original = chunk.read_bytes()
+    covered = data_pages(chunk)
+    assert {p.column.split(".")[0] for p in covered} >= {"seq_id", "token_id", "ids_L0", "weights_L0"}, covered
+    for page in covered:
+        data = bytearray(original)
+        middle = page.payload + page.size // 2
+        data[middle:middle + 2] = bytes(b ^ 0xFF for b in data[middle:middle + 2])
+        chunk.write_bytes(bytes(data))
+        t = moekit.trace.open(trace_dir)
+        with pytest.raises(UserError, match="chunk-00000.parquet is truncated or corrupted"):
+            for l in t.layers:
+                t.ids(l), t.weights(l)
+            t.seq_id, t.position, t.token_id, t.domain
+    chunk.write_bytes(original)
 
 
 def test_wrong_schema_version_in_a_chunk(trace_dir, capsys):
