@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import typer
@@ -11,20 +9,6 @@ from rich import box
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
-
-
-def default_store_dir(model: Path) -> Path:
-    """Where the expert store of a checkpoint is built once: $MOEKIT_CACHE (default ~/.cache/moekit)/stores/NAME-HASH,
-    the hash covering the store schema, the checkpoint's absolute path and its weight files' sizes and mtimes (a
-    retrained model or a new store format gets a fresh store)."""
-    from moekit.runtime.store import SCHEMA_VERSION
-
-    root = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit")) / "stores"
-    h = hashlib.sha256(f"{SCHEMA_VERSION}:{model.resolve()}".encode())
-    for f in sorted(model.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return root / f"{model.resolve().name}-{h.hexdigest()[:12]}"
 
 
 @app.command()
@@ -57,32 +41,16 @@ def run(
     import time
 
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    import moekit.models
     import moekit.runtime as rt
-    from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
-    from moekit.runtime.eam import collection_from_trace
-    from moekit.runtime.lowbit import build_lowbit, lowbit_dir
 
-    layers = len(moekit.models.load(model, meta=True).layers)  # config only: a bad MODEL fails here, in one line
-    store = store or default_store_dir(model)
-    if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
-        with progress_bar(f"building the expert store {store}", layers) as tick:
-            build_store_from_checkpoint(model, store, progress=tick)
-    if lowbit is not None and not (lowbit_dir(store, lowbit) / "manifest.json").is_file():
-        with progress_bar(f"building {lowbit}-bit copies of the experts", layers) as tick:
-            build_lowbit(store, lowbit, progress=tick)
-    eams = collection_from_trace(eam_trace) if eam_trace is not None else None
-    view = load_from_store(model, store)  # resident weights only: the experts stay in the store
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the tier experts are cached in, chosen once
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    if prefetch is None:
-        prefetch = device != "cpu" or eams is not None
-    om = rt.offload(view, store, budget, policy=policy, prefetch=prefetch, device=device, fiddler=fiddler,
-                    io_threads=io_threads, lowbit=lowbit, lowbit_threshold=lowbit_threshold, eam=eams)
-    tok = AutoTokenizer.from_pretrained(model)
-    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    options = rt.RuntimeOptions(budget=budget, policy=policy, prefetch=prefetch, store=store, fiddler=fiddler,
+                                io_threads=io_threads, threads=threads, lowbit=lowbit,
+                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace)
+    om = rt.open_offloaded(model, options, progress=progress_bar)
+    tok, view = om.tokenizer, om.view
+    ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t0 = time.perf_counter()
     with torch.no_grad():

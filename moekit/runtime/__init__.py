@@ -4,6 +4,8 @@
     om = moekit.runtime.offload(view, "store/", "512MB", policy="lfru")   # view.model now runs offloaded
     om.stats()                                                           # per-layer hits, misses, bytes, prefetch
 
+    om = moekit.runtime.open_offloaded("ckpt/", RuntimeOptions(budget="512MB"))  # from a checkpoint: what run/serve use
+
 Spec: ALGORITHMS.md §6; conventions of hit rates: §1 (a running system: cold misses count as misses). docs/runtime.md.
 """
 
@@ -11,17 +13,21 @@ from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offl
 from moekit.runtime.policies import available as available_policies
 from moekit.runtime.policies import make as make_policy
 from moekit.runtime.policies import register
+from moekit.runtime.session import RuntimeOptions, default_store_dir, open_offloaded
 from moekit.runtime.store import ExpertStore, build_store
 
 __all__ = [
            "ExpertStore",
            "OffloadedModel",
+           "RuntimeOptions",
            "available_policies",
            "build_store",
+           "default_store_dir",
            "format_bytes",
            "make_policy",
            "min_budget",
            "offload",
+           "open_offloaded",
            "parse_bytes",
            "register",
 ]

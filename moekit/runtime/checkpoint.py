@@ -64,14 +64,15 @@ def _device_map(view) -> dict[str, str]:
     return dmap
 
 
-def build_store_from_checkpoint(path, directory, *, progress=None) -> Path:
+def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None) -> Path:
     """The expert store of the checkpoint at `path` in `directory` (kept if it is already there); returns it.
-    progress() is called once per MoE layer written."""
+    progress() is called once per MoE layer written. skeleton: the checkpoint's meta-device view, if the caller has
+    one (it is only read)."""
     from accelerate.hooks import remove_hook_from_submodules
     from transformers import AutoModelForCausalLM
 
     path, directory = Path(path), Path(directory)
-    skeleton = moekit.models.load(path, meta=True)  # fails with a one-line error for unsupported/dense models
+    skeleton = skeleton or moekit.models.load(path, meta=True)  # one-line error for unsupported/dense models
     if (directory / "manifest.json").is_file():
         check_store(directory, skeleton)
         return directory
@@ -136,13 +137,14 @@ def check_store(directory: Path, view) -> None:
         raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
 
 
-def load_from_store(path, directory):
+def load_from_store(path, directory, *, skeleton=None):
     """The MoEView of the checkpoint at `path` with its resident weights read from the store in `directory` and its
-    routed experts' fused parameters on the meta device (call `offload` next)."""
+    routed experts' fused parameters on the meta device (call `offload` next). skeleton: the checkpoint's meta-device
+    view, if the caller has one; it is filled in place and must not be used afterwards."""
     from transformers import GenerationConfig
 
     path, directory = Path(path), Path(directory)
-    view = moekit.models.load(path, meta=True)
+    view = skeleton or moekit.models.load(path, meta=True)
     check_store(directory, view)
     model = view.model
     with safe_open(directory / RESIDENT, framework="pt") as f:

@@ -358,6 +358,7 @@ class OffloadedModel:
     def __init__(self, view, layers: list[LayerRuntime], budget: int, capacity: int, pool):
         self.view, self.model, self.layers = view, view.model, layers
         self.budget, self.capacity, self._pool = budget, capacity, pool
+        self.tokenizer = self.options = self.store_dir = None  # set by session.open_offloaded
 
     def stats(self) -> list[dict]:
         return [rt.stats.as_dict(rt.policy) for rt in self.layers]
@@ -425,8 +426,6 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
                         f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
                         f"minimum budget {format_bytes(need)} "
                         f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
-    if policy == "belady":
-        raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, not `run`")
     dev = torch.device(device)
     if io_threads < 1:
         raise UserError(f"io_threads must be >= 1, got {io_threads}")
