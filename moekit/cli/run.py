@@ -17,7 +17,7 @@ def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
     budget: str = typer.Option("512MB", "--budget", help="bytes of routed experts kept in memory, e.g. 512MB, 2GiB"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score"),
+    policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score, predictive"),
     prefetch: bool = typer.Option(None, "--prefetch/--no-prefetch",
                                   help="pre-gating prefetch of the next layer (default: on with a GPU; off on the CPU, "
                                        "where speculative reads slowed decoding in every measurement: docs/runtime.md)"),
@@ -34,6 +34,9 @@ def run(
     eam_trace: Path = typer.Option(None, "--eam-trace",
                                    help="MoE-Infinity: prefetch the experts of the request in this trace (recorded "
                                         "with this model) whose activation matrix best matches, instead of pre-gating"),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="routing predictor (`moekit predictor train`): --policy predictive evicts by "
+                                        "its forecasts; with prefetch it also names the next layer's experts"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
 ) -> None:
@@ -47,7 +50,7 @@ def run(
 
     options = rt.RuntimeOptions(budget=budget, policy=policy, prefetch=prefetch, store=store, fiddler=fiddler,
                                 io_threads=io_threads, threads=threads, lowbit=lowbit,
-                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace)
+                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace, predictor=predictor)
     om = rt.open_offloaded(model, options, progress=progress_bar)
     tok, view = om.tokenizer, om.view
     ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())

@@ -41,7 +41,8 @@ def expert_size(trace, model: Path | None) -> tuple[int, int]:
 @app.command()
 def simulate(
     trace_dir: Path = typer.Argument(..., metavar="TRACE", help="trace folder written by `moekit trace`"),
-    policy: str = typer.Option("lru,lfu,lfru,score,belady", "--policy", help="comma-separated cache policies"),
+    policy: str = typer.Option("lru,lfu,lfru,score,belady", "--policy",
+                               help="comma-separated cache policies (predictive: on a trace recorded with --predictor)"),
     capacity: str = typer.Option("1x,2x,4x", "--capacity", help="experts per layer, as multiples of top-k"),
     hardware: str = typer.Option("nvme-cpu", "--hardware", help="pcie4-gpu, pcie5-gpu, nvme-cpu, ddr5-cpu or a YAML"),
     model: Path = typer.Option(None, "--model", help="checkpoint of the trace (expert size), if not in the manifest"),
@@ -68,9 +69,11 @@ def simulate(
     if "score" in names:
         weights = [trace.weights(li)[n] for li in trace.layers]
         weights = None if any(np.isnan(w).any() for w in weights) else weights  # SGLang traces: uniform scores
+    # predictive replays the forecasts `moekit trace --predictor` recorded (the reader refuses a trace without them)
+    forecasts = [trace.forecasts(li)[n] for li in trace.layers] if "predictive" in names else None
     nbytes, nparams = expert_size(trace, model)
     results = run_sim(ids, num_experts=trace.num_experts, top_k=trace.top_k, expert_bytes=nbytes, policies_=names,
-                      capacities=caps, weights_per_layer=weights)
+                      capacities=caps, weights_per_layer=weights, forecasts_per_layer=forecasts)
     rows = with_bounds(results, hw, layers=len(trace.layers), top_k=trace.top_k, expert_params=nparams)
     if json_out:
         print_json({"trace": str(trace_dir), "tokens": int(ids[0].shape[0]), "hardware": hw.as_dict(),

@@ -26,6 +26,8 @@ def trace(
     logits: bool = typer.Option(False, "--logits", help="also store the full router logits (float16)"),
     activation_stats: bool = typer.Option(False, "--activation-stats",
                                           help="per layer x expert max |in| and max |out| of the down projection"),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help="also record this routing predictor's cache "
+                                             "forecasts (`moekit predictor train`), for `simulate --policy predictive`"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted trace in --out"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
     json_out: bool = typer.Option(False, "--json", help="print the final summary as one JSON line"),
@@ -36,7 +38,8 @@ def trace(
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
                            logits=logits, activation_stats=activation_stats)
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
-        manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance)
+        manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance,
+                          predictor=predictor)
     _report(summary(out, manifest), json_out)
 
 

@@ -95,6 +95,7 @@ class LayerStats:
     total_s: float = 0.0  # whole experts call
     routing: list = field(default_factory=list)  # ids [T, K] per step when recording
     routing_weights: list = field(default_factory=list)  # weights [T, K] float32 per step when recording
+    forecasts: list = field(default_factory=list)  # the predictor's forecast [E] per step when recording
 
     def as_dict(self, policy) -> dict:
         c = policy.counters()
@@ -132,7 +133,9 @@ class LayerRuntime:
         self.lowbit = None  # HOBBIT: a LowBitStore for misses whose routing weight is below lowbit_threshold
         self.lowbit_threshold = 0.0
         self.eam = None  # MoE-Infinity: an ActivationMatrixPredictor shared by the layers, replacing pre-gating
-        self.position = 0  # index among the MoE layers (the EAM's row)
+        self.position = 0  # index among the MoE layers (the EAM's row, the predictor's layer)
+        self.predictor = None  # a RoutingPredictor shared by the layers (predictor.py): forecasts + prefetch targets
+        self.policy_wants_forecast = type(policy).forecast is not policies.CachePolicy.forecast
 
     # hot path ------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,7 @@ class LayerRuntime:
             self.eam.observe(self.position, ids_np)
         for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
             self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
+        z = self._predict(x, ids, weights)  # the routing predictor's logits [T or 1, heads, E], or None
         resident = self._begin_step(ids_np, weights, experts)
         on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
         misses = [e for e in experts if e not in resident and e not in on_cpu]
@@ -168,7 +172,8 @@ class LayerRuntime:
         reads: dict = {}
         self._submit(todo, reads, low)
         if self.next is not None and self.prefetch_enabled:  # after this layer's reads: speculation queues behind
-            self.next.prefetch(x)
+            self.next.prefetch(x, None if z is None or self.next.eam is not None else
+                               set(np.unique(self.predictor.top(z, d=1)).tolist()))
         out = torch.zeros_like(x)  # [T, H]
         ys, summed = {}, 0  # expert -> weighted output [c, H] not summed yet; experts[:summed] are in `out`
 
@@ -222,6 +227,24 @@ class LayerRuntime:
         for v in evicted:
             self.cache.pop(v, None)  # may be a miss of this very step, admitted then evicted (prefill > capacity)
         return resident
+
+    def _predict(self, x, ids, weights):
+        """Run the routing predictor on this step: its cache forecast [E] (from the step's last token: the next use
+        after the step is what eviction weighs) goes to the policy before it decides, and is recorded for the
+        simulator; returns the head logits [T, heads, E] (every token when the next layer is prefetched from them,
+        else the last), None without a predictor."""
+        forecast = self.policy_wants_forecast or self.record
+        targets = self.next is not None and self.prefetch_enabled and self.next.eam is None
+        if self.predictor is None or not (forecast or targets):
+            return None
+        rows = slice(None) if targets else slice(-1, None)
+        z = self.predictor.logits(self.position, x[rows], ids[rows], weights[rows])
+        if forecast:
+            fc = self.predictor.forecast_of(z[-1:])[0]  # [E] float16
+            self.policy.forecast(fc)
+            if self.record:
+                self.stats.forecasts.append(fc)
+        return z
 
     def _end_step(self) -> None:
         self.predicted = None
@@ -309,12 +332,15 @@ class LayerRuntime:
         return w
 
     # prefetch (called by the previous MoE layer, before it computes) ----------------------------------------------
-    def prefetch(self, x: torch.Tensor) -> None:
+    def prefetch(self, x: torch.Tensor, predicted: set[int] | None = None) -> None:
         """Predict this layer's experts before it runs and read the non-resident ones in the background.
         Pre-gating: this layer's router on the previous layer's input x [T, H]. With an activation-matrix predictor
-        (MoE-Infinity, eam.py): the stored request whose EAM best matches this request's so far names them."""
+        (MoE-Infinity, eam.py): the stored request whose EAM best matches this request's so far names them. With a
+        routing predictor, the previous layer passes its prediction (`predicted`)."""
         if self.eam is not None:
             self.predicted = self.eam.predict(self.position)
+        elif predicted is not None:
+            self.predicted = predicted
         else:
             _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
             self.predicted = set(torch.unique(pred).tolist())
@@ -398,7 +424,7 @@ def min_budget(view, expert_bytes: int) -> int:
 
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
             device: str = "cpu", record: bool = False, fiddler: bool = False, io_threads: int = 4,
-            lowbit: int | None = None, lowbit_threshold: float = 0.1, eam=None) -> OffloadedModel:
+            lowbit: int | None = None, lowbit_threshold: float = 0.1, eam=None, predictor=None) -> OffloadedModel:
     """Serve `view`'s routed experts from the store in `store_dir` (see store.build_store) under a byte budget split
     evenly over the MoE layers; frees the model's fused expert parameters. Returns the OffloadedModel.
 
@@ -410,7 +436,10 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     lowbit (HOBBIT, arXiv 2411.01433; off by default because it changes the output): a miss whose routing weight is
     below lowbit_threshold is read from the store's `lowbit` -bit copies (lowbit.build_lowbit) and not cached.
     eam: an EAM collection [N, L, E] (eam.collection_from_trace) makes prefetch predict by activation-matrix matching
-    (MoE-Infinity) instead of pre-gating; its top-k per layer is the model's top-k."""
+    (MoE-Infinity) instead of pre-gating; its top-k per layer is the model's top-k.
+    predictor: a RoutingPredictor (predictor.py) trained for this model: its forecasts drive policy="predictive" (without
+    one that policy is LFRU), and with prefetch on it names the next layer's experts (and, from the last layer, the
+    next token's first layer's) instead of pre-gating."""
     for layer in view.layers:
         if not hasattr(layer.experts, "is_transposed") or layer.rule.weight_on_input:
             raise UserError(f"{view.model_type}: its experts do not go through transformers' experts interface "
@@ -440,9 +469,11 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
         if tuple(eam.shape[1:]) != (len(layers), view.num_experts):
             raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
                             f"model has {len(layers)} x {view.num_experts}: record the trace with this model")
-        predictor = ActivationMatrixPredictor(eam, view.top_k)
+        matcher = ActivationMatrixPredictor(eam, view.top_k)
         for pos, rt in enumerate(layers):
-            rt.eam, rt.position = predictor, pos
+            rt.eam, rt.position = matcher, pos
+    if predictor is not None:
+        _attach_predictor(layers, predictor, view)
     if lowbit is not None:
         from moekit.runtime.lowbit import LowBitStore
 
@@ -464,6 +495,14 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
             rt.costs = measure(rt, dev)
     view.model.set_experts_implementation(IMPLEMENTATION)
     return OffloadedModel(view, layers, budget, capacity, pool)
+
+
+def _attach_predictor(layers: list[LayerRuntime], predictor, view) -> None:
+    predictor.check(view)
+    for pos, rt in enumerate(layers):
+        rt.predictor, rt.position = predictor, pos
+    if layers[0].eam is None and len(layers) > 1:  # decode: the last layer predicts the next token's first layer
+        layers[-1].next = layers[0]
 
 
 def _move_resident(model: nn.Module, device) -> None:  # pragma: no cover - GPU tier

@@ -7,7 +7,8 @@ Protocol, once per step (a forward call of the layer: one token in decode):
 `access` judges every expert against the cache as it was before the step, then admits the misses in order; a victim is
 never one of the step's own experts unless the step needs more experts than the capacity (prefill).
 Counting follows a running system (ALGORITHMS.md §1, the simulator's convention): cold misses are misses, no free fill.
-Belady needs the future and exists for the simulator only.
+Belady needs the future and exists for the simulator only. `predictive` also takes, between the two calls,
+  policy.forecast(next_use)                # [E] predicted next use per expert (predictor.py), or None
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class CachePolicy:
         self.resident.add(e)
         self.on_use(e)
         return victim
+
+    def forecast(self, next_use) -> None:
+        """The predicted next use of every expert for the coming `access` (only `predictive` reads it)."""
 
     def discard(self, e: int) -> None:
         """Drop e without counting an eviction (Fiddler: a miss computed on the CPU is not kept on the GPU)."""
@@ -204,6 +208,34 @@ class Belady(CachePolicy):
 
     def priority(self, e):
         return -self.upcoming[e]  # farthest next use = lowest priority
+
+
+@register("predictive")
+class Predictive(LFRU):
+    """Belady's rule on a predicted future (ExpertFlow's predictive expert cache, arXiv 2410.17954; Lykouris &
+    Vassilvitskii, "Competitive caching with machine learned advice", ICML 2018): evict the resident whose predicted
+    next use is farthest away. `forecast(next_use)` gives, before a step's `access`, one value per expert of the
+    layer ([E], larger = used later; inf = never); moekit.runtime.predictor's forecast is the expected
+    ceil(log2(tokens until the next use)), float16. A forecast holds for that one step. Tie rule: equal forecasts,
+    and every step without one (no predictor), fall back to LFRU's priority (uses / (steps since last use + 1)),
+    then the lowest expert id; with no forecast at all the policy is LFRU exactly."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.next_use = None  # [E] for the current step, or None
+
+    def forecast(self, next_use) -> None:
+        self.next_use = None if next_use is None else np.asarray(next_use)
+
+    def access(self, experts):
+        try:
+            return super().access(experts)
+        finally:
+            self.next_use = None  # a forecast is for its own step: never reused stale
+
+    def priority(self, e):
+        far = 0.0 if self.next_use is None else float(self.next_use[e])
+        return (-far, super().priority(e))
 
 
 def _next_use_table(steps) -> list[int]:

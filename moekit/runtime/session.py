@@ -42,6 +42,7 @@ class RuntimeOptions:
     lowbit: int | None = None  # HOBBIT: low-weight misses read as BITS-bit copies
     lowbit_threshold: float = 0.1
     eam_trace: Path | None = None  # MoE-Infinity: prefetch by activation-matrix matching against this trace
+    predictor: Path | None = None  # routing predictor file (predictor.py): forecasts for policy "predictive"
 
     def __post_init__(self):
         self.budget = parse_bytes(self.budget)
@@ -61,11 +62,16 @@ class RuntimeOptions:
             raise UserError(f"device {self.device!r} asked for, but torch sees no GPU here: leave it out (CPU)")
         if self.fiddler and self.resolved_device() != "cuda":
             raise UserError("--fiddler computes misses on the CPU instead of copying them to the GPU: it needs a GPU")
-        for name in ("store", "eam_trace"):
+        for name in ("store", "eam_trace", "predictor"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else Path(value))
         if self.eam_trace is not None and not self.eam_trace.exists():
             raise UserError(f"no trace at {self.eam_trace}: record one with `moekit trace MODEL --out DIR`")
+        if self.predictor is not None and not self.predictor.is_file():
+            raise UserError(f"no predictor at {self.predictor}: train one with `moekit predictor train TRACE --out P`")
+        if self.policy == "predictive" and self.predictor is None:
+            raise UserError("--policy predictive evicts by the routing predictor's forecasts: pass --predictor P "
+                            "(`moekit predictor train TRACE --out P`; the demo model ships demo/predictor.safetensors)")
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +102,17 @@ def load_tokenizer(model: Path):
                         f" save one into the checkpoint folder (tokenizer.save_pretrained({str(model)!r}))") from None
 
 
+def _predictor(path: Path | None, skeleton):
+    """The routing predictor file, read and checked against the model before any expert is read."""
+    if path is None:
+        return None
+    from moekit.runtime.predictor import load
+
+    predictor = load(path)
+    predictor.check(skeleton)
+    return predictor
+
+
 def _no_progress(description: str, total: int):
     return contextlib.nullcontext(lambda n=1: None)
 
@@ -111,6 +128,7 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     model, options = Path(model), options or RuntimeOptions()
     skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
     tok = load_tokenizer(model) if tokenizer else None
+    predictor = _predictor(options.predictor, skeleton)
     store = options.store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
         with progress(f"building the expert store {store}", len(skeleton.layers)) as tick:
@@ -132,6 +150,6 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or eams is not None)
     om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
                  fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
-                 lowbit_threshold=options.lowbit_threshold, eam=eams)
+                 lowbit_threshold=options.lowbit_threshold, eam=eams, predictor=predictor)
     om.tokenizer, om.options, om.store_dir = tok, options, store
     return om

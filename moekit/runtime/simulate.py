@@ -24,8 +24,10 @@ def _steps(ids: np.ndarray, step_sizes) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-def replay_layer(ids, policy: str, capacity: int, weights=None, step_sizes=None) -> policies.CachePolicy:
-    """Feed one layer's routing ids [T, K] (and weights [T, K] for `score`) to a fresh policy; returns it (counters)."""
+def replay_layer(ids, policy: str, capacity: int, weights=None, step_sizes=None,
+                 forecasts=None) -> policies.CachePolicy:
+    """Feed one layer's routing ids [T, K] (and weights [T, K] for `score`, forecasts [T, E] for `predictive`: a step
+    uses its last token's row, as the runtime does) to a fresh policy; returns it (counters)."""
     ids = np.asarray(ids, dtype=np.int64)
     spans = _steps(ids, step_sizes)
     uniq = [sorted(set(ids[a:b].reshape(-1).tolist())) for a, b in spans]  # the runtime's ascending lookup order
@@ -33,8 +35,31 @@ def replay_layer(ids, policy: str, capacity: int, weights=None, step_sizes=None)
     cache = policies.make(policy, capacity, **kwargs)
     for (a, b), experts in zip(spans, uniq):
         cache.begin_step(ids[a:b], None if weights is None else weights[a:b])
+        if forecasts is not None:
+            cache.forecast(forecasts[b - 1])
         cache.access(experts)
     return cache
+
+
+def oracle_forecasts(ids, num_experts: int, step_sizes=None, horizon: int | None = None) -> np.ndarray:
+    """A perfect predictor's forecasts [T, E] float64 for `replay_layer`: for every token, each expert's next lookup
+    after the token's step, as a position in the flattened lookup sequence (the clock Belady uses, so `predictive`
+    with these makes Belady's choices; inf = never used again). horizon: a predictor that sees only the next
+    `horizon` steps: later uses are inf too, all equal (the policy's ties go to LFRU)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    spans = _steps(ids, step_sizes)
+    steps = [sorted(set(ids[a:b].reshape(-1).tolist())) for a, b in spans]
+    out = np.empty((ids.shape[0], num_experts))
+    nxt = np.full(num_experts, np.inf)  # flattened position of each expert's next lookup after the current step
+    nxt_step = np.full(num_experts, np.inf)
+    pos = sum(len(s) for s in steps)
+    for i in range(len(steps) - 1, -1, -1):
+        a, b = spans[i]
+        out[a:b] = nxt if horizon is None else np.where(nxt_step - i <= horizon, nxt, np.inf)
+        pos -= len(steps[i])
+        for j, e in enumerate(steps[i]):
+            nxt[e], nxt_step[e] = pos + j, i
+    return out
 
 
 @dataclass
@@ -57,8 +82,9 @@ class SimResult:
 
 
 def simulate(ids_per_layer, *, num_experts: int, top_k: int, expert_bytes: int, policies_=("lru",),
-             capacities=(1,), weights_per_layer=None, step_sizes=None) -> list[SimResult]:
-    """Hit/miss counts for every (policy, capacity) over all layers. `capacities` are multiples of top-k."""
+             capacities=(1,), weights_per_layer=None, step_sizes=None, forecasts_per_layer=None) -> list[SimResult]:
+    """Hit/miss counts for every (policy, capacity) over all layers. `capacities` are multiples of top-k;
+    forecasts_per_layer ([T, E] each, a trace's `forecasts`) feed `predictive`."""
     if not ids_per_layer:
         raise UserError("the trace has no MoE layers")
     tokens = int(np.asarray(ids_per_layer[0]).shape[0])
@@ -74,7 +100,8 @@ def simulate(ids_per_layer, *, num_experts: int, top_k: int, expert_bytes: int, 
             hits = misses = 0
             for li, ids in enumerate(ids_per_layer):
                 w = None if weights_per_layer is None else weights_per_layer[li]
-                c = replay_layer(ids, name, cap, w, step_sizes)
+                fc = None if forecasts_per_layer is None or name != "predictive" else forecasts_per_layer[li]
+                c = replay_layer(ids, name, cap, w, step_sizes, fc)
                 hits, misses = hits + c.hits, misses + c.misses
             results.append(SimResult(name, cap, float(mult), hits, misses, tokens, expert_bytes))
     return results

@@ -16,10 +16,11 @@ from moekit.trace.schema import ids_dtype
 class RouterCapture:
     """Context manager: hooks on the routers (and, for activation stats, the experts) of every MoE layer of a view."""
 
-    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False):
-        self.view, self.logits, self.activation_stats = view, logits, activation_stats
+    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False, inputs: bool = False):
+        self.view, self.logits, self.activation_stats, self.inputs = view, logits, activation_stats, inputs
         self.ids_dtype = ids_dtype(view.num_experts)
         self._seen: dict[int, tuple] = {}  # decoder layer -> (weights [T, K], ids [T, K], logits [T, E] | None)
+        self._inputs: dict[int, torch.Tensor] = {}  # decoder layer -> the experts module's input [T, H] (inputs=True)
         self._handles = []
         L, E = len(view.layers), view.num_experts
         self.act_in = np.zeros((L, E), np.float32)  # running max |input| of each expert's down projection
@@ -30,6 +31,9 @@ class RouterCapture:
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
             if self.activation_stats:
                 self._handles.append(layer.experts.register_forward_hook(self._experts_hook(slot, layer)))
+            if self.inputs:  # what the offloaded runtime's experts call receives (the routing predictor's input)
+                self._handles.append(layer.experts.register_forward_pre_hook(
+                    lambda m, args, i=layer.index: self._inputs.__setitem__(i, args[0].detach())))
         return self
 
     def __exit__(self, *exc):
@@ -59,6 +63,10 @@ class RouterCapture:
         maxima = (self.act_in.copy(), self.act_out.copy())
         self.act_in[:], self.act_out[:] = 0, 0
         return maxima
+
+    def take_inputs(self, keep: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per decoder layer: the experts' input [t, H] of the tokens where keep [T] is true (inputs=True). Clears it."""
+        return {layer.index: self._inputs.pop(layer.index).reshape(keep.shape[0], -1)[keep] for layer in self.view.layers}
 
     def take(self, keep: torch.Tensor) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Per decoder layer: (ids [t, K], weights [t, K] float32, logits [t, E] float16 | None) of the tokens where

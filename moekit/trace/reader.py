@@ -98,6 +98,12 @@ class Trace:
             raise UserError(f"{self.folder} has no router logits: record it with `moekit trace ... --logits`")
         return self._fixed_lists(schema.logits_col(self._layer(layer)), self.num_experts)
 
+    def forecasts(self, layer: int) -> np.ndarray:
+        """[T, E] float16 cache forecasts of the routing predictor (traces recorded with --predictor)."""
+        if not self.manifest.get("predictor"):
+            raise UserError(f"{self.folder} has no predictor forecasts: record it with `moekit trace ... --predictor P`")
+        return self._fixed_lists(schema.forecast_col(self._layer(layer)), self.num_experts)
+
     def counts(self) -> np.ndarray:
         """[L, E] int64 selection counts per MoE layer and expert; the only routing data of an aggregate trace."""
         if self.kind == schema.KIND_COUNTS:

@@ -55,25 +55,32 @@ def record(
     resume: bool = False,
     dtype=None,
     on_tokens: Callable[[int], None] | None = None,
+    predictor=None,
     _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
 ) -> dict:
-    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest."""
+    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest.
+    predictor (a file or a moekit.runtime.predictor.RoutingPredictor) adds its cache forecasts (forecast_L{l})."""
+    predictor = _predictor(predictor)
     view, model_name = _view(model, dtype)
+    if predictor is not None:
+        predictor.check(view)
     sources = data if data and isinstance(data[0], Source) else resolve_data(data)
     encode = encoder(tokenizer if tokenizer is not None else _load_tokenizer(model))
     out = Path(out)
-    manifest = _prepare(out, new_manifest(view, model_name, sources, options), resume)
+    manifest = _prepare(out, new_manifest(view, model_name, sources, options, predictor), resume)
     if manifest["completed"]:
         return manifest
     stream = sequences(sources, encode, options.seq_len, options.max_tokens)
     done = len(manifest["chunks"])
     stream = islice(stream, done * options.chunk_sequences, None)  # completed chunks: skip their sequences
-    pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits)
-    with RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats) as cap:
+    pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits,
+                                    forecasts=predictor is not None)
+    with RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
+                       inputs=predictor is not None) as cap:
         for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
                 return manifest
-            arrays = _trace_chunk(view, cap, chunk, options, manifest["domain_names"], on_tokens)
+            arrays = _trace_chunk(view, cap, chunk, options, manifest["domain_names"], on_tokens, predictor)
             store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
             _add_chunk(manifest, i, chunk)
             store.write_manifest(out, manifest)
@@ -82,7 +89,7 @@ def record(
     return manifest
 
 
-def new_manifest(view, model_name: str, sources: list[Source], options: TraceOptions) -> dict:
+def new_manifest(view, model_name: str, sources: list[Source], options: TraceOptions, predictor=None) -> dict:
     import moekit
 
     return {
@@ -101,6 +108,7 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "ids_dtype": schema.ids_dtype(view.num_experts).name,
         "logits": options.logits,
         "activation_stats": options.activation_stats,
+        "predictor": None if predictor is None else predictor.describe(),
         "domain_names": [],
         "tokens": 0,
         "sequences": 0,
@@ -110,12 +118,15 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
 
 
 # what must match for a resumed run to continue an earlier one
-RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts")
+RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts",
+               "predictor")
 
 
-def config_hash(config) -> str:
-    """sha256 of the model config, without bookkeeping keys that do not change the model (paths, versions, backends)."""
-    d = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+def config_hash(config, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 of the model config, without bookkeeping keys that do not change the model (paths, versions, backends)
+    and without the keys in `ignore`."""
+    d = {k: v for k, v in config.to_dict().items()
+         if not k.startswith("_") and k != "transformers_version" and k not in ignore}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -161,15 +172,22 @@ def _drop_damaged_chunks(out: Path, manifest: dict, check) -> None:
             return
 
 
-def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domain_names, on_tokens) -> store.ChunkArrays:
+def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domain_names, on_tokens,
+                 predictor=None) -> store.ChunkArrays:
     meta, per_layer = [], {layer.index: [] for layer in view.layers}
+    forecasts = {layer.index: [] for layer in view.layers}
     for start in range(0, len(chunk), options.batch_size):
         batch = chunk[start:start + options.batch_size]
         input_ids, keep = _pad(batch)  # [B, S], [B*S]
         with torch.inference_mode():
             _base(view.model)(input_ids=input_ids, use_cache=False)
-        for index, arrays in cap.take(keep).items():
+        inputs = cap.take_inputs(keep) if predictor is not None else None
+        for pos, (index, arrays) in enumerate(cap.take(keep).items()):
             per_layer[index].append(arrays)
+            if predictor is not None:  # the forecast the runtime would give the policy for these tokens
+                with torch.inference_mode():
+                    forecasts[index].append(predictor.forecast(pos, inputs[index], torch.from_numpy(
+                        arrays[0].astype(np.int64)), torch.from_numpy(arrays[1])))
         meta.append(_token_meta(batch, domain_names))
         if on_tokens is not None:
             on_tokens(int(keep.sum()))
@@ -184,6 +202,7 @@ def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domai
         ids={i: v[0] for i, v in layers.items()},
         weights={i: v[1] for i, v in layers.items()},
         logits={i: v[2] for i, v in layers.items() if v[2] is not None},
+        forecasts={i: np.concatenate(f) for i, f in forecasts.items() if f},
         act_max=cap.pop_activation_maxima() if options.activation_stats else None,
     )
 
@@ -240,6 +259,15 @@ def _view(model, dtype):
     view = moekit.models.load(model, dtype=dtype)
     view.model.eval()
     return view, str(model)
+
+
+def _predictor(predictor):
+    """A RoutingPredictor from a path (read before the model, so a bad file fails fast), or as given."""
+    if predictor is None or not isinstance(predictor, (str, Path)):
+        return predictor
+    from moekit.runtime.predictor import load
+
+    return load(predictor)
 
 
 def _load_tokenizer(model):

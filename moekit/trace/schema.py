@@ -7,8 +7,14 @@ A trace is a folder:
 
 Token rows: seq_id int64, position int32, token_id int32, domain string (dictionary-encoded), then per MoE layer with
 decoder index l: ids_L{l} fixed_size_list<uint8 | uint16>[K] and weights_L{l} fixed_size_list<float32>[K], ordered by
-weight descending, and with --logits logits_L{l} fixed_size_list<float16>[E]. Ids are uint8 when E <= 256.
-Weights stay float32 so a trace reproduces the router bit for bit (tests/trace/test_capture.py).
+weight descending, with --logits logits_L{l} fixed_size_list<float16>[E], and with --predictor forecast_L{l}
+fixed_size_list<float16>[E] (the routing predictor's cache forecast, moekit/runtime/predictor.py: what the `predictive`
+policy reads). Ids are uint8 when E <= 256. Weights stay float32 so a trace reproduces the router bit for bit
+(tests/trace/test_capture.py).
+
+Versioning: an optional column announced by a manifest key (logits, forecasts: "predictor") does not change the
+version: older traces lack it and read as before, older readers select columns by name and never see it. Anything an
+older reader would misread (a changed type, meaning or required column) bumps SCHEMA_VERSION.
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ def logits_col(layer: int) -> str:
     return f"logits_L{layer}"
 
 
-def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool) -> pa.Schema:
+def forecast_col(layer: int) -> str:
+    return f"forecast_L{layer}"
+
+
+def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool, forecasts: bool = False) -> pa.Schema:
     ids_type = pa.from_numpy_dtype(ids_dtype(num_experts))
     fields = [
         pa.field("seq_id", pa.int64()),
@@ -63,6 +73,8 @@ def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool) 
         fields.append(pa.field(weights_col(l), pa.list_(pa.float32(), top_k)))
         if logits:
             fields.append(pa.field(logits_col(l), pa.list_(pa.float16(), num_experts)))
+        if forecasts:
+            fields.append(pa.field(forecast_col(l), pa.list_(pa.float16(), num_experts)))
     return pa.schema(fields, metadata={META_VERSION: str(SCHEMA_VERSION).encode(), META_KIND: KIND_TOKENS.encode()})
 
 

@@ -29,6 +29,7 @@ class ChunkArrays:
     ids: dict[int, np.ndarray]  # decoder layer -> [T, K] uint8/uint16, by weight descending
     weights: dict[int, np.ndarray]  # decoder layer -> [T, K] float32
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # decoder layer -> [T, E] float16
+    forecasts: dict[int, np.ndarray] = field(default_factory=dict)  # decoder layer -> [T, E] float16 (--predictor)
     act_max: tuple[np.ndarray, np.ndarray] | None = None  # ([L, E] max |in|, [L, E] max |out|) of the down projection
 
 
@@ -68,6 +69,8 @@ def chunk_table(c: ChunkArrays, pa_schema: pa.Schema) -> pa.Table:
         cols[schema.weights_col(l)] = _fixed_lists(c.weights[l])
         if l in c.logits:
             cols[schema.logits_col(l)] = _fixed_lists(c.logits[l])
+        if l in c.forecasts:
+            cols[schema.forecast_col(l)] = _fixed_lists(c.forecasts[l])
     table = pa.table([cols[f.name] for f in pa_schema], schema=pa_schema)
     if c.act_max is not None:
         meta = dict(pa_schema.metadata)

@@ -1,0 +1,84 @@
+"""`moekit predictor train TRACE... --out P`: the routing predictor behind `--policy predictive` (runtime/predictor.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from moekit.cli import app, console, parse_dtype, print_json, progress_bar
+from moekit.errors import UserError
+
+predictor_app = typer.Typer(help="Train the routing predictor that `--policy predictive` evicts by.",
+                            no_args_is_help=True)
+app.add_typer(predictor_app, name="predictor")
+
+MIN_AGREEMENT = 0.9  # recomputed routing vs the trace's: below this the trace came from another model
+
+
+@predictor_app.command("train")
+def train(
+    traces: list[Path] = typer.Argument(..., metavar="TRACE...", help="trace folders written by `moekit trace`"),
+    out: Path = typer.Option(..., "--out", help="predictor file to write (safetensors)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint the traces came from (default: the one "
+                                                               "their manifest names)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
+    width: int = typer.Option(128, "--width", help="hidden units per MoE layer"),
+    steps: int = typer.Option(4000, "--steps", help="minibatches of 512 tokens per MoE layer"),
+    validation: float = typer.Option(0.1, "--validation", help="fraction of sequences held out to report recall"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="use at most this many tokens (every n-th "
+                                                                        "sequence)"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Fit, per MoE layer, a small MLP predicting the next layers' experts and each expert's next use."""
+    from moekit.runtime import predictor_train as pt
+
+    options = pt.TrainOptions(width=width, steps=steps, validation=validation, seed=seed)
+    torch_dtype = parse_dtype(dtype)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name such as {out / 'predictor.safetensors'}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
+    text = pt.read_traces(traces, max_tokens)
+    view = _load(model, text.model, torch_dtype)
+    data = pt.collect(view, text.sequences, text.batch_size, progress=progress_bar)
+    agreement = pt.routing_agreement(data, text)
+    if agreement < MIN_AGREEMENT:
+        raise UserError(f"recomputed routing matches the trace on only {agreement:.0%} of token-layers: the traces "
+                        f"were recorded with another model or dtype; pass the right --model / --dtype")
+    predictor = pt.train(view, data, options, progress=progress_bar,
+                         training={"traces": [str(t) for t in traces], "routing_agreement": agreement})
+    predictor.save(out)
+    _report(out, predictor, json_out)
+
+
+def _load(model: Path | None, named: str | None, dtype):
+    import moekit.models
+
+    path = model or (Path(named) if named else None)
+    if path is None or not (path / "config.json").is_file():
+        raise UserError(f"cannot find the model the traces came from ({named!r}): pass --model CHECKPOINT")
+    view = moekit.models.load(path, dtype=dtype)
+    view.model.eval()
+    return view
+
+
+def _report(out: Path, predictor, json_out: bool) -> None:
+    t, s = predictor.training, predictor.spec
+    held = t.get("held_out", {})
+    row = {"out": str(out), "bytes": out.stat().st_size, "tokens": t["tokens"], "held_out_tokens": t["held_out_tokens"],
+           "routing_agreement": t["routing_agreement"], "macs_per_token_layer": s.macs(),
+           **{f"recall_{k}": v["recall"] for k, v in held.items()}}
+    if json_out:
+        print_json({**row, "held_out": held})
+        return
+    table = Table(title=f"predictor {out}: {s.num_layers} MoE layers x {s.num_experts} experts, width {s.width}",
+                  show_header=False)
+    for key, value in row.items():
+        if key != "out":
+            table.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
+    table.caption = f"recall at top-{s.top_k} on the held-out sequences"
+    console.print(table)

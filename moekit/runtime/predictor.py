@@ -1,0 +1,238 @@
+"""A learned routing-path predictor (ExpertFlow, arXiv 2410.17954; Pre-gated MoE, arXiv 2308.12066): for each token at
+MoE layer position l, from what the runtime holds when that layer routes (the experts' input x [H] and the layer's
+routing, its weights scattered over the E experts), a small MLP per layer predicts
+
+  routing heads, d = 1..lookahead: the experts of the d-th next MoE layer in execution order (layer l+d of this token;
+      past the last layer, the next token's first layers: decode runs layer L-1 of token t, then layer 0 of t+1);
+  reuse heads, h in horizons: whether each expert of layer l itself is used again within the next h tokens.
+
+The reuse heads give the `predictive` cache policy (policies.py) its forecast: with horizons 1, 2, 4, ..., 2^m,
+  forecast_e = sum_h P(e not used within h tokens) = E[min(ceil(log2 D_e), m + 1)],
+D_e = tokens until expert e's next use at this layer: a predicted next use on a log scale, larger = farther, rounded to
+float16 (traces store it so; the runtime rounds the same way, so both feed the policy the same numbers).
+
+Deviations from the papers, on purpose: ExpertFlow's predictor is a transformer over the whole prompt predicting every
+layer at once, and Pre-gated MoE trains a pre-gate per layer jointly with the model; this one is one hidden layer per
+MoE layer, trained afterwards on routing traces (predictor_train.py), cheap enough to run at every layer of every
+decode step (benchmarks/prediction.py measures its cost against the layer's own compute).
+
+The MLP: z = W2 gelu(W1 f + b1) + b2 over the features f = [x, routing weights], plus a linear path f -> routing heads
+(which can represent pre-gating: the next router applied to x). File (safetensors, written atomically): w1x [L, H, S]
+and w1r [L, E, S] (the first layer and the linear path, S = W + lookahead * E, for the hidden state and for the routing
+weights, input normalisation folded in), b1 [L, W], w2 [L, W, O], b2 [L, O], float32, O = (lookahead + len(horizons))
+* E; metadata "format" =
+"moekit.predictor", "format_version", and "spec" (JSON of PredictorSpec: the model it was trained for and the heads)
+plus "training" (JSON: data and held-out recall). A reader refuses other format versions.
+Dimension legend: T tokens, K selected, E experts, H hidden, L MoE layers, F features, W width, O outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import erf
+
+from moekit.errors import UserError
+
+FORMAT = "moekit.predictor"
+FORMAT_VERSION = 1
+HORIZONS = (1, 2, 4, 8, 16, 32)
+_SQRT_HALF = 0.7071067811865476
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What a predictor is for (the model it was trained on) and its shape."""
+
+    model_type: str
+    config_hash: str  # model_hash(config) of the model it was trained on
+    layers: tuple[int, ...]  # decoder indices of the MoE layers, in order
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    width: int = 128
+    lookahead: int = 2  # routing heads: the next `lookahead` MoE layers in execution order
+    horizons: tuple[int, ...] = HORIZONS  # reuse heads, in tokens
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "horizons", tuple(int(h) for h in self.horizons))
+        if not self.layers:
+            raise ValueError("a predictor needs at least one MoE layer")
+        for name in ("num_experts", "top_k", "hidden_size", "width", "lookahead"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.horizons or list(self.horizons) != sorted(set(self.horizons)) or self.horizons[0] < 1:
+            raise ValueError(f"horizons must be increasing token counts >= 1, got {self.horizons}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def features(self) -> int:
+        return self.hidden_size + self.num_experts
+
+    @property
+    def heads(self) -> int:
+        return self.lookahead + len(self.horizons)
+
+    def target(self, position: int, d: int) -> tuple[int, int]:
+        """(tokens ahead, layer position) of routing head d at layer position `position`."""
+        return divmod(position + d, self.num_layers)
+
+    def macs(self) -> int:
+        """Multiply-adds per token and layer."""
+        return (self.hidden_size + self.top_k) * (self.width + self.lookahead * self.num_experts) + \
+            self.width * self.heads * self.num_experts
+
+
+class RoutingPredictor:
+    """The predictor's weights (numpy float32: at one token per call, numpy's per-op cost is a third of torch's) and
+    its uses: head logits, the cache forecast, routing predictions."""
+
+    NAMES = ("w1x", "w1r", "b1", "w2", "b2")
+
+    def __init__(self, spec: PredictorSpec, tensors: dict[str, np.ndarray] | None = None, training: dict | None = None):
+        self.spec, self.training = spec, dict(training or {})
+        self.path: Path | None = None  # the file it was read from
+        L, H, E, W, O = spec.num_layers, spec.hidden_size, spec.num_experts, spec.width, spec.heads * spec.num_experts
+        S = W + spec.lookahead * E  # hidden units, then the linear skip into the routing heads
+        shapes = {"w1x": (L, H, S), "w1r": (L, E, S), "b1": (L, W), "w2": (L, W, O), "b2": (L, O)}
+        tensors = tensors or {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+        for name, shape in shapes.items():
+            t = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            if t.shape != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {t.shape}")
+            setattr(self, name, t)
+
+    # inference ---------------------------------------------------------------------------------------------------------
+    def logits(self, position: int, x, ids, weights) -> np.ndarray:
+        """Head logits [T, heads, E] at layer position `position` from experts' inputs x [T, H] and the layer's routing
+        ids / weights [T, K] (numpy or torch)."""
+        x, ids, weights = _np(x, np.float32), _np(ids, np.int64), _np(weights, np.float32)
+        W, skip = self.spec.width, self.spec.lookahead * self.spec.num_experts
+        a = x @ self.w1x[position]  # [T, W + skip]
+        a += np.einsum("tk,tks->ts", weights, self.w1r[position][ids])  # the routing weights' rows
+        h = a[:, :W] + self.b1[position]  # [T, W]
+        h = 0.5 * h * (1.0 + erf(h * _SQRT_HALF))  # GELU (exact, as torch.nn.GELU)
+        z = h @ self.w2[position] + self.b2[position]  # [T, O]
+        z[:, :skip] += a[:, W:]  # linear path into the routing heads (it can express pre-gating's router)
+        return z.reshape(x.shape[0], self.spec.heads, self.spec.num_experts)
+
+    def forecast(self, position: int, x, ids, weights) -> np.ndarray:
+        """The cache forecast [T, E] float16 of layer position `position` (see `forecast_of`)."""
+        return self.forecast_of(self.logits(position, x, ids, weights))
+
+    def forecast_of(self, z: np.ndarray) -> np.ndarray:
+        """Head logits [T, heads, E] -> cache forecast [T, E] float16: expected ceil(log2 tokens to each expert's next
+        use) at this layer (module docstring); the `predictive` policy evicts the largest."""
+        return (1.0 / (1.0 + np.exp(z[:, self.spec.lookahead:]))).sum(1).astype(np.float16)  # sum_h P(not within h)
+
+    def top(self, z: np.ndarray, d: int = 1, k: int | None = None) -> np.ndarray:
+        """The k (default top-k) most likely experts [T, k] of routing head d (PredictorSpec.target) from logits z;
+        ties: lowest id."""
+        if not 1 <= d <= self.spec.lookahead:
+            raise ValueError(f"routing head d must lie in 1..{self.spec.lookahead}, got {d}")
+        return np.argsort(-z[:, d - 1], axis=-1, kind="stable")[:, :k or self.spec.top_k]
+
+    # checks against a model ------------------------------------------------------------------------------------------
+    def check(self, view) -> None:
+        """UserError unless this predictor was trained for the model of `view`."""
+        s = self.spec
+        have = (view.model_type, tuple(m.index for m in view.layers), view.num_experts, view.top_k,
+                view.config.hidden_size)
+        want = (s.model_type, s.layers, s.num_experts, s.top_k, s.hidden_size)
+        if have != want:
+            raise UserError(f"the predictor was trained for a {s.model_type} with MoE layers {list(s.layers)}, "
+                            f"{s.num_experts} experts, top-{s.top_k}, hidden {s.hidden_size}; this model is a "
+                            f"{have[0]} with {list(have[1])}, {have[2]}, top-{have[3]}, hidden {have[4]}: train one "
+                            f"for it with `moekit predictor train TRACE --out P`")
+        if model_hash(view.config) != s.config_hash:
+            raise UserError("the predictor was trained on another model of the same shape (config hash differs): "
+                            "train one for this model with `moekit predictor train TRACE --out P`")
+
+    # file ------------------------------------------------------------------------------------------------------------
+    def digest(self) -> str:
+        """sha256 of the spec and the weights: names the predictor in a trace's manifest."""
+        h = hashlib.sha256(json.dumps(asdict(self.spec), sort_keys=True).encode())
+        for name in self.NAMES:
+            h.update(name.encode())
+            h.update(getattr(self, name).tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """What a trace's manifest records about the predictor behind its forecasts."""
+        return {"file": None if self.path is None else str(self.path), "sha256": self.digest(),
+                "format_version": FORMAT_VERSION, "horizons": list(self.spec.horizons)}
+
+    def save(self, path) -> Path:
+        """Write atomically (a temporary file renamed into place)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": json.dumps(asdict(self.spec)),
+                "training": json.dumps(self.training)}
+        try:
+            save_file({k: getattr(self, k) for k in self.NAMES}, str(tmp), metadata=meta)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def model_hash(config) -> str:
+    """The model a predictor belongs to: its config's hash without the dtype (a predictor trained on bfloat16 traces
+    serves the float32 run of the same model)."""
+    from moekit.trace.record import config_hash
+
+    return config_hash(config, ignore=("dtype", "torch_dtype"))
+
+
+def load(path) -> RoutingPredictor:
+    """Read a predictor file; UserError naming the problem and the fix for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no predictor at {path}: train one with `moekit predictor train TRACE --out {path}`")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable predictor file ({str(err).splitlines()[0]}): train it again with "
+                        f"`moekit predictor train TRACE --out {path}`") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is a safetensors file but not a moekit predictor: train one with "
+                        f"`moekit predictor train TRACE --out P`")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise UserError(f"{path} has predictor format version {meta.get('format_version')!r}, this moekit reads "
+                        f"version {FORMAT_VERSION}: train it again with this moekit")
+    try:
+        predictor = RoutingPredictor(PredictorSpec(**json.loads(meta["spec"])), tensors,
+                                     json.loads(meta.get("training", "{}")))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is a damaged predictor file ({str(err).splitlines()[0]}): train it again with "
+                        f"`moekit predictor train TRACE --out {path}`") from None
+    predictor.path = path
+    return predictor
+
+
+def pack(spec: PredictorSpec, fitted: list[dict[str, np.ndarray]], training: dict) -> RoutingPredictor:
+    """One predictor from per-layer weights {w1x [H, W], w1r [E, W], b1 [W], w2 [W, O], b2 [O]}."""
+    if len(fitted) != spec.num_layers:
+        raise ValueError(f"{len(fitted)} fitted layers for a spec of {spec.num_layers}")
+    return RoutingPredictor(spec, {k: np.stack([f[k] for f in fitted]) for k in RoutingPredictor.NAMES}, training)
+
+
+def _np(a, dtype) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().to("cpu", torch.float32 if dtype == np.float32 else torch.int64).numpy()
+    return np.asarray(a, dtype=dtype)
