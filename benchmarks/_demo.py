@@ -67,3 +67,17 @@ def _take(ws: list[np.ndarray], tokens: int) -> list[np.ndarray]:
             out.append(w)
         total += len(w)
     return out
+
+
+def fit_predictor(view, tok, tokens_per_domain: int, split: str, steps: int = 4000, width: int = 128):
+    """The routing predictor (moekit predictor train's recipe) fitted on `tokens_per_domain` calibration tokens per
+    domain (calib_windows: never the evaluation text); returns (predictor, calibration tokens, seconds)."""
+    import time
+
+    from moekit.runtime import predictor_train as pt
+
+    t0 = time.perf_counter()
+    windows = [w for ws in calib_windows(tok, tokens_per_domain, DOMAINS, split).values() for w in ws]
+    data = pt.collect(view, windows)
+    predictor = pt.train(view, data, pt.TrainOptions(width=width, steps=steps))
+    return predictor, data.tokens, time.perf_counter() - t0

@@ -20,6 +20,8 @@ def trace(
                                    "a .jsonl file with `text` (+ `domain`/`label`), or demo-corpus domains: code,prose"),
     out: Path = typer.Option(..., "--out", help="trace folder to write"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens, split equally across the data sources"),
+    skip_tokens: int = typer.Option(0, "--skip-tokens", help="skip the first tokens, split equally across the data "
+                                    "sources (whole windows): e.g. text kept for evaluation"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per sequence (non-overlapping windows of a document)"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
     chunk_tokens: int = typer.Option(65536, "--chunk-tokens", help="tokens per Parquet chunk (memory stays flat)"),
@@ -36,7 +38,7 @@ def trace(
     from moekit.trace import TraceOptions, record
 
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
-                           logits=logits, activation_stats=activation_stats)
+                           logits=logits, activation_stats=activation_stats, skip_tokens=skip_tokens)
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
         manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance,
                           predictor=predictor)

@@ -158,7 +158,7 @@ class LayerRuntime:
             self.eam.observe(self.position, ids_np)
         for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
             self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
-        z = self._predict(x, ids, weights)  # the routing predictor's logits [T or 1, heads, E], or None
+        predicted_next = self._predict(x, ids, weights)  # the routing predictor: forecast to the policy
         resident = self._begin_step(ids_np, weights, experts)
         on_cpu = self._fiddler(experts, counts, resident) if self.costs is not None else ()
         misses = [e for e in experts if e not in resident and e not in on_cpu]
@@ -172,8 +172,7 @@ class LayerRuntime:
         reads: dict = {}
         self._submit(todo, reads, low)
         if self.next is not None and self.prefetch_enabled:  # after this layer's reads: speculation queues behind
-            self.next.prefetch(x, None if z is None or self.next.eam is not None else
-                               set(np.unique(self.predictor.top(z, d=1)).tolist()))
+            self.next.prefetch(x, predicted_next)
         out = torch.zeros_like(x)  # [T, H]
         ys, summed = {}, 0  # expert -> weighted output [c, H] not summed yet; experts[:summed] are in `out`
 
@@ -228,23 +227,21 @@ class LayerRuntime:
             self.cache.pop(v, None)  # may be a miss of this very step, admitted then evicted (prefill > capacity)
         return resident
 
-    def _predict(self, x, ids, weights):
+    def _predict(self, x, ids, weights) -> set[int] | None:
         """Run the routing predictor on this step: its cache forecast [E] (from the step's last token: the next use
         after the step is what eviction weighs) goes to the policy before it decides, and is recorded for the
-        simulator; returns the head logits [T, heads, E] (every token when the next layer is prefetched from them,
-        else the last), None without a predictor."""
-        forecast = self.policy_wants_forecast or self.record
-        targets = self.next is not None and self.prefetch_enabled and self.next.eam is None
-        if self.predictor is None or not (forecast or targets):
+        simulator; returns its experts for the next MoE layer in execution order when that layer is prefetched from
+        them (None otherwise: no predictor, no prefetch, or the next layer matches an EAM)."""
+        if self.predictor is None:
             return None
-        rows = slice(None) if targets else slice(-1, None)
-        z = self.predictor.logits(self.position, x[rows], ids[rows], weights[rows])
-        if forecast:
-            fc = self.predictor.forecast_of(z[-1:])[0]  # [E] float16
+        if self.policy_wants_forecast or self.record:
+            fc = self.predictor.forecast(self.position, x[-1:], ids[-1:], weights[-1:])[0]  # [E] float16
             self.policy.forecast(fc)
             if self.record:
                 self.stats.forecasts.append(fc)
-        return z
+        if self.next is None or not self.prefetch_enabled or self.next.eam is not None:
+            return None
+        return set(np.unique(self.predictor.predict(self.position, x, ids, weights, d=1)).tolist())
 
     def _end_step(self) -> None:
         self.predicted = None

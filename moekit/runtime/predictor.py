@@ -1,6 +1,6 @@
 """A learned routing-path predictor (ExpertFlow, arXiv 2410.17954; Pre-gated MoE, arXiv 2308.12066): for each token at
 MoE layer position l, from what the runtime holds when that layer routes (the experts' input x [H] and the layer's
-routing, its weights scattered over the E experts), a small MLP per layer predicts
+routing, its weights scattered over the E experts), two small MLPs per layer predict
 
   routing heads, d = 1..lookahead: the experts of the d-th next MoE layer in execution order (layer l+d of this token;
       past the last layer, the next token's first layers: decode runs layer L-1 of token t, then layer 0 of t+1);
@@ -11,19 +11,23 @@ The reuse heads give the `predictive` cache policy (policies.py) its forecast: w
 D_e = tokens until expert e's next use at this layer: a predicted next use on a log scale, larger = farther, rounded to
 float16 (traces store it so; the runtime rounds the same way, so both feed the policy the same numbers).
 
-Deviations from the papers, on purpose: ExpertFlow's predictor is a transformer over the whole prompt predicting every
-layer at once, and Pre-gated MoE trains a pre-gate per layer jointly with the model; this one is one hidden layer per
-MoE layer, trained afterwards on routing traces (predictor_train.py), cheap enough to run at every layer of every
-decode step (benchmarks/prediction.py measures its cost against the layer's own compute).
+Each group is z = W2 gelu(W1 f + b1) + b2 on the features f = [x, routing weights]; the routing group adds a linear
+path f -> its heads (it can represent pre-gating, the next router applied to x). Two groups, not one network with all
+heads, because the runtime pays for what it uses: the forecast every step under `predictive`, the routing heads only
+when it prefetches (benchmarks/prediction.py measures both against the layer's own compute).
 
-The MLP: z = W2 gelu(W1 f + b1) + b2 over the features f = [x, routing weights], plus a linear path f -> routing heads
-(which can represent pre-gating: the next router applied to x). File (safetensors, written atomically): w1x [L, H, S]
-and w1r [L, E, S] (the first layer and the linear path, S = W + lookahead * E, for the hidden state and for the routing
-weights, input normalisation folded in), b1 [L, W], w2 [L, W, O], b2 [L, O], float32, O = (lookahead + len(horizons))
-* E; metadata "format" =
-"moekit.predictor", "format_version", and "spec" (JSON of PredictorSpec: the model it was trained for and the heads)
-plus "training" (JSON: data and held-out recall). A reader refuses other format versions.
-Dimension legend: T tokens, K selected, E experts, H hidden, L MoE layers, F features, W width, O outputs.
+Deviations from the papers, on purpose: ExpertFlow's predictor is a transformer over the whole prompt predicting every
+layer at once, and Pre-gated MoE trains a pre-gate per layer jointly with the model; these are one hidden layer per MoE
+layer, trained afterwards on routing traces (predictor_train.py), cheap enough for every layer of every decode step.
+
+File (safetensors, written atomically), float32, input normalisation folded into the first layers:
+  route.w1x [L, H, Wr + D*E], route.w1r [L, E, Wr + D*E]  first layer and linear path (hidden state / routing rows)
+  route.b1 [L, Wr], route.w2 [L, Wr, D*E], route.b2 [L, D*E]
+  reuse.w1x [L, H, Wu], reuse.w1r [L, E, Wu], reuse.b1 [L, Wu], reuse.w2 [L, Wu, R*E], reuse.b2 [L, R*E]
+(D = lookahead, R = len(horizons)); metadata "format" = "moekit.predictor", "format_version", "spec" (JSON of
+PredictorSpec: the model it is for and the heads) and "training" (JSON: data, held-out recall). Other format versions
+are refused.
+Dimension legend: T tokens, K selected, E experts, H hidden, L MoE layers, W width, D routing heads, R reuse heads.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import erf
+from scipy.special import erf, expit
 
 from moekit.errors import UserError
 
 FORMAT = "moekit.predictor"
 FORMAT_VERSION = 1
 HORIZONS = (1, 2, 4, 8, 16, 32)
+GROUPS = ("route", "reuse")
+TENSORS = ("w1x", "w1r", "b1", "w2", "b2")
 _SQRT_HALF = 0.7071067811865476
 
 
@@ -55,8 +61,9 @@ class PredictorSpec:
     num_experts: int
     top_k: int
     hidden_size: int
-    width: int = 128
-    lookahead: int = 2  # routing heads: the next `lookahead` MoE layers in execution order
+    width: int = 128  # hidden units of the routing heads
+    reuse_width: int = 64  # hidden units of the reuse heads
+    lookahead: int = 1  # routing heads: the next `lookahead` MoE layers in execution order
     horizons: tuple[int, ...] = HORIZONS  # reuse heads, in tokens
 
     def __post_init__(self):
@@ -64,7 +71,7 @@ class PredictorSpec:
         object.__setattr__(self, "horizons", tuple(int(h) for h in self.horizons))
         if not self.layers:
             raise ValueError("a predictor needs at least one MoE layer")
-        for name in ("num_experts", "top_k", "hidden_size", "width", "lookahead"):
+        for name in ("num_experts", "top_k", "hidden_size", "width", "reuse_width", "lookahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.horizons or list(self.horizons) != sorted(set(self.horizons)) or self.horizons[0] < 1:
@@ -78,68 +85,75 @@ class PredictorSpec:
     def features(self) -> int:
         return self.hidden_size + self.num_experts
 
-    @property
-    def heads(self) -> int:
-        return self.lookahead + len(self.horizons)
+    def group(self, name: str) -> tuple[int, int, int]:
+        """(hidden units, heads, linear-path heads) of head group `name`."""
+        return (self.width, self.lookahead, self.lookahead) if name == "route" else \
+            (self.reuse_width, len(self.horizons), 0)
 
     def target(self, position: int, d: int) -> tuple[int, int]:
         """(tokens ahead, layer position) of routing head d at layer position `position`."""
         return divmod(position + d, self.num_layers)
 
-    def macs(self) -> int:
-        """Multiply-adds per token and layer."""
-        return (self.hidden_size + self.top_k) * (self.width + self.lookahead * self.num_experts) + \
-            self.width * self.heads * self.num_experts
+    def macs(self, name: str) -> int:
+        """Multiply-adds per token and layer of head group `name` (the routing rows are top-k of E: a gather)."""
+        W, heads, skip = self.group(name)
+        return (self.hidden_size + self.top_k) * (W + skip * self.num_experts) + W * heads * self.num_experts
+
+
+def shapes(spec: PredictorSpec) -> dict[str, tuple[int, ...]]:
+    """File tensor name -> shape."""
+    L, H, E = spec.num_layers, spec.hidden_size, spec.num_experts
+    out = {}
+    for g in GROUPS:
+        W, heads, skip = spec.group(g)
+        S = W + skip * E  # hidden units, then the linear path
+        out.update({f"{g}.w1x": (L, H, S), f"{g}.w1r": (L, E, S), f"{g}.b1": (L, W), f"{g}.w2": (L, W, heads * E),
+                    f"{g}.b2": (L, heads * E)})
+    return out
 
 
 class RoutingPredictor:
-    """The predictor's weights (numpy float32: at one token per call, numpy's per-op cost is a third of torch's) and
-    its uses: head logits, the cache forecast, routing predictions."""
-
-    NAMES = ("w1x", "w1r", "b1", "w2", "b2")
+    """The predictor's weights (numpy float32: at one token per call numpy costs a third of torch's per-op overhead)
+    and its uses: routing predictions, reuse logits, the cache forecast."""
 
     def __init__(self, spec: PredictorSpec, tensors: dict[str, np.ndarray] | None = None, training: dict | None = None):
         self.spec, self.training = spec, dict(training or {})
         self.path: Path | None = None  # the file it was read from
-        L, H, E, W, O = spec.num_layers, spec.hidden_size, spec.num_experts, spec.width, spec.heads * spec.num_experts
-        S = W + spec.lookahead * E  # hidden units, then the linear skip into the routing heads
-        shapes = {"w1x": (L, H, S), "w1r": (L, E, S), "b1": (L, W), "w2": (L, W, O), "b2": (L, O)}
-        tensors = tensors or {k: np.zeros(v, np.float32) for k, v in shapes.items()}
-        for name, shape in shapes.items():
-            t = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        self.tensors: dict[str, np.ndarray] = {}
+        for name, shape in shapes(spec).items():
+            t = np.zeros(shape, np.float32) if tensors is None else np.ascontiguousarray(tensors[name], np.float32)
             if t.shape != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {t.shape}")
-            setattr(self, name, t)
+            self.tensors[name] = t
 
     # inference ---------------------------------------------------------------------------------------------------------
-    def logits(self, position: int, x, ids, weights) -> np.ndarray:
-        """Head logits [T, heads, E] at layer position `position` from experts' inputs x [T, H] and the layer's routing
-        ids / weights [T, K] (numpy or torch)."""
+    def logits(self, group: str, position: int, x, ids, weights) -> np.ndarray:
+        """Head logits [T, heads, E] of `group` ("route" or "reuse") at layer position `position`, from the experts'
+        inputs x [T, H] and the layer's routing ids / weights [T, K] (numpy or torch)."""
+        t = {k: self.tensors[f"{group}.{k}"][position] for k in TENSORS}
+        W, heads, skip = self.spec.group(group)
         x, ids, weights = _np(x, np.float32), _np(ids, np.int64), _np(weights, np.float32)
-        W, skip = self.spec.width, self.spec.lookahead * self.spec.num_experts
-        a = x @ self.w1x[position]  # [T, W + skip]
-        a += np.einsum("tk,tks->ts", weights, self.w1r[position][ids])  # the routing weights' rows
-        h = a[:, :W] + self.b1[position]  # [T, W]
+        a = x @ t["w1x"]  # [T, S]
+        a += np.matmul(weights[:, None, :], t["w1r"][ids])[:, 0]  # the routing weights' rows: [T, 1, K] @ [T, K, S]
+        h = a[:, :W] + t["b1"]  # [T, W]
         h = 0.5 * h * (1.0 + erf(h * _SQRT_HALF))  # GELU (exact, as torch.nn.GELU)
-        z = h @ self.w2[position] + self.b2[position]  # [T, O]
-        z[:, :skip] += a[:, W:]  # linear path into the routing heads (it can express pre-gating's router)
-        return z.reshape(x.shape[0], self.spec.heads, self.spec.num_experts)
+        z = h @ t["w2"] + t["b2"]  # [T, heads * E]
+        if skip:
+            z += a[:, W:]  # the linear path
+        return z.reshape(x.shape[0], heads, self.spec.num_experts)
 
     def forecast(self, position: int, x, ids, weights) -> np.ndarray:
-        """The cache forecast [T, E] float16 of layer position `position` (see `forecast_of`)."""
-        return self.forecast_of(self.logits(position, x, ids, weights))
+        """The cache forecast [T, E] float16 at layer position `position`: expected ceil(log2 tokens to each expert's
+        next use) there (module docstring); the `predictive` policy evicts the largest."""
+        z = self.logits("reuse", position, x, ids, weights)  # [T, R, E]
+        return expit(-z).sum(1).astype(np.float16)  # sum_h P(not used within h)
 
-    def forecast_of(self, z: np.ndarray) -> np.ndarray:
-        """Head logits [T, heads, E] -> cache forecast [T, E] float16: expected ceil(log2 tokens to each expert's next
-        use) at this layer (module docstring); the `predictive` policy evicts the largest."""
-        return (1.0 / (1.0 + np.exp(z[:, self.spec.lookahead:]))).sum(1).astype(np.float16)  # sum_h P(not within h)
-
-    def top(self, z: np.ndarray, d: int = 1, k: int | None = None) -> np.ndarray:
-        """The k (default top-k) most likely experts [T, k] of routing head d (PredictorSpec.target) from logits z;
-        ties: lowest id."""
+    def predict(self, position: int, x, ids, weights, d: int = 1, k: int | None = None) -> np.ndarray:
+        """The k (default top-k) most likely experts [T, k] of routing head d (PredictorSpec.target); ties: lowest id."""
         if not 1 <= d <= self.spec.lookahead:
             raise ValueError(f"routing head d must lie in 1..{self.spec.lookahead}, got {d}")
-        return np.argsort(-z[:, d - 1], axis=-1, kind="stable")[:, :k or self.spec.top_k]
+        z = self.logits("route", position, x, ids, weights)[:, d - 1]  # [T, E]
+        return np.argsort(-z, axis=-1, kind="stable")[:, :k or self.spec.top_k]
 
     # checks against a model ------------------------------------------------------------------------------------------
     def check(self, view) -> None:
@@ -161,9 +175,9 @@ class RoutingPredictor:
     def digest(self) -> str:
         """sha256 of the spec and the weights: names the predictor in a trace's manifest."""
         h = hashlib.sha256(json.dumps(asdict(self.spec), sort_keys=True).encode())
-        for name in self.NAMES:
+        for name in sorted(self.tensors):
             h.update(name.encode())
-            h.update(getattr(self, name).tobytes())
+            h.update(self.tensors[name].tobytes())
         return h.hexdigest()
 
     def describe(self) -> dict:
@@ -181,7 +195,7 @@ class RoutingPredictor:
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": json.dumps(asdict(self.spec)),
                 "training": json.dumps(self.training)}
         try:
-            save_file({k: getattr(self, k) for k in self.NAMES}, str(tmp), metadata=meta)
+            save_file(self.tensors, str(tmp), metadata=meta)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -218,18 +232,11 @@ def load(path) -> RoutingPredictor:
     try:
         predictor = RoutingPredictor(PredictorSpec(**json.loads(meta["spec"])), tensors,
                                      json.loads(meta.get("training", "{}")))
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path} is a damaged predictor file ({str(err).splitlines()[0]}): train it again with "
                         f"`moekit predictor train TRACE --out {path}`") from None
     predictor.path = path
     return predictor
-
-
-def pack(spec: PredictorSpec, fitted: list[dict[str, np.ndarray]], training: dict) -> RoutingPredictor:
-    """One predictor from per-layer weights {w1x [H, W], w1r [E, W], b1 [W], w2 [W, O], b2 [O]}."""
-    if len(fitted) != spec.num_layers:
-        raise ValueError(f"{len(fitted)} fitted layers for a spec of {spec.num_layers}")
-    return RoutingPredictor(spec, {k: np.stack([f[k] for f in fitted]) for k in RoutingPredictor.NAMES}, training)
 
 
 def _np(a, dtype) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from moekit.errors import UserError
-from moekit.runtime.predictor import HORIZONS, PredictorSpec, RoutingPredictor, model_hash, pack
+from moekit.runtime.predictor import GROUPS, HORIZONS, TENSORS, PredictorSpec, RoutingPredictor, model_hash
 
 # progress(description, total) -> a context manager yielding tick(n=1), as moekit.cli.progress_bar
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
@@ -37,7 +37,8 @@ def _no_progress(description: str, total: int):
 @dataclass(frozen=True)
 class TrainOptions:
     width: int = 128
-    lookahead: int = 2
+    reuse_width: int = 64
+    lookahead: int = 1
     horizons: tuple[int, ...] = HORIZONS
     steps: int = 4000  # minibatches per layer (one-cycle schedule over them)
     lr: float = 3e-3
@@ -48,8 +49,9 @@ class TrainOptions:
     def __post_init__(self):
         if self.steps < 1:
             raise UserError(f"--steps must be >= 1, got {self.steps}")
-        if self.width < 1:
-            raise UserError(f"--width must be >= 1, got {self.width}")
+        if self.width < 1 or self.reuse_width < 1 or self.lookahead < 1:
+            raise UserError(f"--width, --reuse-width and --lookahead must be >= 1, got {self.width}, "
+                            f"{self.reuse_width}, {self.lookahead}")
         if not 0 <= self.validation < 1:
             raise UserError(f"--validation must lie in [0, 1), got {self.validation}")
         if self.lr <= 0 or self.batch < 1:
@@ -170,14 +172,15 @@ def _onehot(ids: np.ndarray, E: int) -> np.ndarray:
 
 
 def targets(spec: PredictorSpec, ids: list[np.ndarray], seq: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, mask) [N, heads, E] bool for layer position `position`. A label exists when its target token lies in
+    """(labels, mask) [N, D + R, E] bool for layer position `position`: the routing heads, then the reuse heads. A label exists when its target token lies in
     the same sequence; a reuse label for horizon h also when the expert is used before the sequence ends."""
     E, N = spec.num_experts, seq.shape[0]
     hot = [_onehot(i, E) for i in ids]  # L x [N, E]
     index = np.arange(N)
     last = np.r_[np.nonzero(seq[1:] != seq[:-1])[0], N - 1]  # [S] last token of each sequence
     remaining = last[np.searchsorted(last, index)] - index  # [N] tokens left in the sequence after each token
-    y, m = np.zeros((N, spec.heads, E), bool), np.zeros((N, spec.heads, E), bool)
+    heads = spec.lookahead + len(spec.horizons)
+    y, m = np.zeros((N, heads, E), bool), np.zeros((N, heads, E), bool)
     for d in range(1, spec.lookahead + 1):
         ahead, layer = spec.target(position, d)
         ok = remaining >= ahead  # [N]
@@ -196,33 +199,33 @@ def targets(spec: PredictorSpec, ids: list[np.ndarray], seq: np.ndarray, positio
 
 # fitting -------------------------------------------------------------------------------------------------------------
 class _Net(torch.nn.Module):
-    """The trained form of RoutingPredictor.logits (normalised inputs; folded into the weights afterwards)."""
+    """The trained form of one head group of RoutingPredictor.logits (normalised inputs; folded in afterwards)."""
 
-    def __init__(self, spec: PredictorSpec):
+    def __init__(self, spec: PredictorSpec, group: str):
         super().__init__()
-        self.skip = spec.lookahead * spec.num_experts
-        self.first = torch.nn.Linear(spec.features, spec.width + self.skip)
-        self.second = torch.nn.Linear(spec.width, spec.heads * spec.num_experts)
+        width, heads, skip = spec.group(group)
+        self.width, self.skip = width, skip * spec.num_experts
+        self.first = torch.nn.Linear(spec.features, width + self.skip)
+        self.second = torch.nn.Linear(width, heads * spec.num_experts)
         with torch.no_grad():
-            self.first.weight[spec.width:] = 0  # the linear path starts at zero
-            self.first.bias[spec.width:] = 0
+            self.first.weight[width:] = 0  # the linear path starts at zero
+            self.first.bias[width:] = 0
 
     def forward(self, f):
         a = self.first(f)
-        z = self.second(torch.nn.functional.gelu(a[:, :-self.skip]))
-        return torch.cat([z[:, :self.skip] + a[:, -self.skip:], z[:, self.skip:]], 1)
+        z = self.second(torch.nn.functional.gelu(a[:, :self.width]))
+        return z + a[:, self.width:] if self.skip else z
 
 
-def fit_layer(f: torch.Tensor, y: np.ndarray, m: np.ndarray, spec: PredictorSpec, options: TrainOptions,
+def fit_layer(f: torch.Tensor, y: np.ndarray, m: np.ndarray, spec: PredictorSpec, group: str, options: TrainOptions,
               tick=lambda n=1: None) -> dict[str, np.ndarray]:
-    """One layer position's predictor on features f [N, F], labels / mask [N, heads, E]; returns its weights with the
-    normalisation folded in (RoutingPredictor's names)."""
+    """Head group `group` of one layer position on features f [N, F] and that group's labels / mask [N, heads, E];
+    returns its weights with the normalisation folded in (RoutingPredictor's tensor names, one layer)."""
     torch.manual_seed(options.seed)
-    O = spec.heads * spec.num_experts
     mu, sd = f.mean(0), f.std(0) + 1e-4  # [F]
     fn = (f - mu) / sd
-    y, m = torch.from_numpy(y.reshape(-1, O)), torch.from_numpy(m.reshape(-1, O))
-    net = _Net(spec)
+    y, m = torch.from_numpy(y.reshape(len(y), -1)), torch.from_numpy(m.reshape(len(m), -1))
+    net = _Net(spec, group)
     opt = torch.optim.AdamW(net.parameters(), options.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, options.lr, total_steps=options.steps)
     perm, at = torch.randperm(len(fn)), 0
@@ -240,20 +243,42 @@ def fit_layer(f: torch.Tensor, y: np.ndarray, m: np.ndarray, spec: PredictorSpec
         if step % 100 == 99:
             tick(100)
     tick(options.steps % 100)
-    return fold(net, mu, sd, spec)
+    return fold(net, mu, sd, spec, group)
 
 
-def fold(net: _Net, mu: torch.Tensor, sd: torch.Tensor, spec: PredictorSpec) -> dict[str, np.ndarray]:
-    """RoutingPredictor weights computing net((f - mu) / sd) on raw features f: the normalisation goes into the first
-    layer, the linear path's bias into the routing heads' output bias."""
+def fold(net: _Net, mu: torch.Tensor, sd: torch.Tensor, spec: PredictorSpec, group: str) -> dict[str, np.ndarray]:
+    """RoutingPredictor weights of `group` computing net((f - mu) / sd) on raw features f: the normalisation goes into
+    the first layer, the linear path's bias into the output bias."""
     with torch.no_grad():
         w1 = net.first.weight.T / sd[:, None]  # [F, S]
         b1 = net.first.bias - (mu / sd) @ net.first.weight.T  # [S]
-        H, W = spec.hidden_size, spec.width
+        H, W = spec.hidden_size, net.width
         b2 = net.second.bias.clone()
-        b2[:net.skip] += b1[W:]
-        return {"w1x": w1[:H].numpy(), "w1r": w1[H:].numpy(), "b1": b1[:W].numpy(),
-                "w2": net.second.weight.T.contiguous().numpy(), "b2": b2.numpy()}
+        if net.skip:
+            b2 += b1[W:]
+        return {f"{group}.w1x": w1[:H].numpy(), f"{group}.w1r": w1[H:].numpy(), f"{group}.b1": b1[:W].numpy(),
+                f"{group}.w2": net.second.weight.T.contiguous().numpy(), f"{group}.b2": b2.numpy()}
+
+
+def pack(spec: PredictorSpec, fitted: list[dict[str, np.ndarray]], training: dict) -> RoutingPredictor:
+    """One predictor from per-layer weights (each layer's dict holds both groups' tensors)."""
+    if len(fitted) != spec.num_layers:
+        raise ValueError(f"{len(fitted)} fitted layers for a spec of {spec.num_layers}")
+    names = [f"{g}.{t}" for g in GROUPS for t in TENSORS]
+    return RoutingPredictor(spec, {k: np.stack([f[k] for f in fitted]) for k in names}, training)
+
+
+def train_spec(spec: PredictorSpec, data: Collected, held: np.ndarray, options: TrainOptions,
+               progress: Progress = _no_progress) -> RoutingPredictor:
+    """Both head groups of every layer position, fitted on the tokens where held [N] is false."""
+    fitted, D = [], spec.lookahead
+    with progress("training the predictor", 2 * spec.num_layers * options.steps) as tick:
+        for pos in range(spec.num_layers):
+            f = features(data.x[pos], data.ids[pos], data.weights[pos], spec.num_experts)[~held]
+            y, m = (a[~held] for a in targets(spec, data.ids, data.seq, pos))
+            fitted.append({**fit_layer(f, y[:, :D], m[:, :D], spec, "route", options, tick),
+                           **fit_layer(f, y[:, D:], m[:, D:], spec, "reuse", options, tick)})
+    return pack(spec, fitted, {})
 
 
 def split(seq: np.ndarray, validation: float) -> np.ndarray:
@@ -269,18 +294,13 @@ def train(view, data: Collected, options: TrainOptions = TrainOptions(), progres
           training: dict | None = None) -> RoutingPredictor:
     """Fit a predictor for `view` on collected features; held-out recall goes into its `training` record."""
     spec = PredictorSpec(view.model_type, model_hash(view.config), tuple(m.index for m in view.layers), view.num_experts,
-                         view.top_k, view.config.hidden_size, options.width, options.lookahead, options.horizons)
+                         view.top_k, view.config.hidden_size, options.width, options.reuse_width, options.lookahead,
+                         options.horizons)
     held = split(data.seq, options.validation)
     if held.all() or data.tokens < 2:
         raise UserError(f"{data.tokens} tokens in {int(data.seq.max(initial=-1)) + 1} sequences are too few to train "
                         f"a predictor: trace more text (thousands of tokens)")
-    fitted = []
-    with progress("training the predictor", spec.num_layers * options.steps) as tick:
-        for pos in range(spec.num_layers):
-            f = features(data.x[pos], data.ids[pos], data.weights[pos], spec.num_experts)
-            y, m = targets(spec, data.ids, data.seq, pos)
-            fitted.append(fit_layer(f[~held], y[~held], m[~held], spec, options, tick))
-    predictor = pack(spec, fitted, {})
+    predictor = train_spec(spec, data, held, options, progress)
     report = evaluate(predictor, data, held) if held.any() else {}
     predictor.training = {**(training or {}), "tokens": data.tokens, "held_out_tokens": int(held.sum()),
                           "options": {k: getattr(options, k) for k in TrainOptions.__dataclass_fields__},
@@ -296,14 +316,15 @@ def evaluate(predictor: RoutingPredictor, data: Collected, mask: np.ndarray | No
     reuse horizon 1 (this layer, next token). Per layer position and overall."""
     spec = predictor.spec
     mask = np.ones(data.tokens, bool) if mask is None else mask
-    L = spec.num_layers
+    L, D = spec.num_layers, spec.lookahead
     sums = np.zeros((2, L, 2))  # [(routing d=1, reuse h=1), L, (correct, actual)]
     for pos in range(L):
         y, m = (a[mask] for a in targets(spec, data.ids, data.seq, pos))
-        z = predictor.logits(pos, data.x[pos][mask], data.ids[pos][mask], data.weights[pos][mask])  # [n, heads, E]
-        for row, head in enumerate((0, spec.lookahead)):
+        inputs = data.x[pos][mask], data.ids[pos][mask], data.weights[pos][mask]
+        for row, (group, head) in enumerate((("route", 0), ("reuse", D))):
+            z = predictor.logits(group, pos, *inputs)[:, head - (D if group == "reuse" else 0)]  # [n, E]
             ok = m[:, head, 0]  # a label exists for the whole row (its target token is in the sequence)
-            top = np.argsort(-z[ok, head], axis=-1, kind="stable")[:, :spec.top_k]  # [n, k]
+            top = np.argsort(-z[ok], axis=-1, kind="stable")[:, :spec.top_k]  # [n, k]
             sums[row, pos] = np.take_along_axis(y[ok, head], top, axis=1).sum(), y[ok, head].sum()
 
     def rate(s):

@@ -116,28 +116,34 @@ def encoder(tokenizer) -> Callable[[str], list[int]]:
 
 
 def sequences(
-    sources: list[Source], encode: Callable[[str], list[int]], seq_len: int, max_tokens: int | None = None
+    sources: list[Source], encode: Callable[[str], list[int]], seq_len: int, max_tokens: int | None = None,
+    skip_tokens: int = 0,
 ) -> Iterator[Sequence]:
     """Non-overlapping windows of at most seq_len tokens of each document, sources in order. max_tokens is split
     equally across the sources (so a multi-domain run covers every domain); a source stops at its share (its last
-    window cut to fit) and hands what it did not use to the sources after it."""
+    window cut to fit) and hands what it did not use to the sources after it. skip_tokens, split equally too, drops
+    each source's first windows until its share is skipped (e.g. text held out for evaluation)."""
     if seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {seq_len}")
     seq_id, total = 0, 0
     for i, source in enumerate(sources):
         budget = None if max_tokens is None else total + (max_tokens - total) // (len(sources) - i)
-        for seq in _source_windows(source, encode, seq_len, seq_id, budget, total):
+        windows = _source_windows(source, encode, seq_len, seq_id, budget, total, skip_tokens // len(sources))
+        for seq in windows:
             yield seq
             seq_id, total = seq_id + 1, total + len(seq.token_ids)
             if budget is not None and total >= budget:
                 break
 
 
-def _source_windows(source, encode, seq_len, seq_id, budget, total) -> Iterator[Sequence]:
+def _source_windows(source, encode, seq_len, seq_id, budget, total, skip: int = 0) -> Iterator[Sequence]:
     for text, domain in documents(source):
         ids = np.asarray(encode(text), dtype=np.int32)  # [N]
         for start in range(0, len(ids), seq_len):
             window = ids[start:start + seq_len]
+            if skip > 0:
+                skip -= len(window)
+                continue
             if budget is not None:
                 window = window[: budget - total]
             if len(window) == 0:

@@ -29,6 +29,7 @@ class TraceOptions:
     seq_len: int = 512
     batch_size: int = 8
     max_tokens: int | None = None
+    skip_tokens: int = 0  # drop the first tokens (split equally across the data sources) before tracing
     chunk_tokens: int = 65536  # tokens per chunk file (rounded to whole sequences): bounds memory
     logits: bool = False  # also store the full router logits (float16)
     activation_stats: bool = False  # per layer x expert max |in| / |out| of the down projection
@@ -39,6 +40,8 @@ class TraceOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.skip_tokens < 0:
+            raise UserError(f"--skip-tokens must be >= 0, got {self.skip_tokens}")
 
     @property
     def chunk_sequences(self) -> int:
@@ -70,7 +73,7 @@ def record(
     manifest = _prepare(out, new_manifest(view, model_name, sources, options, predictor), resume)
     if manifest["completed"]:
         return manifest
-    stream = sequences(sources, encode, options.seq_len, options.max_tokens)
+    stream = sequences(sources, encode, options.seq_len, options.max_tokens, options.skip_tokens)
     done = len(manifest["chunks"])
     stream = islice(stream, done * options.chunk_sequences, None)  # completed chunks: skip their sequences
     pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits,
@@ -147,6 +150,8 @@ def _reopen(out: Path, fresh: dict) -> dict:
     from moekit.trace.reader import check_chunk, read_manifest
 
     old = read_manifest(out)
+    defaults = asdict(TraceOptions())  # an option added since that trace was written ran at its default then
+    old["options"] = {**{k: v for k, v in defaults.items() if k not in old.get("options", {})}, **old.get("options", {})}
     for key in RESUME_KEYS:
         if old.get(key) != fresh.get(key):
             raise UserError(f"cannot --resume {out}: its {key} differs from this run's (was {old.get(key)!r}); "

@@ -25,12 +25,13 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def random_predictor(view, seed: int = 0, width: int = 8):
-    """A routing predictor for `view`'s model with random weights: forecasts that vary from step to step."""
+    """A routing predictor for `view`'s model with random weights, small enough that its forecasts vary from step to
+    step instead of saturating."""
     import numpy as np
 
     from moekit.runtime import predictor as pr
 
     spec = pr.PredictorSpec(view.model_type, pr.model_hash(view.config), tuple(m.index for m in view.layers),
                             view.num_experts, view.top_k, view.config.hidden_size, width=width)
-    rng, shapes = np.random.default_rng(seed), pr.RoutingPredictor(spec)
-    return pr.RoutingPredictor(spec, {k: rng.normal(size=getattr(shapes, k).shape) for k in shapes.NAMES})
+    rng = np.random.default_rng(seed)
+    return pr.RoutingPredictor(spec, {k: rng.normal(scale=0.2, size=shape) for k, shape in pr.shapes(spec).items()})

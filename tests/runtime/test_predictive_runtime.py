@@ -14,15 +14,18 @@ from moekit.runtime.simulate import replay_layer
 from tests.runtime.helpers import offloaded, prompt_ids, random_predictor
 
 
-def _offloaded(tmp_path, **options):
+def _offloaded(tmp_path, multiple: int = 2, **options):
+    """The tiny Qwen3-MoE offloaded with `multiple` x top-k experts per layer (at 1x every eviction is forced)."""
     from tests.conftest import tiny_model
 
     view = moekit.models.load(tiny_model("qwen3_moe"))
-    return offloaded("qwen3_moe", tmp_path, policy="predictive", predictor=random_predictor(view), **options)
+    budget = multiple * rt.min_budget(view, view.bytes_per_expert())
+    return offloaded("qwen3_moe", tmp_path, policy="predictive", predictor=random_predictor(view), budget=budget,
+                     **options)
 
 
 def test_simulator_replays_the_runtime_counters(tmp_path):
-    _, model, om = _offloaded(tmp_path, budget=None, record=True, prefetch=False)
+    _, model, om = _offloaded(tmp_path, record=True, prefetch=False)
     lfru = []
     with torch.no_grad():
         model.generate(prompt_ids(128, 7), max_new_tokens=12, do_sample=False)  # one prefill step + decode steps
@@ -41,7 +44,7 @@ def test_simulator_replays_the_runtime_counters(tmp_path):
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_logits_stay_lossless(tmp_path, prefetch):
-    ref, model, om = _offloaded(tmp_path, budget=None, prefetch=prefetch)
+    ref, model, om = _offloaded(tmp_path, prefetch=prefetch)
     x = prompt_ids(128, 11)
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
@@ -56,7 +59,7 @@ def test_logits_stay_lossless(tmp_path, prefetch):
 def test_prefetch_follows_the_predictor_into_the_next_token(tmp_path):
     """With a predictor, every layer's prefetch set is the previous layer's routing-head prediction, and the last layer
     prefetches the next token's first layer (pre-gating cannot: layer 0 has no earlier layer)."""
-    _, model, om = _offloaded(tmp_path, budget=None, prefetch=True)
+    _, model, om = _offloaded(tmp_path, prefetch=True)
     seen = []
     first = om.layers[0]
     original = first.prefetch

@@ -14,14 +14,13 @@ from moekit.runtime import predictor as pr
 from moekit.runtime import predictor_train as pt
 from tests.conftest import tiny_model
 
-SPEC = pr.PredictorSpec("qwen3_moe", "hash", (0, 1, 2), num_experts=6, top_k=2, hidden_size=5, width=4, lookahead=2,
-                        horizons=(1, 2, 4))
+SPEC = pr.PredictorSpec("qwen3_moe", "hash", (0, 1, 2), num_experts=6, top_k=2, hidden_size=5, width=4,
+                        reuse_width=3, lookahead=2, horizons=(1, 2, 4))
 
 
 def random_predictor(spec: pr.PredictorSpec = SPEC, seed: int = 0) -> pr.RoutingPredictor:
     rng = np.random.default_rng(seed)
-    p = pr.RoutingPredictor(spec)
-    return pr.RoutingPredictor(spec, {k: rng.normal(size=getattr(p, k).shape) for k in p.NAMES})
+    return pr.RoutingPredictor(spec, {k: rng.normal(size=shape) for k, shape in pr.shapes(spec).items()})
 
 
 def _inputs(T: int = 7, seed: int = 1):
@@ -37,14 +36,15 @@ def test_file_round_trip(tmp_path):
     q = pr.load(path)
     x, ids, w = _inputs()
     assert q.spec == p.spec and q.training == {"tokens": 3} and q.digest() == p.digest()
-    np.testing.assert_array_equal(q.logits(1, x, ids, w), p.logits(1, x, ids, w))
+    for group in pr.GROUPS:
+        np.testing.assert_array_equal(q.logits(group, 1, x, ids, w), p.logits(group, 1, x, ids, w))
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
 
 
 def test_torch_and_numpy_inputs_give_the_same_logits():
     p, (x, ids, w) = random_predictor(), _inputs()
-    np.testing.assert_array_equal(p.logits(0, torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)),
-                                  p.logits(0, x, ids, w))
+    np.testing.assert_array_equal(p.logits("route", 0, torch.from_numpy(x), torch.from_numpy(ids),
+                                           torch.from_numpy(w)), p.logits("route", 0, x, ids, w))
 
 
 @pytest.mark.parametrize("meta, match", [({"format": "moekit.predictor", "format_version": "99"}, "version '99'"),
@@ -64,13 +64,14 @@ def test_missing_and_damaged_files(tmp_path):
         pr.load(tmp_path / "bad.safetensors")
 
 
-def test_forecast_is_the_expected_log2_next_use():
+def test_forecast_is_the_expected_log2_next_use(monkeypatch):
     p = random_predictor()
-    z = np.zeros((1, SPEC.heads, SPEC.num_experts))
-    z[:, SPEC.lookahead:, 0] = 30.0  # expert 0: surely used within 1 token -> 0
-    z[:, SPEC.lookahead:, 1] = -30.0  # expert 1: surely not within 4 -> one per horizon
-    z[:, SPEC.lookahead:, 2] = [-30.0, 30.0, 30.0]  # expert 2: used at 2 tokens -> ceil(log2 2) = 1
-    fc = p.forecast_of(z)[0]
+    z = np.zeros((1, len(SPEC.horizons), SPEC.num_experts))
+    z[:, :, 0] = 30.0  # expert 0: surely used within 1 token -> 0
+    z[:, :, 1] = -30.0  # expert 1: surely not within 4 -> one per horizon
+    z[:, :, 2] = [-30.0, 30.0, 30.0]  # expert 2: used at 2 tokens -> ceil(log2 2) = 1
+    monkeypatch.setattr(p, "logits", lambda group, *a: z)
+    fc = p.forecast(0, *_inputs(1))[0]
     assert fc.dtype == np.float16
     assert fc[0] == 0 and fc[1] == len(SPEC.horizons) and fc[2] == 1 and fc[3] == pytest.approx(1.5)
 
@@ -91,38 +92,38 @@ def test_targets_follow_execution_order():
     assert m[1, h2].sum() == 2 and y[1, h2].sum() == 2  # token 1: only token 2 left: used ones labelled, rest masked
 
 
-def test_folded_weights_compute_the_trained_network():
+@pytest.mark.parametrize("group", pr.GROUPS)
+def test_folded_weights_compute_the_trained_network(group):
     torch.manual_seed(0)
-    net = pt._Net(SPEC)
+    net = pt._Net(SPEC, group)
     with torch.no_grad():
         for prm in net.parameters():
             prm.normal_()
     x, ids, w = _inputs()
     f = pt.features(x, ids, w, SPEC.num_experts)
     mu, sd = f.mean(0), f.std(0) + 0.5
-    p = pr.pack(SPEC, [pt.fold(net, mu, sd, SPEC)] * SPEC.num_layers, {})
+    both = {**pt.fold(pt._Net(SPEC, "route"), mu, sd, SPEC, "route"),
+            **pt.fold(pt._Net(SPEC, "reuse"), mu, sd, SPEC, "reuse"), **pt.fold(net, mu, sd, SPEC, group)}
+    p = pt.pack(SPEC, [both] * SPEC.num_layers, {})
     with torch.no_grad():
-        want = net((f - mu) / sd).numpy().reshape(-1, SPEC.heads, SPEC.num_experts)
-    np.testing.assert_allclose(p.logits(1, x, ids, w), want, rtol=1e-4, atol=1e-4)
+        want = net((f - mu) / sd).numpy().reshape(len(x), -1, SPEC.num_experts)
+    np.testing.assert_allclose(p.logits(group, 1, x, ids, w), want, rtol=1e-4, atol=1e-4)
 
 
 def test_learns_a_learnable_routing():
     """Next layer's experts = a fixed function of the hidden state: held-out recall near 1 (chance: top_k / E)."""
     rng = np.random.default_rng(0)
-    N, spec = 4000, pr.PredictorSpec("t", "h", (0, 1), num_experts=6, top_k=2, hidden_size=5, width=16, lookahead=1,
-                                     horizons=(1,))
+    N = 4000
+    spec = pr.PredictorSpec("t", "h", (0, 1), num_experts=6, top_k=2, hidden_size=5, width=16, reuse_width=4,
+                            horizons=(1,))
     x = rng.normal(size=(N, spec.hidden_size)).astype(np.float32)
     nxt = np.argsort(-(x @ rng.normal(size=(spec.hidden_size, spec.num_experts))), axis=1)[:, :spec.top_k]
     ids0 = np.stack([rng.permutation(6)[:2] for _ in range(N)])
     data = pt.Collected([x.astype(np.float16), x.astype(np.float16)], [ids0, nxt], [np.ones((N, 2), np.float32)] * 2,
                         np.arange(N) // 50)
-    fitted = []
-    for pos in range(spec.num_layers):
-        f = pt.features(data.x[pos].astype(np.float32), data.ids[pos], data.weights[pos], spec.num_experts)
-        y, m = pt.targets(spec, data.ids, data.seq, pos)
-        fitted.append(pt.fit_layer(f, y, m, spec, pt.TrainOptions(steps=600)))
     held = pt.split(data.seq, 0.1)
-    report = pt.evaluate(pr.pack(spec, fitted, {}), data, held)
+    p = pt.train_spec(spec, data, held, pt.TrainOptions(steps=600))
+    report = pt.evaluate(p, data, held)
     assert report["next_layer"]["recall"] > 0.9, report
 
 

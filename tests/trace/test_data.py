@@ -26,3 +26,16 @@ def test_unused_share_goes_to_later_sources(tmp_path):
 
 def test_no_budget_reads_everything(tmp_path):
     assert _tokens_per_domain(tmp_path, {"a": 5, "b": 9}, None) == {"a": 5, "b": 9}
+
+
+def test_skip_tokens_drops_each_sources_first_windows(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(chr(65 + i % 26) for i in range(30)))
+    (tmp_path / "b.txt").write_text("x" * 30)
+    encode = lambda text: [ord(c) for c in text]  # noqa: E731
+    full = [s for s in sequences(resolve_data([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]), encode, 7)]
+    kept = [s for s in sequences(resolve_data([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]), encode, 7,
+                                 skip_tokens=28)]  # 14 per source: two whole windows each
+    assert [s.start for s in kept if s.domain == "a"] == [14, 21, 28]
+    assert [s.start for s in kept if s.domain == "b"] == [14, 21, 28]
+    assert [s.token_ids.tolist() for s in kept if s.domain == "a"] == \
+        [s.token_ids.tolist() for s in full if s.domain == "a"][2:]
