@@ -6,11 +6,12 @@ MOEKIT := $(VENV)/bin/moekit
 STAMP := $(VENV)/.moekit-installed
 DEMO_MODEL := demo/model
 DEMO_DATA := prose,code,math,german,french,russian,japanese,dialogue
+DEMO_PREDICTOR := demo/predictor.safetensors
 OUT := out
 LOCK := requirements.lock
 LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test chromium clean lock
+.PHONY: setup demo demo-predictor test chromium clean lock
 
 # Exact versions from the committed lock (the ones the suite passed with), then moekit itself without resolving anything.
 # torch is locked to the 2.13.0 CPU build, which pip takes from local disk (an unpinned torch pulls a multi-GB CUDA
@@ -23,15 +24,23 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP)
 
-# The main job on the bundled demo model: what it is, its routing traced on held-out text of every domain, the
-# analysis report, a cache what-if, and generation with experts offloaded under a memory budget.
+# The main job on the bundled demo model: what it is, its routing traced on held-out text of every domain (with the
+# shipped routing predictor's forecasts), the analysis report, a cache what-if, and generation with experts offloaded
+# under a memory budget, with LRU and with the predictive cache.
 demo: setup
 	$(MOEKIT) info $(DEMO_MODEL)
-	$(MOEKIT) trace $(DEMO_MODEL) --data $(DEMO_DATA) --out $(OUT)/demo-trace --max-tokens 65536 --activation-stats --resume
+	$(MOEKIT) trace $(DEMO_MODEL) --data $(DEMO_DATA) --out $(OUT)/demo-trace --max-tokens 65536 --activation-stats --predictor $(DEMO_PREDICTOR) --resume
 	$(MOEKIT) analyze $(OUT)/demo-trace --out $(OUT)/demo-report.html
-	$(MOEKIT) simulate $(OUT)/demo-trace --policy lru,lfu,lfru,score,belady --capacity 1x,2x,4x
+	$(MOEKIT) simulate $(OUT)/demo-trace --policy lru,lfu,lfru,score,predictive,belady --capacity 1x,2x,4x
 	$(MOEKIT) run $(DEMO_MODEL) --budget 6MiB --prompt "def fibonacci(n):" --max-new-tokens 40 --stats
+	$(MOEKIT) run $(DEMO_MODEL) --budget 6MiB --prompt "def fibonacci(n):" --max-new-tokens 40 --stats --policy predictive --predictor $(DEMO_PREDICTOR)
 	@echo "report: $(OUT)/demo-report.html"
+
+# How $(DEMO_PREDICTOR) was trained: a float32 trace of every domain's held-out text after its first 40,960 tokens
+# (the demo trace and the benchmarks evaluate on the first ones), then the predictor (about 10 minutes on 2 cores).
+demo-predictor: setup
+	$(MOEKIT) trace $(DEMO_MODEL) --data $(DEMO_DATA) --skip-tokens 327680 --seq-len 256 --dtype float32 --out $(OUT)/predictor-trace --resume
+	$(MOEKIT) predictor train $(OUT)/predictor-trace --out $(DEMO_PREDICTOR)
 
 # The report test renders in Debian's headless Chromium; install it when missing (it skips if that is impossible).
 chromium:

@@ -24,9 +24,12 @@ def train(
     out: Path = typer.Option(..., "--out", help="predictor file to write (safetensors)"),
     model: Optional[Path] = typer.Option(None, "--model", help="checkpoint the traces came from (default: the one "
                                                                "their manifest names)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
-    width: int = typer.Option(128, "--width", help="hidden units per MoE layer"),
-    steps: int = typer.Option(4000, "--steps", help="minibatches of 512 tokens per MoE layer"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the one the "
+                                                              "trace was recorded in)"),
+    width: int = typer.Option(128, "--width", help="hidden units of the routing heads, per MoE layer"),
+    reuse_width: int = typer.Option(64, "--reuse-width", help="hidden units of the reuse heads (the cache forecast)"),
+    lookahead: int = typer.Option(1, "--lookahead", help="routing heads: the next N MoE layers in execution order"),
+    steps: int = typer.Option(4000, "--steps", help="minibatches of 512 tokens per MoE layer and head group"),
     validation: float = typer.Option(0.1, "--validation", help="fraction of sequences held out to report recall"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="use at most this many tokens (every n-th "
                                                                         "sequence)"),
@@ -36,14 +39,15 @@ def train(
     """Fit, per MoE layer, a small MLP predicting the next layers' experts and each expert's next use."""
     from moekit.runtime import predictor_train as pt
 
-    options = pt.TrainOptions(width=width, steps=steps, validation=validation, seed=seed)
-    torch_dtype = parse_dtype(dtype)
+    options = pt.TrainOptions(width=width, reuse_width=reuse_width, lookahead=lookahead, steps=steps,
+                              validation=validation, seed=seed)
+    parse_dtype(dtype)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as {out / 'predictor.safetensors'}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
     text = pt.read_traces(traces, max_tokens)
-    view = _load(model, text.model, torch_dtype)
+    view = _load(model, text.model, parse_dtype(dtype or text.dtype))
     data = pt.collect(view, text.sequences, text.batch_size, progress=progress_bar)
     agreement = pt.routing_agreement(data, text)
     if agreement < MIN_AGREEMENT:
@@ -70,7 +74,8 @@ def _report(out: Path, predictor, json_out: bool) -> None:
     t, s = predictor.training, predictor.spec
     held = t.get("held_out", {})
     row = {"out": str(out), "bytes": out.stat().st_size, "tokens": t["tokens"], "held_out_tokens": t["held_out_tokens"],
-           "routing_agreement": t["routing_agreement"], "macs_per_token_layer": s.macs(),
+           "routing_agreement": t["routing_agreement"],
+           "macs_per_token_layer": {"forecast": s.macs("reuse"), "next_layers": s.macs("route")},
            **{f"recall_{k}": v["recall"] for k, v in held.items()}}
     if json_out:
         print_json({**row, "held_out": held})
@@ -79,6 +84,8 @@ def _report(out: Path, predictor, json_out: bool) -> None:
                   show_header=False)
     for key, value in row.items():
         if key != "out":
-            table.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else str(value))
+            table.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else
+                          ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items()) if isinstance(value, dict)
+                          else str(value))
     table.caption = f"recall at top-{s.top_k} on the held-out sequences"
     console.print(table)

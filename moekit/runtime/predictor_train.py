@@ -82,6 +82,7 @@ class TraceText:
     ids: list[list[np.ndarray]]  # per sequence, per MoE layer position: the trace's routing [T, K]
     model: str | None  # the checkpoint the (first) trace names
     batch_size: int
+    dtype: str | None  # what its routing was computed in (traces record it since the predictor came)
 
 
 def read_traces(folders, max_tokens: int | None = None) -> TraceText:
@@ -111,7 +112,8 @@ def read_traces(folders, max_tokens: int | None = None) -> TraceText:
     if max_tokens is not None and total > max_tokens:
         every = math.ceil(total / max_tokens)
         seqs, ids = seqs[::every], ids[::every]
-    return TraceText(seqs, ids, first.get("model"), int(first.get("options", {}).get("batch_size", 8)))
+    return TraceText(seqs, ids, first.get("model"), int(first.get("options", {}).get("batch_size", 8)),
+                     first.get("dtype"))
 
 
 def routing_agreement(data: Collected, text: TraceText) -> float:

@@ -101,6 +101,7 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "moekit_version": getattr(moekit, "__version__", "unknown"),
         "model": model_name,
         "model_type": view.model_type,
+        "dtype": str(next(view.model.parameters()).dtype).removeprefix("torch."),  # what the routing was computed in
         "config_hash": config_hash(view.config),
         "data": [s.describe() for s in sources],
         "options": {**asdict(options), "chunk_sequences": options.chunk_sequences},
