@@ -288,7 +288,11 @@ def offload_part(args) -> dict:
               f"{s['bytes_per_token']['max'] / 1e6:.1f}) | {s['hit_rate']['median']:.3f} |")
     print(f"\nworkload: {workload['distinct_experts_per_layer']} distinct experts per layer used; greedy decoding of "
           f"the same prompt would give {greedy['distinct']} distinct tokens in {greedy['tokens']} ({greedy['text']})")
+    held = predictor.training["held_out"]
+    print(f"its predictor, fitted on {sum(map(len, calib))} tokens in {fit_s:.0f} s: held-out recall next layer "
+          f"{held['next_layer']['recall']:.3f}, next token (reuse) {held['next_token']['recall']:.3f}")
     return {"expert_bytes": expert_bytes, "predictor_fit_seconds": round(fit_s, 1), "calib_tokens": sum(map(len, calib)),
+            "predictor_held_out": held,
             "runs": runs, "summary": summary, "workload": workload,
             "ratio_tok_s": {o: summary["predictive"]["tok_s"]["median"] / summary[o]["tok_s"]["median"]
                             for o in ("lru", "score")},

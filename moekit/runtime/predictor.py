@@ -132,7 +132,8 @@ class RoutingPredictor:
         inputs x [T, H] and the layer's routing ids / weights [T, K] (numpy or torch)."""
         t = {k: self.tensors[f"{group}.{k}"][position] for k in TENSORS}
         W, heads, skip = self.spec.group(group)
-        x, ids, weights = _np(x, np.float32), _np(ids, np.int64), _np(weights, np.float32)
+        E = self.spec.num_experts
+        x, ids, weights = _np(x, np.float32), *routing_rows(_np(ids, np.int64), _np(weights, np.float32), E)
         a = x @ t["w1x"]  # [T, S]
         a += np.matmul(weights[:, None, :], t["w1r"][ids])[:, 0]  # the routing weights' rows: [T, 1, K] @ [T, K, S]
         h = a[:, :W] + t["b1"]  # [T, W]
@@ -140,7 +141,7 @@ class RoutingPredictor:
         z = h @ t["w2"] + t["b2"]  # [T, heads * E]
         if skip:
             z += a[:, W:]  # the linear path
-        return z.reshape(x.shape[0], heads, self.spec.num_experts)
+        return z.reshape(x.shape[0], heads, E)
 
     def forecast(self, position: int, x, ids, weights) -> np.ndarray:
         """The cache forecast [T, E] float16 at layer position `position`: expected ceil(log2 tokens to each expert's
@@ -237,6 +238,15 @@ def load(path) -> RoutingPredictor:
                         f"`moekit predictor train TRACE --out {path}`") from None
     predictor.path = path
     return predictor
+
+
+def routing_rows(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids / weights [T, K] with slots naming no routed expert (ids >= E: a routing policy's dropped slots, identity
+    experts) turned into weight 0 on expert 0: they add nothing to the features."""
+    if ids.size and ids.max() >= num_experts:
+        real = ids < num_experts
+        ids, weights = np.where(real, ids, 0), np.where(real, weights, 0.0).astype(np.float32)
+    return ids, weights
 
 
 def _np(a, dtype) -> np.ndarray:

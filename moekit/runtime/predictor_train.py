@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from moekit.errors import UserError
-from moekit.runtime.predictor import GROUPS, HORIZONS, TENSORS, PredictorSpec, RoutingPredictor, model_hash
+from moekit.runtime.predictor import (GROUPS, HORIZONS, TENSORS, PredictorSpec, RoutingPredictor, model_hash,
+                                      routing_rows)
 
 # progress(description, total) -> a context manager yielding tick(n=1), as moekit.cli.progress_bar
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
@@ -162,15 +163,17 @@ def features(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, num_experts: i
     RoutingPredictor.logits builds them)."""
     f = np.zeros((x.shape[0], x.shape[1] + num_experts), np.float32)
     f[:, :x.shape[1]] = x
-    np.put_along_axis(f[:, x.shape[1]:], ids, weights.astype(np.float32), axis=1)
+    ids, weights = routing_rows(ids, weights.astype(np.float32), num_experts)
+    np.add.at(f[:, x.shape[1]:], (np.arange(len(ids))[:, None], ids), weights)  # add: a dropped slot adds 0
     return torch.from_numpy(f)
 
 
 # targets -------------------------------------------------------------------------------------------------------------
 def _onehot(ids: np.ndarray, E: int) -> np.ndarray:
-    out = np.zeros((ids.shape[0], E), bool)  # [N, E]
-    np.put_along_axis(out, ids, True, axis=1)
-    return out
+    """[N, E] bool of the routed experts (ids >= E name none: dropped slots)."""
+    out = np.zeros((ids.shape[0], E + 1), bool)  # [N, E + 1]: column E collects the slots that name no expert
+    np.put_along_axis(out, np.minimum(ids, E), True, axis=1)
+    return out[:, :E]
 
 
 def targets(spec: PredictorSpec, ids: list[np.ndarray], seq: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:

@@ -136,3 +136,16 @@ def test_refuses_another_model():
         pr.RoutingPredictor(pr.PredictorSpec(**{**spec.__dict__, "num_experts": 8})).check(view)
     with pytest.raises(UserError, match="config hash differs"):
         pr.RoutingPredictor(pr.PredictorSpec(**{**spec.__dict__, "config_hash": "other"})).check(view)
+
+
+def test_slots_naming_no_expert_add_nothing():
+    """A routing policy's dropped slots (ids >= E, weight 0) and identity experts: features as if absent."""
+    p, (x, ids, w) = random_predictor(), _inputs()
+    dropped = ids.copy()
+    dropped[:, 1] = SPEC.num_experts  # the sentinel
+    kept_w = w.copy()
+    kept_w[:, 1] = 0.0
+    np.testing.assert_allclose(p.logits("reuse", 0, x, dropped, w), p.logits("reuse", 0, x, ids, kept_w), rtol=1e-6)
+    f = pt.features(x, dropped, w, SPEC.num_experts)
+    assert torch.equal(f, pt.features(x, ids, kept_w, SPEC.num_experts))
+    assert pt._onehot(dropped, SPEC.num_experts).sum(1).tolist() == [1] * len(x)
