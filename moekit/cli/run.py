@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
+from moekit.cli.experts import ROUTING_HELP, STEER_HELP
 
 
 @app.command()
@@ -34,6 +35,10 @@ def run(
     eam_trace: Path = typer.Option(None, "--eam-trace",
                                    help="MoE-Infinity: prefetch the experts of the request in this trace (recorded "
                                         "with this model) whose activation matrix best matches, instead of pre-gating"),
+    routing: str = typer.Option(None, "--routing", help=ROUTING_HELP),
+    steer: Path = typer.Option(None, "--steer", help=STEER_HELP),
+    scmoe: str = typer.Option(None, "--scmoe", help="self-contrast decoding (SCMoE): 'alpha=0.1,beta=0.5,rank=2' or "
+                                                    "'default' (two passes per token)"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
 ) -> None:
@@ -44,21 +49,33 @@ def run(
     from transformers import TextStreamer
 
     import moekit.runtime as rt
+    from moekit.routing.scmoe import generate as scmoe_generate
+    from moekit.routing.scmoe import parse_contrast
 
     options = rt.RuntimeOptions(budget=budget, policy=policy, prefetch=prefetch, store=store, fiddler=fiddler,
                                 io_threads=io_threads, threads=threads, lowbit=lowbit,
-                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace)
+                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace, routing=routing, steer=steer)
+    contrast = parse_contrast(scmoe)
     om = rt.open_offloaded(model, options, progress=progress_bar)
     tok, view = om.tokenizer, om.view
     ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    if om.routing is not None:
+        om.routing_hooks.set_all(om.routing.for_prompt(prompt))
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        if contrast is not None:
+            out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, om.routing, max_new_tokens,
+                                 tok.eos_token_id)
+            streamer is None or console.print(tok.decode(out[0], skip_special_tokens=True))
+        else:
+            out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                      else tok.eos_token_id)
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
-    summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": policy, "new_tokens": new,
+    summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": policy,
+               **({"routing": om.routing.spec()} if om.routing is not None else {}), "new_tokens": new,
                "seconds": seconds, "tokens_per_s": new / seconds, **om.totals()}
     if json_out:
         print_json({"text": tok.decode(out[0], skip_special_tokens=True), **summary,

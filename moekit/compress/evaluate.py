@@ -158,17 +158,26 @@ def evaluate(model: nn.Module, windows: dict[str, list[np.ndarray]], batch_size:
 
 def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
                   max_tokens: int | None = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH,
-                  progress_factory=None) -> dict:
-    """load_for_eval + tokenised --data + evaluate, as the CLI runs it."""
+                  progress_factory=None, routing=None, calib: list[str] | None = None) -> dict:
+    """load_for_eval + tokenised --data + evaluate, as the CLI runs it; under a moekit.routing.Routing if given
+    (calibrated on `calib` when it needs it: skip=auto)."""
+    import moekit.models
+    import moekit.routing
+    from moekit.routing.calibrate import prepare
     from moekit.trace.data import encoder, resolve_data
 
     sources = resolve_data(data)  # bad --data fails before the weights are read
     model, tokenizer = load_for_eval(path)
     windows = domain_windows(sources, encoder(tokenizer), seq_len, max_tokens)
     total = sum(len(w) for ws in windows.values() for w in ws)
-    if progress_factory is None:
-        result = evaluate(model, windows, batch_size)
-    else:
-        with progress_factory(total) as advance:
-            result = evaluate(model, windows, batch_size, advance)
-    return {"model": str(path), "seq_len": seq_len, "max_tokens_per_source": max_tokens, **result.to_dict()}
+    if routing is not None:
+        view = moekit.models.load(model)
+        routing = prepare(routing, view, tokenizer, calib)
+    with moekit.routing.apply(view if routing is not None else None, routing):
+        if progress_factory is None:
+            result = evaluate(model, windows, batch_size)
+        else:
+            with progress_factory(total) as advance:
+                result = evaluate(model, windows, batch_size, advance)
+    extra = {"routing": routing.spec()} if routing is not None else {}
+    return {"model": str(path), "seq_len": seq_len, "max_tokens_per_source": max_tokens, **extra, **result.to_dict()}

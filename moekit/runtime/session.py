@@ -42,6 +42,8 @@ class RuntimeOptions:
     lowbit: int | None = None  # HOBBIT: low-weight misses read as BITS-bit copies
     lowbit_threshold: float = 0.1
     eam_trace: Path | None = None  # MoE-Infinity: prefetch by activation-matrix matching against this trace
+    routing: str | None = None  # routing policy spec for every request (moekit/routing; docs/routing.md)
+    steer: Path | None = None  # steering file (moekit experts find)
 
     def __post_init__(self):
         self.budget = parse_bytes(self.budget)
@@ -61,11 +63,18 @@ class RuntimeOptions:
             raise UserError(f"device {self.device!r} asked for, but torch sees no GPU here: leave it out (CPU)")
         if self.fiddler and self.resolved_device() != "cuda":
             raise UserError("--fiddler computes misses on the CPU instead of copying them to the GPU: it needs a GPU")
+        self.parsed_routing()  # a bad spec or steering file: one line, before anything is read
         for name in ("store", "eam_trace"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else Path(value))
         if self.eam_trace is not None and not self.eam_trace.exists():
             raise UserError(f"no trace at {self.eam_trace}: record one with `moekit trace MODEL --out DIR`")
+
+    def parsed_routing(self):
+        """The Routing of `routing` + `steer` (None: stock); a fresh one each call (per-request state)."""
+        from moekit.routing import parse
+
+        return parse(self.routing, self.steer)
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,4 +143,16 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
                  fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
                  lowbit_threshold=options.lowbit_threshold, eam=eams)
     om.tokenizer, om.options, om.store_dir = tok, options, store
+    _attach_routing(om, options)
     return om
+
+
+def _attach_routing(om: OffloadedModel, options: RuntimeOptions) -> None:
+    """Router hooks on the offloaded model: `om.routing_hooks` (moekit.routing.RoutingHooks; a server sets per-request
+    row spans on it each step, see docs/routing.md) routing every row by `om.routing` unless told otherwise."""
+    from moekit.routing import attach
+    from moekit.routing.calibrate import prepare
+
+    om.routing = prepare(options.parsed_routing(), om.view, om.tokenizer)
+    om.routing_hooks = attach(om.view)
+    om.routing_hooks.set_all(om.routing)

@@ -16,9 +16,13 @@ from moekit.trace.schema import ids_dtype
 class RouterCapture:
     """Context manager: hooks on the routers (and, for activation stats, the experts) of every MoE layer of a view."""
 
-    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False):
+    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False, width: int | None = None,
+                 id_dtype=None):
+        """width: selections kept per token (a routing policy's widest K; narrower tokens padded with the sentinel id,
+        the router logits' width, and weight 0). None: the model's top-k."""
         self.view, self.logits, self.activation_stats = view, logits, activation_stats
-        self.ids_dtype = ids_dtype(view.num_experts)
+        self.ids_dtype = id_dtype if id_dtype is not None else ids_dtype(view.num_experts)
+        self.width = width
         self._seen: dict[int, tuple] = {}  # decoder layer -> (weights [T, K], ids [T, K], logits [T, E] | None)
         self._handles = []
         L, E = len(view.layers), view.num_experts
@@ -69,6 +73,11 @@ class RouterCapture:
         for layer in self.view.layers:
             weights, ids, logits = self._seen.pop(layer.index)
             weights, ids = sort_by_weight(weights[keep].float(), ids[keep])  # [t, K]
+            if self.width is not None and ids.shape[1] != self.width:
+                assert ids.shape[1] < self.width, f"layer {layer.index} selected {ids.shape[1]} > {self.width} experts"
+                pad = self.width - ids.shape[1]
+                ids = torch.nn.functional.pad(ids, (0, pad), value=layer.num_experts + layer.identity_experts)
+                weights = torch.nn.functional.pad(weights, (0, pad))
             lg = logits[keep].to(torch.float16).numpy() if logits is not None else None  # [t, E]
             out[layer.index] = (ids.numpy().astype(self.ids_dtype), weights.numpy(), lg)
         return out

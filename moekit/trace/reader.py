@@ -48,6 +48,9 @@ class Trace:
         self.layers: list[int] = list(self.manifest["layers"])  # decoder-layer indices of the MoE layers
         self.num_experts: int = self.manifest["num_experts"]
         self.top_k: int = self.manifest["top_k"]
+        self.width: int = schema.ids_width(self.manifest)  # selections stored per token (K, or a policy's widest)
+        # a policy trace's dropped slots hold this id (weight 0); None: every slot is a selected expert
+        self.sentinel: int | None = (self.manifest.get("routing") or {}).get("sentinel")
         self.domain_names: list[str] = list(self.manifest.get("domain_names", []))
         self.completed: bool = bool(self.manifest.get("completed"))
         files = [c["file"] for c in self.manifest.get("chunks", [])]
@@ -85,12 +88,13 @@ class Trace:
 
     # ---- routing, per MoE layer (decoder index)
     def ids(self, layer: int) -> np.ndarray:
-        """[T, K] expert ids (uint8, or uint16 when E > 256), ordered by weight descending."""
-        return self._fixed_lists(schema.ids_col(self._layer(layer)), self.top_k)
+        """[T, K] expert ids (uint8, or uint16 when E > 256), ordered by weight descending. A policy trace stores
+        [T, width] with `sentinel` in the slots its policy dropped."""
+        return self._fixed_lists(schema.ids_col(self._layer(layer)), self.width)
 
     def weights(self, layer: int) -> np.ndarray:
         """[T, K] float32 routing weights as the model used them (NaN where the source had none: SGLang per_token)."""
-        return self._fixed_lists(schema.weights_col(self._layer(layer)), self.top_k).astype(np.float32, copy=False)
+        return self._fixed_lists(schema.weights_col(self._layer(layer)), self.width).astype(np.float32, copy=False)
 
     def logits(self, layer: int) -> np.ndarray:
         """[T, E] float16 router logits (traces recorded with --logits)."""
@@ -106,7 +110,8 @@ class Trace:
             rows = np.searchsorted(self.layers, table["layer"].to_numpy())
             out[rows, table["expert"].to_numpy()] = table["count"].to_numpy()
             return out
-        return np.stack([np.bincount(self.ids(l).reshape(-1), minlength=self.num_experts) for l in self.layers])
+        return np.stack([np.bincount(self.ids(l).reshape(-1), minlength=self.num_experts)[:self.num_experts]
+                         for l in self.layers])  # a policy trace's sentinel (id E) is no expert
 
     @cached_property
     def activation_stats(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -55,21 +55,36 @@ def record(
     resume: bool = False,
     dtype=None,
     on_tokens: Callable[[int], None] | None = None,
+    routing=None,
+    calib: list[str] | None = None,
     _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
 ) -> dict:
-    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest."""
+    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest.
+    routing: a moekit.routing.Routing the model runs under; the trace records what it selected (manifest "routing":
+    its spec, the widest K, the sentinel id of dropped slots); `calib` is its calibration data (skip=auto)."""
     view, model_name = _view(model, dtype)
     sources = data if data and isinstance(data[0], Source) else resolve_data(data)
-    encode = encoder(tokenizer if tokenizer is not None else _load_tokenizer(model))
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
+    encode = encoder(tokenizer)
     out = Path(out)
-    manifest = _prepare(out, new_manifest(view, model_name, sources, options), resume)
+    fresh = new_manifest(view, model_name, sources, options)
+    if routing is not None:
+        from moekit.routing.calibrate import prepare
+
+        prepare(routing, view, tokenizer, calib)
+        fresh["routing"] = routing_manifest(view, routing)
+        fresh["ids_dtype"] = schema.ids_dtype(fresh["routing"]["sentinel"] + 1).name
+    manifest = _prepare(out, fresh, resume)
     if manifest["completed"]:
         return manifest
     stream = sequences(sources, encode, options.seq_len, options.max_tokens)
     done = len(manifest["chunks"])
     stream = islice(stream, done * options.chunk_sequences, None)  # completed chunks: skip their sequences
-    pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits)
-    with RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats) as cap:
+    width = schema.ids_width(manifest)
+    pa_schema = schema.token_schema(manifest["layers"], width, manifest["num_experts"], options.logits,
+                                    id_dtype=np.dtype(manifest["ids_dtype"]))
+    with _routed(view, routing), RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
+                                               width=width, id_dtype=np.dtype(manifest["ids_dtype"])) as cap:
         for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
                 return manifest
@@ -109,8 +124,25 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
     }
 
 
+def routing_manifest(view, routing) -> dict:
+    """What a policy trace records about its routing: the spec, the widest K per token, the dropped slots' id."""
+    from moekit.routing import sentinel
+
+    return {"spec": routing.spec(), "max_k": max(routing.max_k(m) for m in view.layers),
+            "sentinel": sentinel(view.layers[0])}
+
+
+def _routed(view, routing):
+    from contextlib import nullcontext
+
+    from moekit.routing import apply
+
+    return nullcontext() if routing is None else apply(view, routing)
+
+
 # what must match for a resumed run to continue an earlier one
-RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts")
+RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts",
+               "routing")
 
 
 def config_hash(config) -> str:

@@ -50,8 +50,14 @@ def logits_col(layer: int) -> str:
     return f"logits_L{layer}"
 
 
-def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool) -> pa.Schema:
-    ids_type = pa.from_numpy_dtype(ids_dtype(num_experts))
+def ids_width(manifest: dict) -> int:
+    """Selections stored per token: the model's top-k, or under a routing policy its widest K (manifest "routing";
+    narrower tokens are padded with the sentinel id, weight 0)."""
+    return int((manifest.get("routing") or {}).get("max_k", manifest["top_k"]))
+
+
+def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool, id_dtype=None) -> pa.Schema:
+    ids_type = pa.from_numpy_dtype(id_dtype if id_dtype is not None else ids_dtype(num_experts))
     fields = [
         pa.field("seq_id", pa.int64()),
         pa.field("position", pa.int32()),

@@ -1,0 +1,195 @@
+"""Reading routing specs (`--routing "top-p=0.5,renorm+mask=1:3"`) and steering files (`--steer FILE`).
+
+A malformed spec or file is a UserError of one line naming the known policies or the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moekit.errors import UserError
+from moekit.routing import policies as P
+
+STEERING_SCHEMA = "moekit.steering"
+STEERING_VERSION = 1
+ACTIONS = ("force", "mask", "steer", "scale")
+
+
+def parse(spec: str | None, steer: str | Path | None = None) -> P.Routing | None:
+    """`--routing SPEC` and `--steer FILE` -> a Routing (None when both are empty: the stock routing)."""
+    policies = [] if not spec or spec.strip() in ("", "stock") else [_one(part) for part in spec.split("+")]
+    if steer is not None:
+        policies += read_steering(Path(steer))
+    return P.Routing(policies) if policies else None
+
+
+def _one(part: str) -> P.Policy:
+    part = part.strip()
+    name, _, value = part.partition("=")
+    name = name.strip()
+    P.POLICIES.lookup(name)  # unknown names: one line listing the known ones
+    if not value:
+        raise UserError(f"--routing {part!r}: {name} needs a value, e.g. {_EXAMPLES[name]}")
+    try:
+        return _PARSERS[name](value.strip())
+    except (ValueError, IndexError) as err:
+        raise UserError(f"--routing {part!r}: {err}; write it like {_EXAMPLES[name]}") from None
+
+
+def _options(tokens: list[str], allowed: set[str]) -> dict[str, str]:
+    out = {}
+    for t in tokens:
+        key, eq, val = t.partition("=")
+        if key not in allowed:
+            raise ValueError(f"unknown option {key!r} (options: {', '.join(sorted(allowed)) or 'none'})")
+        out[key] = val if eq else "true"
+    return out
+
+
+def _layers(text: str | None) -> frozenset[int] | None:
+    if text is None:
+        return None
+    out = set()
+    for piece in text.split("/"):
+        a, dash, b = piece.partition("-")
+        out.update(range(int(a), int(b) + 1) if dash else [int(a)])
+    return frozenset(out)
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+
+
+def _pairs(tokens: list[str]) -> dict[int, tuple[int, ...]]:
+    out: dict[int, list[int]] = {}
+    for t in tokens:
+        layer, colon, expert = t.partition(":")
+        if not colon:
+            raise ValueError(f"{t!r} is not LAYER:EXPERT")
+        out.setdefault(int(layer), []).append(int(expert))
+    if not out:
+        raise ValueError("no LAYER:EXPERT pairs")
+    return {l: tuple(dict.fromkeys(ids)) for l, ids in out.items()}
+
+
+def _strength_pairs(value: str) -> tuple[float, dict[int, tuple[int, ...]]]:
+    strength, at, rest = value.partition("@")
+    if not at:
+        raise ValueError("missing '@' between the strength and the LAYER:EXPERT pairs")
+    return _number(strength, "the strength"), _pairs(rest.split(","))
+
+
+def _topk(value):
+    k, *rest = value.split(",")
+    return P.TopK(int(k), layers=_layers(_options(rest, {"layers"}).get("layers")))
+
+
+def _top_p(value):
+    p, *rest = value.split(",")
+    opts = _options(rest, {"renorm", "layers"})
+    return P.TopP(_number(p, "P"), renorm="renorm" in opts, layers=_layers(opts.get("layers")))
+
+
+def _skip(value):
+    beta, *rest = value.split(",")
+    opts = _options(rest, {"layers"})
+    return P.Skip(None if beta == "auto" else _number(beta, "beta"), layers=_layers(opts.get("layers")))
+
+
+def _rank(value):
+    r, *rest = value.split(",")
+    return P.Rank(int(r), layers=_layers(_options(rest, {"layers"}).get("layers")))
+
+
+def _replay(value):
+    from moekit.routing.replay import Replay
+
+    path, *rest = value.split(",")
+    _options(rest, set())
+    return Replay(Path(path))
+
+
+def _c3po(value):
+    from moekit.routing.c3po import C3PO
+
+    path, *rest = value.split(",")
+    opts = _options(rest, {"k", "layers"})
+    return C3PO(Path(path), neighbours=int(opts.get("k", 3)), last_layers=int(opts.get("layers", 5)))
+
+
+_PARSERS = {
+    "topk": _topk, "top-p": _top_p, "skip": _skip, "rank": _rank,
+    "mask": lambda v: P.Mask(_pairs(v.split(","))), "force": lambda v: P.Force(_pairs(v.split(","))),
+    "steer": lambda v: P.Steer(*reversed(_strength_pairs(v))), "scale": lambda v: P.Scale(*reversed(_strength_pairs(v))),
+    "replay": _replay, "c3po": _c3po,
+}
+_EXAMPLES = {
+    "topk": "topk=2", "top-p": "top-p=0.5 or top-p=0.6,renorm", "skip": "skip=0.3 or skip=auto", "rank": "rank=2",
+    "mask": "mask=1:3,2:7", "force": "force=1:3", "steer": "steer=0.5@1:3,2:7", "scale": "scale=64@1:3",
+    "replay": "replay=out/demo-trace", "c3po": "c3po=out/c3po-ref.npz,k=3,layers=5",
+}
+
+
+# ---------------------------------------------------------------- steering files
+
+
+def steering_document(entries: list[dict], meta: dict) -> dict:
+    """A steering file's JSON: {"schema", "version", "meta", "experts": [{layer, expert, action, strength}]}."""
+    return {"schema": STEERING_SCHEMA, "version": STEERING_VERSION, "meta": meta, "experts": entries}
+
+
+def write_steering(path: Path, entries: list[dict], meta: dict) -> None:
+    from moekit.trace.store import write_atomic_bytes
+
+    doc = steering_document(entries, meta)
+    policies_from_steering(doc, path)  # never write a file that would not read back
+    write_atomic_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def read_steering(path: Path) -> list[P.Policy]:
+    if not path.is_file():
+        raise UserError(f"--steer {path}: no such file (write one with `moekit experts find ... --out {path}`)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"--steer {path}: not JSON ({err})") from None
+    return policies_from_steering(doc, path)
+
+
+def policies_from_steering(doc, path) -> list[P.Policy]:
+    """Steering entries -> policies: forced and masked experts, one soft-steer and one scale policy per strength."""
+    def bad(field: str, why: str):
+        return UserError(f"--steer {path}: {field} {why}")
+
+    if not isinstance(doc, dict) or doc.get("schema") != STEERING_SCHEMA:
+        raise bad("schema", f"must be {STEERING_SCHEMA!r} (a file written by `moekit experts find`)")
+    if doc.get("version") != STEERING_VERSION:
+        raise bad("version", f"is {doc.get('version')!r}; this moekit reads version {STEERING_VERSION}")
+    entries = doc.get("experts")
+    if not isinstance(entries, list):
+        raise bad("experts", "must be a list of {layer, expert, action, strength}")
+    groups: dict[tuple[str, float], dict[int, list[int]]] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise bad(f"experts[{i}]", "must be an object")
+        for key in ("layer", "expert"):
+            if not isinstance(e.get(key), int) or isinstance(e.get(key), bool) or e[key] < 0:
+                raise bad(f"experts[{i}].{key}", f"must be an integer >= 0, got {e.get(key)!r}")
+        if e.get("action") not in ACTIONS:
+            raise bad(f"experts[{i}].action", f"must be one of {', '.join(ACTIONS)}, got {e.get('action')!r}")
+        strength = e.get("strength", 0.0 if e["action"] in ("force", "mask") else None)
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength != strength:
+            raise bad(f"experts[{i}].strength", f"must be a number, got {strength!r}")
+        key = (e["action"], float(strength) if e["action"] in ("steer", "scale") else 0.0)
+        groups.setdefault(key, {}).setdefault(e["layer"], []).append(e["expert"])
+    out = []
+    for (action, strength), experts in groups.items():
+        pairs = {l: tuple(dict.fromkeys(ids)) for l, ids in experts.items()}
+        out.append({"force": lambda: P.Force(pairs), "mask": lambda: P.Mask(pairs),
+                    "steer": lambda: P.Steer(pairs, lam=strength),
+                    "scale": lambda: P.Scale(pairs, beta=strength)}[action]())
+    return out
