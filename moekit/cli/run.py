@@ -60,13 +60,13 @@ def run(
     tok, view = om.tokenizer, om.view
     ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
-    if om.routing is not None:
-        om.routing_hooks.set_all(om.routing.for_prompt(prompt))
+    if om.routing_policy is not None:
+        om.routing_hooks.set_all(om.routing_policy.for_prompt(prompt))
     t0 = time.perf_counter()
     with torch.no_grad():
         if contrast is not None:
-            out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, om.routing, max_new_tokens,
-                                 tok.eos_token_id)
+            out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, om.routing_policy,
+                                 max_new_tokens, tok.eos_token_id)
             streamer is None or console.print(tok.decode(out[0], skip_special_tokens=True))
         else:
             out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
@@ -75,7 +75,8 @@ def run(
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": policy,
-               **({"routing": om.routing.spec()} if om.routing is not None else {}), "new_tokens": new,
+               **({"routing": om.routing_policy.spec()} if om.routing_policy is not None else {}),
+               "new_tokens": new,
                "seconds": seconds, "tokens_per_s": new / seconds, **om.totals()}
     if json_out:
         print_json({"text": tok.decode(out[0], skip_special_tokens=True), **summary,

@@ -6,6 +6,7 @@
 Policies, their papers and where moekit deviates: docs/routing.md. Per-request routing in one batch: apply.py.
 """
 
+from moekit.routing import c3po, replay  # noqa: F401  (register the replay and c3po policies)
 from moekit.routing.apply import NO_SENTINEL, RoutingHooks, RowSpan, apply, attach, batch_spans, packed_spans
 from moekit.routing.policies import POLICIES, Policy, Routing, sentinel
 from moekit.routing.spec import parse, read_steering, write_steering

@@ -134,8 +134,7 @@ def reroute(layer, logits, weights, ids, spans: list[RowSpan]) -> tuple[torch.Te
         if s.routing is None:
             pieces.append((weights[s.start:s.stop].float(), ids[s.start:s.stop]))
         else:
-            w, i = s.routing.route(layer, logits[s.start:s.stop], s)
-            pieces.append(router_order(w, i, ids[s.start:s.stop]))
+            pieces.append(s.routing.route(layer, logits[s.start:s.stop], s, router_ids=ids[s.start:s.stop]))
         at = s.stop
     if at < T:
         pieces.append((weights[at:].float(), ids[at:]))
@@ -146,21 +145,6 @@ def reroute(layer, logits, weights, ids, spans: list[RowSpan]) -> tuple[torch.Te
     w = torch.cat([torch.nn.functional.pad(p[0], (0, k - p[0].shape[1])) for p in pieces])
     i = torch.cat([torch.nn.functional.pad(p[1], (0, k - p[1].shape[1]), value=fill) for p in pieces])
     return w, i
-
-
-def router_order(weights, ids, router_ids):
-    """Tokens whose selection the policy left unchanged get the router's own slot order back ([T, K] each). The order
-    is not arithmetic (experts are summed by id), but the eager loops gather each expert's tokens slot by slot, and a
-    GEMM over rows in another order can round differently (MiniMax-M3's router returns an unsorted top-k)."""
-    if ids.shape != router_ids.shape:
-        return weights, ids
-    match = ids[:, :, None] == router_ids[:, None, :]  # [T, K, K]: new slot i holds the router's slot j
-    same = match.any(dim=1).all(dim=-1)  # [T] every router slot found
-    if not bool(same.any()):
-        return weights, ids
-    perm = match.int().argmax(dim=1)  # [T, K]: for router slot j, the new slot holding its expert
-    return (torch.where(same[:, None], weights.gather(1, perm), weights),
-            torch.where(same[:, None], router_ids, ids))
 
 
 def _format(layer, out, logits, weights, ids):

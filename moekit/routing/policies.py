@@ -376,15 +376,16 @@ class Routing:
         r.bound_to = self.bound_to
         return r
 
-    def route(self, layer, logits: torch.Tensor, span) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [t, K'], ids [t, K']) for this layer's logits [t, E] under every policy that applies."""
+    def route(self, layer, logits: torch.Tensor, span, router_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [t, K'], ids [t, K']) for this layer's logits [t, E] under every policy that applies
+        (router_ids [t, K]: the router's own choice, whose slot order unchanged tokens keep)."""
         from moekit.routing.select import execute
 
         plan = Plan(logits=logits.float(), top_k=layer.rule.top_k)
         for p in self.policies:
             if p.applies(layer):
                 p.plan(layer, plan, span)
-        return execute(plan, layer.rule, layer.correction_bias, sentinel=_width(layer))
+        return execute(plan, layer.rule, layer.correction_bias, sentinel=_width(layer), router_ids=router_ids)
 
     def max_k(self, layer) -> int:
         ks = [p.max_k(layer) for p in self.policies if p.applies(layer)]

@@ -87,7 +87,7 @@ def generate(model, hooks, input_ids: torch.Tensor, contrast: Contrast, strong: 
     cache = DynamicCache(config=model.config)
     weak, out_ids, step = contrast.weak(), input_ids, input_ids
     for _ in range(max_new_tokens):
-        zs, zw, out = paired_logits(model, hooks, step, strong, weak, past_key_values=cache, use_cache=True)
+        zs, zw, out = paired_logits(model, hooks, step, strong, weak, cache=cache, use_cache=True)
         cache = out.past_key_values
         nxt = contrast_scores(zs[:, -1], zw[:, -1], contrast.alpha, contrast.beta).argmax(dim=-1, keepdim=True)
         out_ids = torch.cat([out_ids, nxt], dim=1)

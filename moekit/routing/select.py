@@ -52,10 +52,12 @@ def normalised_scores(logits: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
     return s / s.sum(dim=-1, keepdim=True)
 
 
-def execute(plan: Plan, rule: RoutingRule, correction_bias: torch.Tensor | None, sentinel: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def execute(plan: Plan, rule: RoutingRule, correction_bias: torch.Tensor | None, sentinel: int,
+            router_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan -> (weights [T, K'] float32, ids [T, K'] int64) in the selection's rank order (as transformers' sorted
-    top-k); dropped slots come last and hold `sentinel` with weight 0 (K' = the most experts any token keeps)."""
+    top-k); dropped slots come last and hold `sentinel` with weight 0 (K' = the most experts any token keeps).
+    router_ids [T, K]: the router's own selection; tokens the plan selects the same experts for keep its slot order,
+    so that renormalisation sums in the router's order and the experts loops gather tokens in it (bit-identical)."""
     z = plan.logits.float()
     if rule.scoring == "sparsemixer":
         return _execute_sparsemixer(plan, z, rule, sentinel)
@@ -84,12 +86,28 @@ def execute(plan: Plan, rule: RoutingRule, correction_bias: torch.Tensor | None,
         ranked = torch.where(keep, choice.nan_to_num(neginf=_FINITE_MIN), float("-inf"))
         ids = torch.topk(ranked, k, dim=-1).indices  # [T, K']
         valid = keep.gather(1, ids)
+    if router_ids is not None:
+        ids, valid = _router_order(ids, valid, router_ids)
     weights = _weights(plan, z, scores, pre_group, ids, valid, rule)
     if plan.scale is not None:
         weights = weights * plan.scale[ids]
     if valid is not None:
         ids = ids.masked_fill(~valid, sentinel)
     return weights, ids
+
+
+def _router_order(ids, valid, router_ids):
+    """Tokens whose selected set equals the router's get the router's slot order ([T, K] each). Routers differ in
+    their order (MiniMax-M3 and the DeepSeek-V3 copies take an unsorted top-k), and float sums follow it."""
+    if ids.shape != router_ids.shape:
+        return ids, valid
+    match = ids[:, :, None] == router_ids[:, None, :]  # [T, K, K]: slot i holds the router's slot j's expert
+    same = match.any(dim=1).all(dim=-1)  # [T]
+    if valid is not None:
+        same &= valid.all(dim=-1)
+    if not bool(same.any()):
+        return ids, valid
+    return torch.where(same[:, None], router_ids, ids), valid
 
 
 def _weights(plan, z, scores, pre_group, ids, valid, rule) -> torch.Tensor:

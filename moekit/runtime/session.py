@@ -149,10 +149,10 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
 
 def _attach_routing(om: OffloadedModel, options: RuntimeOptions) -> None:
     """Router hooks on the offloaded model: `om.routing_hooks` (moekit.routing.RoutingHooks; a server sets per-request
-    row spans on it each step, see docs/routing.md) routing every row by `om.routing` unless told otherwise."""
+    row spans on it each step, see docs/routing.md) routing every row by `om.routing_policy` unless told otherwise."""
     from moekit.routing import attach
     from moekit.routing.calibrate import prepare
 
-    om.routing = prepare(options.parsed_routing(), om.view, om.tokenizer)
+    om.routing_policy = prepare(options.parsed_routing(), om.view, om.tokenizer)
     om.routing_hooks = attach(om.view)
-    om.routing_hooks.set_all(om.routing)
+    om.routing_hooks.set_all(om.routing_policy)
