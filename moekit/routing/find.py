@@ -84,11 +84,10 @@ def find(trace_a, trace_b, method: str = "risk-diff", layers: list[int] | None =
         elif method == "frequency":
             scores.append(frequency(sa, trace_a.seq_id, sb, trace_b.seq_id))
         else:
-            xa = np.ones(len(sa), bool) if tokens is None else np.isin(trace_a.token_id, tokens)
-            x = np.concatenate([xa, np.zeros(len(sb), bool)])
+            in_a = np.concatenate([np.ones(len(sa), bool), np.zeros(len(sb), bool)])  # [T_a + T_b]
+            x = in_a if tokens is None else in_a & np.isin(np.concatenate([trace_a.token_id, trace_b.token_id]), tokens)
             sel = np.concatenate([sa, sb])
-            scores.append(npmi(x, sel) - npmi(~x if tokens is None else np.concatenate(
-                [np.zeros(len(sa), bool), np.ones(len(sb), bool)]), sel))
+            scores.append(npmi(x, sel) - npmi(~in_a, sel))
     flat = np.stack(scores)  # [L', E]
     if action == "force":  # at most K per layer can be forced (SteerMoE)
         flat = _cap_per_layer(flat, trace_a.top_k)
