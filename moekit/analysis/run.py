@@ -204,6 +204,12 @@ def analyze_trace(trace, *, tokenizer=None, timings: dict | None = None, **optio
     if trace.kind != "tokens" or trace.num_tokens == 0:
         raise ValueError(f"{trace.folder}: per-token analyses need a per-token trace with tokens (this one is "
                          f"{trace.kind} with {trace.num_tokens} tokens)")
+    if getattr(trace, "sentinel", None) is not None:
+        from moekit.errors import UserError
+
+        raise UserError(f"{trace.folder} was traced under the routing policy {trace.manifest['routing']['spec']!r} "
+                        f"(a variable number of experts per token): the analyses need a fixed top-k; trace without "
+                        f"--routing to analyse it (`moekit simulate` replays policy traces)")
     logits = bool(trace.manifest.get("logits"))
     layers = [{"ids": trace.ids(l), "weights": trace.weights(l), **({"logits": trace.logits(l)} if logits else {})}
               for l in trace.layers]

@@ -41,7 +41,8 @@ def find(
     top: int = typer.Option(10, "--top", help="(layer, expert) pairs to keep, largest score first"),
     action: str = typer.Option(None, "--action", help="force | mask | steer | scale (default: the method's)"),
     strength: float = typer.Option(None, "--strength", help="lambda of steer, beta of scale (default: the method's)"),
-    tokens: str = typer.Option(None, "--tokens", help="npmi: token ids of A to contrast (RICE's <think>), comma-separated"),
+    tokens: str = typer.Option(None, "--tokens",
+                               help="npmi: token ids of A to contrast (RICE's <think>), comma-separated"),
     out: Path = typer.Option(..., "--out", help="steering file to write (JSON)"),
     json_out: bool = typer.Option(False, "--json", help="print the entries as one JSON object"),
 ) -> None:

@@ -172,7 +172,7 @@ def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
     total = sum(len(w) for ws in windows.values() for w in ws)
     if routing is not None:
         view = moekit.models.load(model)
-        routing = prepare(routing, view, tokenizer, calib)
+        routing = prepare(routing, view, tokenizer, calib, per_prompt=False)
     with moekit.routing.apply(view if routing is not None else None, routing):
         if progress_factory is None:
             result = evaluate(model, windows, batch_size)

@@ -32,10 +32,13 @@ def skip_betas(view, windows: list[np.ndarray]) -> dict[int, float]:
 
 
 def prepare(routing: Routing | None, view, tokenizer=None, calib: list[str] | None = None,
-            tokens: int = CALIB_TOKENS) -> Routing | None:
-    """Bind `routing` to the model and run the calibration its policies need (skip=auto); returns it."""
+            tokens: int = CALIB_TOKENS, per_prompt: bool = True) -> Routing | None:
+    """Bind `routing` to the model and run the calibration its policies need (skip=auto); returns it.
+    per_prompt=False: the caller routes whole batches, so a policy that adapts to each prompt (C3PO) is refused."""
     if routing is None:
         return None
+    if not per_prompt:
+        batch_routing(routing)
     skip = routing.find(Skip)
     if skip is not None and skip.beta is None and not skip.betas:
         if view.top_k < 2:
@@ -44,6 +47,17 @@ def prepare(routing: Routing | None, view, tokenizer=None, calib: list[str] | No
             raise UserError("skip drops experts after the first: the model routes each token to one expert")
         skip.betas = skip_betas(view, calib_windows(tokenizer, calib or DEFAULT_CALIB, tokens))
     return routing.bind(view)
+
+
+def batch_routing(routing: Routing | None) -> Routing | None:
+    """`routing`, checked for use on whole batches (eval, trace): a policy that adapts to each prompt (C3PO) is
+    refused in one line, before any weight is read."""
+    if routing is not None and routing.needs_prompt():
+        from moekit.errors import UserError
+
+        raise UserError(f"{routing.spec()} adapts each prompt's last position: use it with `moekit run` or the "
+                        f"Python API (benchmarks/routing.py measures it), not on whole evaluation or trace batches")
+    return routing
 
 
 def calib_windows(tokenizer, data: list[str], tokens: int) -> list[np.ndarray]:

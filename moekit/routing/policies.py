@@ -392,6 +392,10 @@ class Routing:
         selecting = [p.max_k(layer) for p in self.policies if p.applies(layer) and p.selects]
         return selecting[0] if selecting else max(ks, default=layer.rule.top_k)
 
+    def needs_prompt(self) -> bool:
+        """True when a policy adapts to each request's prompt (C3PO): a whole-batch evaluation would not apply it."""
+        return any(hasattr(p, "for_prompt") for p in self.policies)
+
     def find(self, cls):
         return next((p for p in self.policies if isinstance(p, cls)), None)
 

@@ -124,7 +124,8 @@ def _c3po(value):
 _PARSERS = {
     "topk": _topk, "top-p": _top_p, "skip": _skip, "rank": _rank,
     "mask": lambda v: P.Mask(_pairs(v.split(","))), "force": lambda v: P.Force(_pairs(v.split(","))),
-    "steer": lambda v: P.Steer(*reversed(_strength_pairs(v))), "scale": lambda v: P.Scale(*reversed(_strength_pairs(v))),
+    "steer": lambda v: P.Steer(*reversed(_strength_pairs(v))),
+    "scale": lambda v: P.Scale(*reversed(_strength_pairs(v))),
     "replay": _replay, "c3po": _c3po,
 }
 _EXAMPLES = {

@@ -71,7 +71,7 @@ def record(
     if routing is not None:
         from moekit.routing.calibrate import prepare
 
-        prepare(routing, view, tokenizer, calib)
+        prepare(routing, view, tokenizer, calib, per_prompt=False)
         fresh["routing"] = routing_manifest(view, routing)
         fresh["ids_dtype"] = schema.ids_dtype(fresh["routing"]["sentinel"] + 1).name
     manifest = _prepare(out, fresh, resume)

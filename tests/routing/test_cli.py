@@ -88,3 +88,19 @@ def test_run_bad_routing_is_one_line(ckpt, tmp_path, capsys, monkeypatch, args, 
     code, _, err = run_cli(["run", str(ckpt), "--prompt", "a", *args], capsys)
     assert code == 2 and match in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # rejected before the store was built
+
+
+def test_c3po_and_policy_traces_refuse_batch_commands(ckpt, corpus, tmp_path, capsys):
+    import numpy as np
+
+    from moekit.routing.c3po import Reference
+
+    ref = tmp_path / "ref.npz"
+    Reference(np.zeros((1, 384), np.float32), np.full((1, 3, 16), 1 / 16, np.float32), [0, 1, 2]).save(ref)
+    code, _, err = run_cli(["eval", str(ckpt), "--data", str(corpus), "--routing", f"c3po={ref}"], capsys)
+    assert code == 2 and "moekit run" in err
+    out = tmp_path / "tp"
+    assert run_cli(["trace", str(ckpt), "--data", str(corpus), "--out", str(out), "--seq-len", "32", "--routing",
+                    "top-p=0.3"], capsys)[0] == 0
+    code, _, err = run_cli(["analyze", str(out), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 2 and "fixed top-k" in err
