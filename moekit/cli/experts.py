@@ -74,9 +74,3 @@ def find(
         table.add_row(str(e["layer"]), str(e["expert"]), e["action"], f"{e['strength']:g}", f"{e['score']:.4f}")
     console.print(table)
 
-
-def routing_from_options(routing: str | None, steer: Path | None):
-    """--routing / --steer -> a Routing (None: stock), checked before any weight is read."""
-    from moekit.routing import parse
-
-    return parse(routing, steer)

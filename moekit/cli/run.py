@@ -60,14 +60,15 @@ def run(
     tok, view = om.tokenizer, om.view
     ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
-    if om.routing_policy is not None:
-        om.routing_hooks.set_all(om.routing_policy.for_prompt(prompt))
+    routing = om.routing_policy.for_prompt(prompt) if om.routing_policy is not None else None  # C3PO: the prompt
+    om.routing_hooks.set_all(routing)
     t0 = time.perf_counter()
     with torch.no_grad():
         if contrast is not None:
-            out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, om.routing_policy,
-                                 max_new_tokens, tok.eos_token_id)
-            streamer is None or console.print(tok.decode(out[0], skip_special_tokens=True))
+            out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, routing, max_new_tokens,
+                                 tok.eos_token_id)
+            if streamer is not None:
+                console.print(tok.decode(out[0], skip_special_tokens=True))
         else:
             out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None

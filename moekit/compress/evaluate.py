@@ -161,19 +161,20 @@ def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
                   progress_factory=None, routing=None, calib: list[str] | None = None) -> dict:
     """load_for_eval + tokenised --data + evaluate, as the CLI runs it; under a moekit.routing.Routing if given
     (calibrated on `calib` when it needs it: skip=auto)."""
+    from contextlib import nullcontext
+
     import moekit.models
-    import moekit.routing
-    from moekit.routing.calibrate import prepare
     from moekit.trace.data import encoder, resolve_data
 
     sources = resolve_data(data)  # bad --data fails before the weights are read
     model, tokenizer = load_for_eval(path)
     windows = domain_windows(sources, encoder(tokenizer), seq_len, max_tokens)
     total = sum(len(w) for ws in windows.values() for w in ws)
-    if routing is not None:
+    context = nullcontext()
+    if routing is not None:  # a moekit.routing.Routing (duck-typed)
         view = moekit.models.load(model)
-        routing = prepare(routing, view, tokenizer, calib, per_prompt=False)
-    with moekit.routing.apply(view if routing is not None else None, routing):
+        context = routing.prepare(view, tokenizer, calib, per_prompt=False).applied(view)
+    with context:
         if progress_factory is None:
             result = evaluate(model, windows, batch_size)
         else:

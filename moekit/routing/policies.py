@@ -392,6 +392,23 @@ class Routing:
         selecting = [p.max_k(layer) for p in self.policies if p.applies(layer) and p.selects]
         return selecting[0] if selecting else max(ks, default=layer.rule.top_k)
 
+    def prepare(self, view, tokenizer=None, calib: list[str] | None = None, per_prompt: bool = True) -> Routing:
+        """Bind to the model and calibrate what needs it (moekit.routing.calibrate.prepare)."""
+        from moekit.routing.calibrate import prepare
+
+        return prepare(self, view, tokenizer, calib, per_prompt=per_prompt)
+
+    def trace_manifest(self, view) -> dict:
+        """What a policy trace records about its routing: the spec, the widest K per token, the dropped slots' id."""
+        return {"spec": self.spec(), "max_k": max(self.max_k(m) for m in view.layers),
+                "sentinel": sentinel(view.layers[0])}
+
+    def applied(self, view):
+        """Context manager: the model routed by this routing inside it (moekit.routing.apply)."""
+        from moekit.routing.apply import apply
+
+        return apply(view, self)
+
     def needs_prompt(self) -> bool:
         """True when a policy adapts to each request's prompt (C3PO): a whole-batch evaluation would not apply it."""
         return any(hasattr(p, "for_prompt") for p in self.policies)

@@ -101,9 +101,11 @@ def generate(model, hooks, input_ids: torch.Tensor, contrast: Contrast, strong: 
 def accuracy(model, hooks, windows, contrast: Contrast, strong: Routing | None = None, batch_size: int = 8) -> dict:
     """Teacher-forced next-token accuracy of SCMoE's argmax and of the strong model's own greedy argmax over
     windows (token arrays); one paired forward per batch."""
+    from moekit.compress.evaluate import batches  # equal-length windows -> [B, S]
+
     tokens = hits = greedy_hits = 0
     weak = contrast.weak()
-    for ids in _batches(windows, batch_size):
+    for ids in batches(windows, batch_size):
         zs, zw, _ = paired_logits(model, hooks, ids, strong, weak, use_cache=False)
         target = ids[:, 1:]
         score = contrast_scores(zs[:, :-1], zw[:, :-1], contrast.alpha, contrast.beta)
@@ -111,18 +113,6 @@ def accuracy(model, hooks, windows, contrast: Contrast, strong: Routing | None =
         greedy_hits += int((zs[:, :-1].argmax(-1) == target).sum())
         tokens += target.numel()
     return {"tokens": tokens, "accuracy": hits / max(tokens, 1), "greedy_accuracy": greedy_hits / max(tokens, 1)}
-
-
-def _batches(windows, batch_size):
-    """Windows (token arrays) -> [B, S] batches of equal-length windows."""
-    import numpy as np
-
-    by_len: dict[int, list] = {}
-    for w in windows:
-        by_len.setdefault(len(w), []).append(w)
-    for group in by_len.values():
-        for i in range(0, len(group), batch_size):
-            yield torch.from_numpy(np.stack(group[i:i + batch_size]).astype(np.int64))
 
 
 def evaluate_path(path, data: list[str], contrast: Contrast, strong: Routing | None = None, seq_len: int = 256,

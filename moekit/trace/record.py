@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -68,11 +69,9 @@ def record(
     encode = encoder(tokenizer)
     out = Path(out)
     fresh = new_manifest(view, model_name, sources, options)
-    if routing is not None:
-        from moekit.routing.calibrate import prepare
-
-        prepare(routing, view, tokenizer, calib, per_prompt=False)
-        fresh["routing"] = routing_manifest(view, routing)
+    if routing is not None:  # a moekit.routing.Routing (duck-typed: the trace stage does not import plans)
+        routing.prepare(view, tokenizer, calib, per_prompt=False)
+        fresh["routing"] = routing.trace_manifest(view)
         fresh["ids_dtype"] = schema.ids_dtype(fresh["routing"]["sentinel"] + 1).name
     manifest = _prepare(out, fresh, resume)
     if manifest["completed"]:
@@ -83,7 +82,7 @@ def record(
     width = schema.ids_width(manifest)
     pa_schema = schema.token_schema(manifest["layers"], width, manifest["num_experts"], options.logits,
                                     id_dtype=np.dtype(manifest["ids_dtype"]))
-    with _routed(view, routing), RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
+    with routing.applied(view) if routing is not None else nullcontext(), RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
                                                width=width, id_dtype=np.dtype(manifest["ids_dtype"])) as cap:
         for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
@@ -122,22 +121,6 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "chunks": [],
         "completed": False,
     }
-
-
-def routing_manifest(view, routing) -> dict:
-    """What a policy trace records about its routing: the spec, the widest K per token, the dropped slots' id."""
-    from moekit.routing import sentinel
-
-    return {"spec": routing.spec(), "max_k": max(routing.max_k(m) for m in view.layers),
-            "sentinel": sentinel(view.layers[0])}
-
-
-def _routed(view, routing):
-    from contextlib import nullcontext
-
-    from moekit.routing import apply
-
-    return nullcontext() if routing is None else apply(view, routing)
 
 
 # what must match for a resumed run to continue an earlier one
