@@ -131,6 +131,15 @@ class C3PO(Policy):
     last_layers: int = 5
     reference: Reference | None = None
     omega: dict[int, np.ndarray] = field(default_factory=dict)  # this request's ω̂ per decoder layer
+    example = "c3po=out/c3po-ref.npz,k=3,layers=5"
+
+    @classmethod
+    def from_spec(cls, value):
+        from moekit.routing import grammar as G
+
+        path, *rest = value.split(",")
+        opts = G.options(rest, {"k", "layers"})
+        return cls(Path(path), neighbours=int(opts.get("k", 3)), last_layers=int(opts.get("layers", 5)))
 
     def __post_init__(self):
         if self.neighbours < 1 or self.last_layers < 1:

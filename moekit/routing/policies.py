@@ -20,6 +20,7 @@ import torch
 
 from moekit.errors import UserError
 from moekit.registry import Registry
+from moekit.routing import grammar as G
 from moekit.routing.select import Plan
 
 POLICIES: Registry = Registry("routing policy", unknown="unknown routing policy {name!r}; known: {known} "
@@ -35,9 +36,11 @@ def register(name: str):
 
 
 class Policy:
-    """One routing policy. `selects`: it chooses the kept set itself (at most one such policy in a spec)."""
+    """One routing policy. `selects`: it chooses the kept set itself (at most one such policy in a spec).
+    `from_spec(value)` reads the text after "NAME=" (ValueError with the reason when malformed); `example` shows it."""
 
     name = "base"
+    example = ""
     selects = False
     layers: frozenset[int] | None = None  # decoder layers it applies to (None: every MoE layer)
 
@@ -71,6 +74,13 @@ class Policy:
 @dataclass
 class TopK(Policy):
     """Another fixed K (llama.cpp's expert_used_count, transformers' num_experts_per_tok override)."""
+
+    example = "topk=2"
+
+    @classmethod
+    def from_spec(cls, value):
+        k, *rest = value.split(",")
+        return cls(int(k), layers=G.layers(G.options(rest, {"layers"}).get("layers")))
 
     k: int
     layers: frozenset[int] | None = None
@@ -109,6 +119,14 @@ class TopP(Policy):
     kept set, as SCMoE's post-hoc "dynamic" baseline on pre-trained Mixtral does (DavidFanzz/SCMoE).
     moekit ranks by the family's selection score (bias and group limit included) and accumulates p renormalised over
     the eligible experts; sigmoid routers normalise their scores first (an adaptation, not from the paper)."""
+
+    example = "top-p=0.5 or top-p=0.6,renorm"
+
+    @classmethod
+    def from_spec(cls, value):
+        p, *rest = value.split(",")
+        opts = G.options(rest, {"renorm", "layers"})
+        return cls(G.number(p, "P"), renorm="renorm" in opts, layers=G.layers(opts.get("layers")))
 
     p: float
     renorm: bool = False
@@ -153,6 +171,14 @@ class Skip(Policy):
     calibration tokens (`calibrate`), so about half of those tokens skip. The paper is for Mixtral's top-2; for K > 2
     every expert after the first is tested against the same beta * w_1 (an adaptation)."""
 
+    example = "skip=0.3 or skip=auto"
+
+    @classmethod
+    def from_spec(cls, value):
+        beta, *rest = value.split(",")
+        opts = G.options(rest, {"layers"})
+        return cls(None if beta == "auto" else G.number(beta, "beta"), layers=G.layers(opts.get("layers")))
+
     beta: float | None  # None: auto (betas from calibration)
     betas: dict[int, float] = field(default_factory=dict)  # decoder layer -> beta (auto)
     layers: frozenset[int] | None = None
@@ -192,6 +218,13 @@ class Rank(Policy):
     """One expert per token: the r-th ranked (0-based) by the family's selection score, weighted by the family's rule
     (renormalised: weight 1.0). SCMoE's weak routing (arXiv 2405.14507; DavidFanzz/SCMoE `student_routed_tok`)."""
 
+    example = "rank=2"
+
+    @classmethod
+    def from_spec(cls, value):
+        r, *rest = value.split(",")
+        return cls(int(r), layers=G.layers(G.options(rest, {"layers"}).get("layers")))
+
     r: int
     layers: frozenset[int] | None = None
     selects = True
@@ -229,6 +262,10 @@ class _Experts(Policy):
     """A policy on chosen (layer, expert) pairs; `experts` maps decoder layer -> expert ids."""
 
     experts: dict[int, tuple[int, ...]]
+
+    @classmethod
+    def from_spec(cls, value):
+        return cls(G.pairs(value.split(",")))
 
     def bind(self, view):
         _check_layers(view, frozenset(self.experts), self.spec())
@@ -270,6 +307,8 @@ class Mask(_Experts):
     the slot. Logits edited by SteerMoE's rule, and the experts excluded from selection, so selection biases and group
     limits cannot bring them back."""
 
+    example = "mask=1:3,2:7"
+
     def plan(self, layer, plan, span):
         off = self._mask(layer, plan)
         plan.logits = _steermoe_logits(layer, plan.logits, None, off)
@@ -284,6 +323,8 @@ class Mask(_Experts):
 class Force(_Experts):
     """Force experts on (MoTE's "stimulate"; SteerMoE's positive experts): selected for every token, at most K per
     layer. SteerMoE's logit rule gives their weight; the selection is enforced on top of it (bias, groups)."""
+
+    example = "force=1:3"
 
     def bind(self, view):
         super().bind(view)
@@ -308,6 +349,13 @@ class Steer(_Experts):
     z_e <- z_e + lambda * std(z) for the chosen experts of the chosen layers, before the family's scoring; std over
     the token's E logits (torch.std, unbiased). Stable for |lambda| <= 1 in the paper; 0.5 typical."""
 
+    example = "steer=0.5@1:3,2:7"
+
+    @classmethod
+    def from_spec(cls, value):
+        lam, experts = G.strength_pairs(value)
+        return cls(experts, lam=lam)
+
     lam: float = 0.5
 
     def plan(self, layer, plan, span):
@@ -323,6 +371,13 @@ class Steer(_Experts):
 class Scale(_Experts):
     """RICE ("Two Experts Are All You Need for Steering Thinking", arXiv 2505.14681): multiply the routing weight of
     the chosen experts by beta when they are selected, after the family's rule, without renormalising."""
+
+    example = "scale=64@1:3"
+
+    @classmethod
+    def from_spec(cls, value):
+        beta, experts = G.strength_pairs(value)
+        return cls(experts, beta=beta)
 
     beta: float = 1.0
 

@@ -61,6 +61,11 @@ class Replay(Policy):
     path: Path
     cursor: dict[int, int] = field(default_factory=dict)  # decoder layer -> next trace token
     selects = True
+    example = "replay=out/demo-trace"
+
+    @classmethod
+    def from_spec(cls, value):
+        return cls(Path(value))
 
     def __post_init__(self):
         self.path = Path(self.path)

@@ -27,112 +27,15 @@ def parse(spec: str | None, steer: str | Path | None = None) -> P.Routing | None
 def _one(part: str) -> P.Policy:
     part = part.strip()
     name, _, value = part.partition("=")
-    name = name.strip()
-    P.POLICIES.lookup(name)  # unknown names: one line listing the known ones
+    cls = P.POLICIES.lookup(name.strip())  # unknown names: one line listing the known ones
     if not value:
-        raise UserError(f"--routing {part!r}: {name} needs a value, e.g. {_EXAMPLES[name]}")
+        raise UserError(f"--routing {part!r}: {cls.name} needs a value, e.g. {cls.example}")
     try:
-        return _PARSERS[name](value.strip())
+        return cls.from_spec(value.strip())
+    except UserError:
+        raise
     except (ValueError, IndexError) as err:
-        raise UserError(f"--routing {part!r}: {err}; write it like {_EXAMPLES[name]}") from None
-
-
-def _options(tokens: list[str], allowed: set[str]) -> dict[str, str]:
-    out = {}
-    for t in tokens:
-        key, eq, val = t.partition("=")
-        if key not in allowed:
-            raise ValueError(f"unknown option {key!r} (options: {', '.join(sorted(allowed)) or 'none'})")
-        out[key] = val if eq else "true"
-    return out
-
-
-def _layers(text: str | None) -> frozenset[int] | None:
-    if text is None:
-        return None
-    out = set()
-    for piece in text.split("/"):
-        a, dash, b = piece.partition("-")
-        out.update(range(int(a), int(b) + 1) if dash else [int(a)])
-    return frozenset(out)
-
-
-def _number(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{what} must be a number, got {text!r}") from None
-
-
-def _pairs(tokens: list[str]) -> dict[int, tuple[int, ...]]:
-    out: dict[int, list[int]] = {}
-    for t in tokens:
-        layer, colon, expert = t.partition(":")
-        if not colon:
-            raise ValueError(f"{t!r} is not LAYER:EXPERT")
-        out.setdefault(int(layer), []).append(int(expert))
-    if not out:
-        raise ValueError("no LAYER:EXPERT pairs")
-    return {l: tuple(dict.fromkeys(ids)) for l, ids in out.items()}
-
-
-def _strength_pairs(value: str) -> tuple[float, dict[int, tuple[int, ...]]]:
-    strength, at, rest = value.partition("@")
-    if not at:
-        raise ValueError("missing '@' between the strength and the LAYER:EXPERT pairs")
-    return _number(strength, "the strength"), _pairs(rest.split(","))
-
-
-def _topk(value):
-    k, *rest = value.split(",")
-    return P.TopK(int(k), layers=_layers(_options(rest, {"layers"}).get("layers")))
-
-
-def _top_p(value):
-    p, *rest = value.split(",")
-    opts = _options(rest, {"renorm", "layers"})
-    return P.TopP(_number(p, "P"), renorm="renorm" in opts, layers=_layers(opts.get("layers")))
-
-
-def _skip(value):
-    beta, *rest = value.split(",")
-    opts = _options(rest, {"layers"})
-    return P.Skip(None if beta == "auto" else _number(beta, "beta"), layers=_layers(opts.get("layers")))
-
-
-def _rank(value):
-    r, *rest = value.split(",")
-    return P.Rank(int(r), layers=_layers(_options(rest, {"layers"}).get("layers")))
-
-
-def _replay(value):
-    from moekit.routing.replay import Replay
-
-    path, *rest = value.split(",")
-    _options(rest, set())
-    return Replay(Path(path))
-
-
-def _c3po(value):
-    from moekit.routing.c3po import C3PO
-
-    path, *rest = value.split(",")
-    opts = _options(rest, {"k", "layers"})
-    return C3PO(Path(path), neighbours=int(opts.get("k", 3)), last_layers=int(opts.get("layers", 5)))
-
-
-_PARSERS = {
-    "topk": _topk, "top-p": _top_p, "skip": _skip, "rank": _rank,
-    "mask": lambda v: P.Mask(_pairs(v.split(","))), "force": lambda v: P.Force(_pairs(v.split(","))),
-    "steer": lambda v: P.Steer(*reversed(_strength_pairs(v))),
-    "scale": lambda v: P.Scale(*reversed(_strength_pairs(v))),
-    "replay": _replay, "c3po": _c3po,
-}
-_EXAMPLES = {
-    "topk": "topk=2", "top-p": "top-p=0.5 or top-p=0.6,renorm", "skip": "skip=0.3 or skip=auto", "rank": "rank=2",
-    "mask": "mask=1:3,2:7", "force": "force=1:3", "steer": "steer=0.5@1:3,2:7", "scale": "scale=64@1:3",
-    "replay": "replay=out/demo-trace", "c3po": "c3po=out/c3po-ref.npz,k=3,layers=5",
-}
+        raise UserError(f"--routing {part!r}: {err}; write it like {cls.example}") from None
 
 
 # ---------------------------------------------------------------- steering files
