@@ -94,6 +94,7 @@ def stats_table(rows: list[dict], summary: dict) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,  # every column fits 80 characters
                   title=f"{summary['new_tokens']} tokens in {summary['seconds']:.2f} s "
                         f"({summary['tokens_per_s']:.2f} tok/s), policy {summary['policy']}, "
+                        + (f"routing {summary['routing']}, " if "routing" in summary else "") +
                         f"{summary['experts_per_layer']} experts/layer")
     columns = {"layer": lambda r: str(r["layer"]), "hits": lambda r: str(r["hits"]),
                "misses": lambda r: str(r["misses"]), "rate": lambda r: f"{r['hit_rate']:.3f}",
