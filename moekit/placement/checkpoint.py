@@ -4,9 +4,10 @@ expert phy2log[l, p]. The engines place expert ids contiguously by default (vLLM
 placement exactly — a static placement for vLLM, which cannot load a map file today.
 
 The permutation moves every expert tensor together with its router row, router bias and score-correction bias
-(moekit.compress.edit.keep_experts), so the model computes the same function: HF's eager loop adds the selected
-experts in id order, so logits match bit for bit when each token picks at most two experts and up to float rounding
-otherwise (tests/placement/test_checkpoint.py). Routers with expert groups (DeepSeek-V3, GLM-4.5: group-limited
+(moekit.compress.edit.keep_experts), so the model computes the same function and every token picks the same experts.
+Logits match bit for bit where nothing sums over the expert axis (sigmoid routers, softmax over the top-k, two experts
+per token) and to float32 rounding otherwise: a softmax over all E router logits, or HF's eager loop adding a token's
+top-4 experts in id order, adds the same numbers in another order (tests/placement/test_checkpoint.py). Routers with expert groups (DeepSeek-V3, GLM-4.5: group-limited
 top-k over contiguous id blocks) need a permutation that maps whole groups onto whole groups, which only a
 group-aligned plan allows (`moekit place --method eplb --align-groups`).
 """

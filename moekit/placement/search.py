@@ -123,26 +123,35 @@ def swap_layer(row: np.ndarray, value: np.ndarray, counts: np.ndarray, bound: fl
     return SwapResult(canonical(row, topo), swaps, rounds)
 
 
-def layer_sweeps(phy2log: np.ndarray, pairs: np.ndarray, topo: Topology, step, max_sweeps: int = 50,
-                 deadline: float | None = None, on_sweep=None) -> tuple[np.ndarray, int]:
+def layer_sweeps(phy2log: np.ndarray, pairs: np.ndarray, topo: Topology, step, better=None, max_sweeps: int = 50,
+                 deadline: float | None = None) -> tuple[np.ndarray, int]:
     """Block coordinate ascent: re-optimise one layer at a time (`step(l, row, value) -> row`) with its neighbours
-    fixed, sweeping forward over the layers until a whole sweep changes nothing (or max_sweeps / the deadline)."""
+    fixed, sweeping forward over the layers until a whole sweep changes nothing (or max_sweeps / the deadline). A new
+    row replaces the old one only when `better(l, old, new, value)` (default: a strictly higher layer value), so the
+    objective never decreases and the sweeps end."""
+    better = better or (lambda l, old, new, value: row_value(new, value, topo) > row_value(old, value, topo) + 1e-9 *
+                        (1 + abs(row_value(old, value, topo))))
     phy2log = phy2log.copy()
     shares = shares_from_rows(phy2log, topo)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         changed = False
         for l in range(len(phy2log)):
-            new = step(l, phy2log[l], layer_value(pairs, shares, l, topo))
-            if not np.array_equal(new, phy2log[l]):
+            value = layer_value(pairs, shares, l, topo)
+            new = step(l, phy2log[l], value)
+            if not np.array_equal(new, phy2log[l]) and better(l, phy2log[l], new, value):
                 phy2log[l] = new
                 shares[l] = shares_from_rows(new[None], topo)[0]
                 changed = True
-        if on_sweep is not None:
-            on_sweep(sweeps)
         if not changed or (deadline is not None and time.monotonic() > deadline):
             break
     return phy2log, sweeps
+
+
+def row_value(row: np.ndarray, value: np.ndarray, topo: Topology) -> float:
+    """The layer's co-location value [E, G] summed over its slots (a replica counts 1 / cnt)."""
+    cnt = np.bincount(row, minlength=len(value))
+    return float(np.sum(value[row, topo.gpu_of_slot()] / cnt[row]))
 
 
 # ---- the joint MILP (one replica per expert)
