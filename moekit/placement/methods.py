@@ -167,7 +167,7 @@ def balanced_affinity(stats: RoutingStats, topo: Topology, opts: PlanOptions, pr
     def step(l, row, value):
         if use_milp:
             left = max(deadline - time.monotonic(), 0.1)
-            new, status = search.gap_layer(value, stats.counts[l], logcnt[l], bound[l], topo, min(left, 10.0))
+            new, status = search.gap_layer(value, stats.counts[l], logcnt[l], bound[l], topo, min(left, 5.0))
             tally[status] = tally.get(status, 0) + 1
             row = row if new is None else new
         return search.swap_layer(row, value, stats.counts[l], bound[l], topo).row if fits(l, row) else row

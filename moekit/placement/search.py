@@ -143,7 +143,9 @@ def layer_sweeps(phy2log: np.ndarray, pairs: np.ndarray, topo: Topology, step, b
                 phy2log[l] = new
                 shares[l] = shares_from_rows(new[None], topo)[0]
                 changed = True
-        if not changed or (deadline is not None and time.monotonic() > deadline):
+            if deadline is not None and time.monotonic() > deadline:
+                return phy2log, sweeps
+        if not changed:
             break
     return phy2log, sweeps
 
