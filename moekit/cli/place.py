@@ -34,7 +34,7 @@ def place(
                                               "experts permuted so that the engines' default placement is the plan"),
     time_limit: float = typer.Option(60.0, "--time-limit", help="seconds for the affinity search (MILPs included)"),
     seed: int = typer.Option(0, "--seed", help="seed of the search's random starts"),
-    balance_slack: float = typer.Option(0.005, "--balance-slack", help="balanced-affinity: per-layer max GPU load "
+    balance_slack: float = typer.Option(0.0, "--balance-slack", help="balanced-affinity: per-layer max GPU load "
                                         "may exceed EPLB's by this fraction"),
     align_groups: bool = typer.Option(False, "--align-groups", help="eplb: keep router groups whole on GPUs (needed "
                                       "by --checkpoint on grouped routers)"),

@@ -29,17 +29,25 @@ class RoutingStats:
     tokens: int | None = None
     num_hidden_layers: int | None = None  # every decoder layer, when the source says
     source: dict = field(default_factory=dict)
+    parts: np.ndarray | None = None  # [S, L, E] counts of S disjoint halves of the tokens (balance that must hold on
+    # each, not just on their sum: balanced-affinity's guard against fitting the cap to one sample)
 
     @property
     def num_experts(self) -> int:
         return self.counts.shape[1]
 
 
-def stats_from_ids(ids: list[np.ndarray], num_experts: int, layers: list[int] | None = None, **kw) -> RoutingStats:
-    """Per-layer selections ids[l] [T, K] of the same T tokens -> RoutingStats."""
+def stats_from_ids(ids: list[np.ndarray], num_experts: int, layers: list[int] | None = None,
+                   first_half: np.ndarray | None = None, **kw) -> RoutingStats:
+    """Per-layer selections ids[l] [T, K] of the same T tokens -> RoutingStats; `first_half` [T] bool splits the tokens
+    into the two parts (default: the first and second T / 2 tokens)."""
     if not ids:
         raise ValueError("need at least one MoE layer")
-    counts = np.stack([np.bincount(np.asarray(a).reshape(-1), minlength=num_experts) for a in ids]).astype(np.float64)
+    T = len(ids[0])
+    half = np.arange(T) < T // 2 if first_half is None else np.asarray(first_half, bool)
+    count = lambda a: np.bincount(np.asarray(a).reshape(-1), minlength=num_experts)  # noqa: E731
+    counts = np.stack([count(a) for a in ids]).astype(np.float64)
+    kw.setdefault("parts", np.stack([np.stack([count(a[m]) for a in ids]) for m in (half, ~half)]).astype(np.float64))
     pairs = np.stack([transition_pairs(a, b, num_experts) for a, b in zip(ids[:-1], ids[1:])]) if len(ids) > 1 \
         else np.zeros((0, num_experts, num_experts))
     return RoutingStats(counts, list(layers if layers is not None else range(len(ids))), pairs,
@@ -71,7 +79,18 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
             on_layer()
     if not len(ids[0]):
         raise UserError(f"{trace.folder} has no tokens to plan from: record a longer trace")
-    return stats_from_ids(ids, trace.num_experts, trace.layers, num_hidden_layers=nhl, source=source)
+    seq, dom = trace.seq_id, trace.domain
+    half = first_halves(seq if tokens is None else seq[tokens], dom if tokens is None else dom[tokens])
+    return stats_from_ids(ids, trace.num_experts, trace.layers, half, num_hidden_layers=nhl, source=source)
+
+
+def first_halves(seq_id: np.ndarray, domain: np.ndarray) -> np.ndarray:
+    """[T] bool: tokens in the first half of their domain's sequences (in sequence order)."""
+    out = np.zeros(len(seq_id), bool)
+    for d in np.unique(domain):
+        seqs = np.unique(seq_id[domain == d])
+        out |= np.isin(seq_id, seqs[: max(1, len(seqs) // 2)]) & (domain == d)
+    return out
 
 
 def stats_from_sglang(dump: Path) -> RoutingStats:

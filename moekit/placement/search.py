@@ -78,28 +78,32 @@ class SwapResult:
     rounds: int
 
 
-def swap_layer(row: np.ndarray, value: np.ndarray, counts: np.ndarray, bound: float, topo: Topology,
-               max_rounds: int = 200, tol: float = 1e-9) -> SwapResult:
+def swap_layer(row: np.ndarray, value: np.ndarray, counts: np.ndarray, bound, topo: Topology, max_rounds: int = 200,
+               tol: float = 1e-9) -> SwapResult:
     """Best-improvement swap search on one layer: exchange two slots of different GPUs when it raises the co-location
-    value and keeps both GPUs' loads <= bound. Each round applies every improving swap of disjoint slots, best first,
-    re-checking the load bound as loads change (a swap's gain does not depend on other slots of the same layer).
+    value and keeps both GPUs' loads <= bound under every load profile. Each round applies every improving swap of
+    disjoint slots, best first, re-checking the bounds as loads change (a swap's gain does not depend on other slots of
+    the same layer).
 
-    row [P] phy2log of the layer, value [E, G] (layer_value), counts [E] the layer's loads."""
+    row [P] phy2log of the layer, value [E, G] (layer_value), counts [M, E] the layer's loads under M profiles (or
+    [E]), bound [M] (or a number)."""
     row = row.copy()
+    counts, bound = np.atleast_2d(counts), np.atleast_1d(np.asarray(bound, dtype=float))
     gpu = topo.gpu_of_slot()
-    cnt = np.bincount(row, minlength=len(counts))
-    w_exp = counts / cnt  # [E] per-replica load
+    cnt = np.bincount(row, minlength=counts.shape[1])
+    w_exp = counts / cnt  # [M, E] per-replica load
     v_exp = value / cnt[:, None]  # [E, G] per-replica value
-    loads = np.bincount(gpu, weights=w_exp[row], minlength=topo.gpus)
+    loads = np.stack([np.bincount(gpu, weights=w[row], minlength=topo.gpus) for w in w_exp])  # [M, G]
     swaps = rounds = 0
     for rounds in range(1, max_rounds + 1):
         cur = v_exp[row, gpu]  # [P]
         cross = v_exp[row][:, gpu]  # [P, P]: value of slot i's replica on slot j's GPU
         gain = cross + cross.T - cur[:, None] - cur[None, :]
-        w = w_exp[row]
-        d = w[None, :] - w[:, None]  # [i, j] load GPU(i) gains when i and j swap
-        ok = (loads[gpu][:, None] + d <= bound + tol) & (loads[gpu][None, :] - d <= bound + tol)
-        ok &= (gpu[:, None] < gpu[None, :]) & (row[:, None] != row[None, :])
+        ok = (gpu[:, None] < gpu[None, :]) & (row[:, None] != row[None, :])
+        for m in range(len(counts)):
+            w = w_exp[m][row]
+            d = w[None, :] - w[:, None]  # [i, j] load GPU(i) gains when i and j swap
+            ok &= (loads[m][gpu][:, None] + d <= bound[m] + tol) & (loads[m][gpu][None, :] - d <= bound[m] + tol)
         i_idx, j_idx = np.nonzero(ok & (gain > tol * (1 + abs(gain).max())))
         if not len(i_idx):
             break
@@ -109,11 +113,11 @@ def swap_layer(row: np.ndarray, value: np.ndarray, counts: np.ndarray, bound: fl
         for i, j in zip(i_idx[order], j_idx[order]):
             if touched[i] or touched[j]:
                 continue
-            dw = w_exp[row[j]] - w_exp[row[i]]
-            if loads[gpu[i]] + dw > bound + tol or loads[gpu[j]] - dw > bound + tol:
+            dw = w_exp[:, row[j]] - w_exp[:, row[i]]  # [M]
+            if (loads[:, gpu[i]] + dw > bound + tol).any() or (loads[:, gpu[j]] - dw > bound + tol).any():
                 continue
-            loads[gpu[i]] += dw
-            loads[gpu[j]] -= dw
+            loads[:, gpu[i]] += dw
+            loads[:, gpu[j]] -= dw
             row[i], row[j] = row[j], row[i]
             touched[i] = touched[j] = True
             applied += 1
@@ -241,20 +245,24 @@ def _row_from_x(x: np.ndarray, topo: Topology) -> np.ndarray:
     return np.argsort(gpu_of_expert, kind="stable")
 
 
-def gap_layer(value: np.ndarray, counts: np.ndarray, cnt: np.ndarray, bound: float, topo: Topology,
+def gap_layer(value: np.ndarray, counts: np.ndarray, cnt: np.ndarray, bound, topo: Topology,
               time_limit: float) -> tuple[np.ndarray | None, str]:
-    """Exact best layer for a fixed value [E, G] under the per-GPU load cap (a generalised assignment problem, MILP by
-    HiGHS): integer n[e, g] replicas of e on GPU g, sum_g n = cnt_e, sum_e n = S, sum_e counts_e / cnt_e n[e, g] <=
-    bound; maximise sum value[e, g] n[e, g] / cnt_e. Returns (phy2log row [P] or None, HiGHS status)."""
-    E, G, S = topo.num_experts, topo.gpus, topo.slots_per_gpu
+    """Exact best layer for a fixed value [E, G] under per-GPU load caps (a generalised assignment problem, MILP by
+    HiGHS): integer n[e, g] replicas of e on GPU g, sum_g n = cnt_e, sum_e n = S, and for every load profile m
+    sum_e counts[m, e] / cnt_e n[e, g] <= bound[m]; maximise sum value[e, g] n[e, g] / cnt_e. counts [M, E] (or [E]).
+    Returns (phy2log row [P] or None, HiGHS status)."""
+    counts, bound = np.atleast_2d(counts), np.atleast_1d(np.asarray(bound, dtype=float))
+    E, G, S, M = topo.num_experts, topo.gpus, topo.slots_per_gpu, len(counts)
     idx = np.arange(E * G).reshape(E, G)
-    w = counts / cnt
-    rows = [np.repeat(np.arange(E), G), E + np.tile(np.arange(G), E), E + G + np.tile(np.arange(G), E)]
-    data = [np.ones(E * G), np.ones(E * G), np.repeat(w, G)]
-    A = sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.tile(idx.reshape(-1), 3))),
-                         shape=(E + 2 * G, E * G))
-    lo = np.r_[cnt, np.full(G, S), np.full(G, -np.inf)]
-    hi = np.r_[cnt, np.full(G, S), np.full(G, bound)]
+    rows = [np.repeat(np.arange(E), G), E + np.tile(np.arange(G), E)]
+    data = [np.ones(E * G), np.ones(E * G)]
+    for m in range(M):
+        rows.append(E + G * (1 + m) + np.tile(np.arange(G), E))
+        data.append(np.repeat(counts[m] / cnt, G))
+    A = sparse.csr_array((np.concatenate(data), (np.concatenate(rows), np.tile(idx.reshape(-1), 2 + M))),
+                         shape=(E + G * (1 + M), E * G))
+    lo = np.r_[cnt, np.full(G, S), np.full(G * M, -np.inf)]
+    hi = np.r_[cnt, np.full(G, S), np.repeat(bound, G)]
     c = -(value / cnt[:, None]).reshape(-1)
     res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=np.ones(E * G),
                bounds=Bounds(0, np.repeat(cnt, G).astype(float)), options={"time_limit": float(time_limit)})

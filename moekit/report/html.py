@@ -173,22 +173,22 @@ def _super_expert_section(rows) -> str:
                            "of all experts and above max / 10 (arXiv 2507.23279).</p>")
 
 
-PLACEMENT_ROWS = (("vLLM balancedness (sum mean / sum max)", "vllm_balancedness"),
-                  ("SGLang balancedness (mean of per-layer mean / max)", "sglang_balancedness"),
-                  ("max / mean GPU load", "max_over_mean"),
-                  ("cross-GPU transitions (ExFlow; inter-node x 2)", "cross_gpu_transitions"),
-                  ("cross-node transitions", "cross_node_fraction"),
-                  ("dispatch GPUs per token and layer", "dispatch_gpus_per_token_layer"),
-                  ("dispatch bytes per token", "dispatch_bytes_per_token"),
-                  ("nodes per token and layer", "nodes_per_token"),
-                  ("estimated MoE step (ms)", "moe_step_ms"))
+PLACEMENT_ROWS = (("vLLM balancedness (sum mean / sum max)", "vllm_balancedness", 4),
+                  ("SGLang balancedness (mean of per-layer mean / max)", "sglang_balancedness", 4),
+                  ("max / mean GPU load", "max_over_mean", 4),
+                  ("cross-GPU transitions (ExFlow; inter-node x 2)", "cross_gpu_transitions", 4),
+                  ("cross-node transitions", "cross_node_fraction", 4),
+                  ("dispatch GPUs per token and layer", "dispatch_gpus_per_token_layer", 3),
+                  ("dispatch bytes per token", "dispatch_bytes_per_token", 0),
+                  ("nodes per token and layer", "nodes_per_token", 3),
+                  ("estimated MoE step (ms)", "moe_step_ms", 4))
 
 
 def _placement_section(pl: dict, names) -> str:
     """Expert placement (`moekit analyze --placement PLAN`): the plan against the engines' default placement."""
     plan, default, topo = pl["plan"], pl["default"], pl["topology"]
-    rows = [[_e(label), _num(plan.get(key), 4), _num(default.get(key), 4)] for label, key in PLACEMENT_ROWS
-            if plan.get(key) is not None]
+    rows = [[_e(label), _num(plan.get(key), digits), _num(default.get(key), digits)]
+            for label, key, digits in PLACEMENT_ROWS if plan.get(key) is not None]
     parts = ["<h2>Expert placement</h2>",
              (f'<p>{_e(plan["method"])} ({_e(plan["solver"])}) on {topo["gpus"]} GPUs, {topo["nodes"]} node(s), '
               f'{topo["redundant"]} redundant experts, scored on this trace, against the engines\' default '
