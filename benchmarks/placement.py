@@ -119,23 +119,25 @@ def run_case(name, fit_stats, held_stats, held_ids, src, topo_for, nhl, repeats,
             times[m].append(time.perf_counter() - t0)
             plans[m] = Plan(topo, res.phy2log, fit_stats.layers, nhl, m, res.solver)
     plans["default"] = default_plan(topo_for("eplb"), fit_stats.layers, nhl)
-    rows = [("default", evaluate.score(plans["default"], held_stats, held_ids, src, value_bytes), None)]
-    rows += [(m, evaluate.score(plans[m], held_stats, held_ids, src, value_bytes), times[m]) for m in METHODS]
-    _print(name, rows, plans)
+    rows = [(m, evaluate.score(plans[m], held_stats, held_ids, src, value_bytes), times.get(m))
+            for m in ("default",) + METHODS]
+    fit = {m: evaluate.vllm_balancedness(evaluate.gpu_loads(fit_stats.counts, p.shares())) for m, p in plans.items()}
+    _print(name, rows, plans, fit)
 
 
-def _print(name, rows, plans):
+def _print(name, rows, plans, fit):
     base = dict((m, s) for m, s, _ in rows)["eplb"]
-    print(f"\n{name}")
-    print(f"{'method':18s} {'R':>3s} {'vLLM bal':>9s} {'SGLang bal':>10s} {'vs EPLB':>8s} {'transitions':>11s} "
-          f"{'vs EPLB':>8s} {'dispatch B/tok':>14s} {'plan s (median, range)':>24s}")
+    print(f"\n{name} (held-out unless marked fit)")
+    print(f"{'method':18s} {'R':>3s} {'fit bal':>8s} {'vLLM bal':>9s} {'SGLang bal':>10s} {'vs EPLB':>8s} "
+          f"{'transitions':>11s} {'vs EPLB':>8s} {'dispatch B/tok':>14s} {'plan s (median, range)':>24s}")
     for m, s, t in rows:
         r = plans[m].topology.redundant
         bal = s["vllm_balancedness"] / base["vllm_balancedness"] - 1
         tr = s["cross_gpu_transitions"] / base["cross_gpu_transitions"] - 1
         tt = "" if t is None else f"{statistics.median(t):8.2f} ({min(t):.2f}-{max(t):.2f})"
-        print(f"{m:18s} {r:3d} {s['vllm_balancedness']:9.4f} {s['sglang_balancedness']:10.4f} {bal:+8.2%} "
-              f"{s['cross_gpu_transitions']:11.4f} {tr:+8.1%} {s['dispatch_bytes_per_token']:14,.0f} {tt:>24s}")
+        print(f"{m:18s} {r:3d} {fit[m]:8.4f} {s['vllm_balancedness']:9.4f} {s['sglang_balancedness']:10.4f} "
+              f"{bal:+8.2%} {s['cross_gpu_transitions']:11.4f} {tr:+8.1%} {s['dispatch_bytes_per_token']:14,.0f} "
+              f"{tt:>24s}")
     for m, p in plans.items():
         print(f"  {m}: {p.solver}")
 

@@ -46,7 +46,9 @@ def place(trace, out, cluster: Cluster, method: str = "eplb", *, model=None, che
     plan = Plan(topo, result.phy2log, stats.layers, nhl, method, result.solver, result.info)
     fit = {"plan": _summary(evaluate.score(plan, stats)),
            "default": _summary(evaluate.score(default_plan(topo, stats.layers, nhl), stats))}
-    report = {"inputs": {**stats.source, "tokens": stats.tokens},
+    assumed = None if facts else "no model config: one router group, no top-k check (pass --model MODEL)"
+    report = {"inputs": {**stats.source, "tokens": stats.tokens, "model": facts.path if facts else None,
+                         "assumed": assumed},
               "constraints": _constraints(topo), "options": options.__dict__, "metrics_on_fit_trace": fit,
               "checkpoint": None}
     extra = None

@@ -65,6 +65,9 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
     from moekit.trace import schema
 
     source = {"kind": "moekit trace", "path": str(trace.folder), "model": trace.manifest.get("model")}
+    if trace.manifest.get("routing"):  # traces recorded under a routing policy may hold dropped-slot sentinels
+        raise UserError(f"{trace.folder} was recorded under a routing policy: plan placement from a trace of the "
+                        f"model's own routing")
     nhl = trace.manifest.get("num_hidden_layers")
     if trace.kind == schema.KIND_COUNTS:
         if tokens is not None:

@@ -127,11 +127,14 @@ def exflow(stats: RoutingStats, topo: Topology, opts: PlanOptions, progress: Pro
         progress(f"joint MILP, {size} variables")
         res = search.solve_milp(stats.pairs, topo, opts.time_limit / 2)
         info.update(milp_status=res.status, milp_gap=res.gap, milp_seconds=res.seconds, milp_variables=res.variables)
+        if res.status != "optimal":
+            info["milp_time_limited"] = True
         if res.phy2log is not None:
             starts.append(("milp", res.phy2log))
     best = _best_of(_lap_starts(stats, topo, opts, starts), stats, topo, deadline, progress,
                     lambda l, row, v: search.assign_layer(v, topo))
     info.update(best[2])
+    info["reproducible"] = info["reproducible"] and not info.pop("milp_time_limited", False)
     if best[0] == "milp" and info.get("milp_status") == "optimal" and not best[2]["sweeps_changed"]:
         solver = "joint MILP (HiGHS): optimal"
     elif "milp_status" in info:
@@ -183,7 +186,7 @@ def balanced_affinity(stats: RoutingStats, topo: Topology, opts: PlanOptions, pr
     capped = lambda rows: all(fits(l, r) for l, r in enumerate(rows))  # noqa: E731
     _, phy2log, info = _best_of([("eplb", start)], stats, topo, deadline, progress, step, better=better,
                                 accept=capped)
-    info.update(balance_bound=bound.tolist())
+    info.update(balance_bound=bound.tolist(), reproducible=info["reproducible"] and not tally["time limit"])
     if use_milp:
         solver = (f"EPLB replication + layer-wise MILP (HiGHS, exact per layer: {tally['optimal']} of "
                   f"{sum(tally.values())} solves optimal) from EPLB's placement, under its load cap x "
@@ -221,8 +224,10 @@ def _best_of(starts: list, stats: RoutingStats, topo: Topology, deadline: float,
     for name, start in starts:
         if tried and time.monotonic() > deadline:
             break
-        progress(f"start {tried + 1}/{len(starts)} ({name})")
-        rows, sweeps = search.layer_sweeps(start, stats.pairs, topo, step, better, deadline=deadline)
+        label = f"start {tried + 1}/{len(starts)} ({name})" if len(starts) > 1 else "search"
+        rows, sweeps = search.layer_sweeps(start, stats.pairs, topo, step, better, deadline=deadline,
+                                           on_layer=lambda sw, l: progress(f"{label}, sweep {sw}, layer {l + 1}/"
+                                                                           f"{len(start)}"))
         value = search.colocation_value(stats.pairs, shares_from_rows(rows, topo), topo)
         tried += 1
         if not accept(rows):
@@ -230,7 +235,9 @@ def _best_of(starts: list, stats: RoutingStats, topo: Topology, deadline: float,
             continue
         if best is None or value > best_value + 1e-9 * abs(best_value):
             best, best_value, changed = (name, rows), value, not np.array_equal(rows, start)
-    return best[0], best[1], {"starts_tried": tried, "colocation_value": best_value, "sweeps_changed": changed}
+    # a search the time limit cut short (or a time-limited MILP) depends on the machine's speed, not only the seed
+    return best[0], best[1], {"starts_tried": tried, "colocation_value": best_value, "sweeps_changed": changed,
+                              "reproducible": time.monotonic() <= deadline and tried == len(starts)}
 
 
 def _fits(row: np.ndarray, counts: np.ndarray, bound, topo: Topology) -> bool:

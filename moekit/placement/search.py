@@ -128,7 +128,7 @@ def swap_layer(row: np.ndarray, value: np.ndarray, counts: np.ndarray, bound, to
 
 
 def layer_sweeps(phy2log: np.ndarray, pairs: np.ndarray, topo: Topology, step, better=None, max_sweeps: int = 50,
-                 deadline: float | None = None) -> tuple[np.ndarray, int]:
+                 deadline: float | None = None, on_layer=None) -> tuple[np.ndarray, int]:
     """Block coordinate ascent: re-optimise one layer at a time (`step(l, row, value) -> row`) with its neighbours
     fixed, sweeping forward over the layers until a whole sweep changes nothing (or max_sweeps / the deadline). A new
     row replaces the old one only when `better(l, old, new, value)` (default: a strictly higher layer value), so the
@@ -141,6 +141,8 @@ def layer_sweeps(phy2log: np.ndarray, pairs: np.ndarray, topo: Topology, step, b
     for sweeps in range(1, max_sweeps + 1):
         changed = False
         for l in range(len(phy2log)):
+            if on_layer is not None:
+                on_layer(sweeps, l)
             value = layer_value(pairs, shares, l, topo)
             new = step(l, phy2log[l], value)
             if not np.array_equal(new, phy2log[l]) and better(l, phy2log[l], new, value):
