@@ -71,6 +71,11 @@ def test_ties_between_experts_sort_by_id():
     assert pack.tolist() == [[0, 1, 0, 1]] and rank.tolist() == [[0, 0, 1, 1]]
     phy2log, rank, logcnt = replicate_experts(np.array([[4.0, 4.0]]), 3)  # argmax tie: the first expert
     assert phy2log.tolist() == [[0, 1, 0]] and logcnt.tolist() == [[2, 1]]
+    # many ties (torch.sort and numpy's quicksort both reorder these): equal loads keep ascending ids
+    w = np.tile([3.0, 1.0, 3.0, 2.0], 16)[None]
+    pack, rank = balanced_packing(w, 32)
+    threes = np.flatnonzero(w[0] == 3.0)  # taken first, in id order, one per pack: pack i gets the i-th of them
+    assert pack[0, threes].tolist() == list(range(32)) and (rank[0, threes] == 0).all()
 
 
 @pytest.mark.parametrize("seed", range(5))
