@@ -16,16 +16,25 @@ def analyze(
     out: Path = typer.Option(None, "--out", help="write the HTML report here (default: TRACE/report.html)"),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="decode nPMI tokens with this tokenizer "
                                    "(default: the traced model's, when its folder is readable)"),
+    placement: Path = typer.Option(None, "--placement", help="also score this `moekit place` plan on the trace "
+                                   "(a placement section in the report)"),
     json_out: bool = typer.Option(False, "--json", help="print the full results as one JSON object"),
 ) -> None:
     """Load balance, entropy, co-activation, affinity, specialisation, nPMI, locality (SRP/SCH) and cache curves."""
     import moekit.trace
-    from moekit.analysis.run import analyze_trace
+    from moekit.analysis.run import analyze_trace, to_json
     from moekit.report.html import render_report
 
     trace = moekit.trace.open(trace_dir)
+    if placement is not None:  # cheap checks (the plan's files) before the analysis
+        from moekit.placement import place_eval
+        from moekit.placement.files import read_plan
+
+        read_plan(placement)
     with err_console.status("analysing routing"):
         results = analyze_trace(trace, tokenizer=_tokenizer(tokenizer or trace.manifest.get("model")))
+        if placement is not None:
+            results["placement"] = to_json(place_eval(placement, trace_dir))
     report = render_report(results, out or trace_dir / "report.html", title=f"moekit routing analysis: {trace_dir}")
     if json_out:
         print_json({**results, "report": str(report)})

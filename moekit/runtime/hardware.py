@@ -6,6 +6,9 @@ Bound on decode tokens/s, assuming loads overlap compute perfectly (prefetch) an
 The first term alone is the physical limit of ALGORITHMS.md §6 (tokens/s <= slow-tier bandwidth / missed bytes/token).
 Numbers are nominal peaks from the datasheets and standards named in `source`; real systems reach 60-90% of them.
 User profiles: a YAML file with the same keys (name, slow_tier, slow_gbs, fast_tier, fast_gbs, compute_tflops, source).
+Expert-parallel profiles add the network between GPUs (`moekit place-eval`'s step-time model): intra_node_gbs (GB/s per
+GPU and direction to a GPU of the same node, e.g. NVLink) and inter_node_gbs (per GPU and direction to other nodes,
+e.g. one InfiniBand NIC per GPU); both optional, so older YAML files stay valid.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ class Hardware:
     fast_gbs: float  # GB/s resident experts are read at during compute
     compute_tflops: float  # dense TFLOP/s in the model's dtype
     source: str = ""
+    intra_node_gbs: float | None = None  # GB/s per GPU and direction to GPUs of its node (expert parallelism)
+    inter_node_gbs: float | None = None  # GB/s per GPU and direction to other nodes
 
     def __post_init__(self):
         for key in ("slow_gbs", "fast_gbs", "compute_tflops"):
             if not getattr(self, key) > 0:
                 raise UserError(f"hardware profile {self.name!r}: {key} must be > 0, got {getattr(self, key)}")
+        for key in ("intra_node_gbs", "inter_node_gbs"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise UserError(f"hardware profile {self.name!r}: {key} must be > 0 when given, got {value}")
 
     def bound(self, missed_bytes: float, active_bytes: float, active_params: float) -> dict:
         """tokens/s bounds for per-token missed bytes, active expert bytes and active expert parameters."""
@@ -60,6 +69,14 @@ BUILTIN = {
         "ddr5-cpu", "DDR5-4800 dual channel", 76.8, "DDR5-4800 dual channel", 76.8, 3.07,
         "all experts in RAM, CPU compute: both tiers are DDR5 (JEDEC, 76.8 GB/s), so the bound is memory-bound "
         "decoding, the ceiling nvme-cpu approaches as its hit rate goes to 1; compute as nvme-cpu"),
+    "dgx-a100": Hardware(
+        "dgx-a100", "host RAM over PCIe 4.0 x16", 31.5, "A100-80GB SXM HBM2e", 2039.0, 312.0,
+        "NVIDIA A100 datasheet: 2,039 GB/s, 312 TFLOP/s BF16 dense, NVLink 3 600 GB/s bidirectional = 300 GB/s per "
+        "direction; DGX A100: one ConnectX-6 HDR 200 Gb/s NIC per GPU = 25 GB/s", 300.0, 25.0),
+    "dgx-h100": Hardware(
+        "dgx-h100", "host RAM over PCIe 5.0 x16", 63.0, "H100-SXM HBM3", 3350.0, 989.0,
+        "NVIDIA H100 SXM datasheet: 3.35 TB/s, 989 TFLOP/s BF16 dense, NVLink 4 900 GB/s bidirectional = 450 GB/s "
+        "per direction; DGX H100: one ConnectX-7 NDR 400 Gb/s NIC per GPU = 50 GB/s", 450.0, 50.0),
 }
 
 
@@ -77,4 +94,5 @@ def load_profile(name_or_path: str) -> Hardware:
         return Hardware(**{"name": path.stem, **data})
     except (yaml.YAMLError, TypeError) as err:
         raise UserError(f"cannot read hardware profile {path}: {str(err).splitlines()[0]}; keys: name, slow_tier, "
-                        f"slow_gbs, fast_tier, fast_gbs, compute_tflops, source") from None
+                        f"slow_gbs, fast_tier, fast_gbs, compute_tflops, source (+ intra_node_gbs, inter_node_gbs "
+                        f"for expert parallelism)") from None

@@ -110,6 +110,7 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "options": {**asdict(options), "chunk_sequences": options.chunk_sequences},
         "seq_len": options.seq_len,
         "layers": [layer.index for layer in view.layers],
+        "num_hidden_layers": view.num_layers,  # dense layers included (SGLang's placement map has a row for each)
         "top_k": view.top_k,
         "num_experts": view.num_experts,
         "ids_dtype": schema.ids_dtype(view.num_experts).name,
