@@ -91,7 +91,9 @@ def router_similarity(logits: torch.Tensor) -> torch.Tensor:
 def mean_expert_outputs(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """o_e = mean over all calibration tokens of E_e(x_t), every expert on every token -> [E, H] (arXiv 2410.08589 §3.2)."""
     with torch.no_grad():
-        rows = [expert_mlp(x, layer.get_expert(e), layer.activation).double().mean(0) for e in range(layer.num_experts)]
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype))  # latent experts see their projected input
+        rows = [expert_mlp(x, layer.get_expert(e), layer.activation, layer.expert_norm).double().mean(0)
+                for e in range(layer.num_experts)]
     return torch.stack(rows)
 
 

@@ -209,18 +209,24 @@ def easy_ep_scores(gates: torch.Tensor, ids: torch.Tensor, out_norms: torch.Tens
 def routed_outputs(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor,
                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(routed output y [T, H], ||E_e(x_t)|| [T, K] of each selection), float32, looping over experts like the
-    reference MoE (moekit.ops.reference)."""
-    x = x.float()
+    reference MoE (moekit.ops.reference); experts working in a latent space see and give it (MoELayer.expert_input)."""
+    x = _expert_input(layer, x)
     y, norms = torch.zeros_like(x), torch.zeros(ids.shape)
     for e in range(layer.num_experts):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
         w, g = expert_weights(layer, e), weights[tok, slot, None].float()  # g [t, 1]
-        out = expert_mlp(x[tok], w, layer.activation)  # [t, H]
+        out = expert_mlp(x[tok], w, layer.activation, layer.expert_norm)  # [t, H]
         norms[tok, slot] = out.norm(dim=-1)
-        y.index_add_(0, tok, expert_mlp(x[tok] * g, w, layer.activation) if layer.rule.weight_on_input else out * g)
-    return y, norms
+        y.index_add_(0, tok, expert_mlp(x[tok] * g, w, layer.activation, layer.expert_norm)
+                     if layer.rule.weight_on_input else out * g)
+    return layer.expert_output(y.to(layer.expert_params()[0].dtype)).float(), norms
+
+
+def _expert_input(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts compute on for block inputs x, float32 (the latent projection runs in the model dtype)."""
+    return layer.expert_input(x.to(layer.expert_params()[0].dtype)).float() if layer.adapter.expert_in else x.float()
 
 
 def plan_easy_ep(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=None) -> Plan:
@@ -275,7 +281,8 @@ class NaeeLayer:
         self.sample_len = sample_len or x.shape[0]
         # every expert on every token, once: a candidate set then costs a gather, not an expert pass
         self.outputs = None if layer.rule.weight_on_input else torch.stack(
-            [expert_mlp(self.x, expert_weights(layer, e), layer.activation) for e in range(layer.num_experts)]
+            [expert_mlp(xe, expert_weights(layer, e), layer.activation, layer.expert_norm)
+             for xe in [_expert_input(layer, x)] for e in range(layer.num_experts)]
         )  # [E, T, H]
 
     def loss(self, keep: list[int]) -> float:
@@ -298,9 +305,17 @@ class NaeeLayer:
             routed = routed_outputs(self.layer, self.x, weights, ids)[0].double()
         else:
             picked = self.outputs[ids, torch.arange(ids.shape[0])[:, None]]  # [T, K, H]
-            routed = torch.bmm(weights.float()[:, None, :], picked).squeeze(1).double()  # [T, H]; a K-term sum
+            routed = torch.bmm(weights.float()[:, None, :], picked).squeeze(1)  # [T, H]; a K-term sum
+            routed = layer_output(self.layer, routed).double()
         diff = self.target - routed
         return sum(torch.linalg.norm(chunk).item() for chunk in torch.split(diff, self.sample_len))
+
+
+def layer_output(layer: MoELayer, routed: torch.Tensor) -> torch.Tensor:
+    """A routed sum from the experts' (latent) space into the block's hidden space, float32."""
+    if not layer.adapter.expert_out:
+        return routed
+    return layer.expert_output(routed.to(layer.expert_params()[0].dtype)).float()
 
 
 def naee_exact(loss: Callable[[list[int]], float], candidates) -> tuple[list[int], float]:

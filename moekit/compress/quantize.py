@@ -141,15 +141,17 @@ def expert_losses(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor, ids: 
     if tok.numel() == 0:
         return [0.0] * len(bits)
     g = weights[tok, slot, None].to(x.dtype)  # [t, 1]
+    if layer.adapter.expert_in:  # experts in a latent space: their projected input (losses in that space)
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype)).float()
     xe = x[tok] * g if layer.rule.weight_on_input else x[tok]  # [t, H]
     scale = 1.0 if layer.rule.weight_on_input else g
     w = layer.get_expert(e)
     with torch.no_grad():
-        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation)  # [t, H]
+        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation, layer.expert_norm)  # [t, H]
         out = []
         for b in bits:
             wb = dequantize_expert({k: v.float() for k, v in w.items()}, quantize_expert(w, b, group_size))
-            out.append(((expert_mlp(xe, wb, layer.activation) - y) * scale).double().norm().item())
+            out.append(((expert_mlp(xe, wb, layer.activation, layer.expert_norm) - y) * scale).double().norm().item())
     return out
 
 
