@@ -240,7 +240,10 @@ TINY = {
     "inkling2_loop_text": ("Inkling2LoopTextConfig", dict(n_routed_experts=8, num_experts_per_tok=2,
                                                           moe_intermediate_size=16, route_scale=2.0,
                                                           scoring_func="sqrtsoftplus", unpadded_vocab_size=128,
-                                                          mlp_gate_softcap=0.5, mlp_up_softcap=0.5)),
+                                                          mlp_gate_softcap=0.5, mlp_up_softcap=0.5,
+                                                          n_layers_per_attn_res_block=1, loop_layer_index_start=1,
+                                                          loop_layer_index_end=3, loop_num_passes=2,
+                                                          pad_token_id=1, eos_token_id=2, bos_token_id=0)),
     "mistral4": ("Mistral4Config", dict(_MLA, head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
                                         moe_intermediate_size=16,
                                         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
@@ -339,7 +342,7 @@ TINY_WRAPPERS = {
     "inkling2": Wrapped("inkling2", "inkling2_text"),
     "inkling2_loop": Wrapped("inkling2_loop", "inkling2_loop_text"),
     "inkling_mm_model": Wrapped("inkling_mm_model", "inkling_text"),
-    "kimi_k25": Wrapped("kimi_k25", "deepseek_v3"),
+    "kimi_k25": Wrapped("kimi_k25", "deepseek_v3", dict(q_lora_rank=16)),  # as Kimi-K2.5: q_a_proj, no q_proj
     "llama4": Wrapped("llama4", "llama4_text"),
     "minimax_m3_vl": Wrapped("minimax_m3_vl", "minimax_m3_vl_text"),
     "mistral_large4": Wrapped("mistral_large4", "deepseek_v3", dict(head_dim=16)),
@@ -358,6 +361,27 @@ TINY_WRAPPERS = {
         sliding_window=8, moe_layers_enum=[1, 2])),
     "unlimited_ocr": Wrapped("unlimited_ocr", "deepseek_v2"),
 }
+
+
+@dataclass(frozen=True)
+class _Omni:
+    """Qwen3-Omni-MoE: the thinker as TINY_WRAPPERS has it, a shrunk talker (its own MoE, not viewed) and code2wav."""
+
+    wrapper: str = "qwen3_omni_moe"
+
+    def config(self):
+        default = transformers.Qwen3OmniMoeConfig()
+        talker = _shrink(_plain(default.talker_config.to_dict()))
+        talker.update(text_config={**_COMMON, **TINY["qwen3_moe"][1], **_QWEN_VL_TEXT,
+                                   "shared_expert_intermediate_size": 16},
+                      code_predictor_config={**_COMMON, "num_hidden_layers": 1}, thinker_hidden_size=32,
+                      spatial_merge_size=1)  # transformers 5.24's talker reads it but its config does not define it
+        return transformers.Qwen3OmniMoeConfig(
+            thinker_config=TINY_WRAPPERS["qwen3_omni_moe_thinker"].config().to_dict(), talker_config=talker,
+            code2wav_config=_shrink(_plain(default.code2wav_config.to_dict())))
+
+
+TINY_WRAPPERS["qwen3_omni_moe"] = _Omni()
 TINY.update({
     "deepseek_ocr2_text": TINY_WRAPPERS["deepseek_ocr2"],
     "ernie4_5_vl_moe_text": TINY_WRAPPERS["ernie4_5_vl_moe"],
@@ -384,7 +408,7 @@ HF_BLOCK_BUGS = {
 def tiny_config(model_type: str):
     """The tiny config of a family (TINY) or of a multimodal wrapper (TINY_WRAPPERS)."""
     spec = TINY[model_type] if model_type in TINY else TINY_WRAPPERS[model_type]
-    if isinstance(spec, Wrapped):
+    if isinstance(spec, (Wrapped, _Omni)):
         return spec.config()
     cls_name, overrides = spec
     return getattr(transformers, cls_name)(**{**_COMMON, **overrides})

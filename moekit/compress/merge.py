@@ -313,6 +313,7 @@ def model_bytes(view: MoEView) -> int:
 def merge(view: MoEView, cal: Calibration, groups: int, *, method: str = "msmoe", router: str = "dominant",
           align: bool | None = None, rank: int | None = None, progress=None) -> dict:
     """Plan + apply + measure; returns the compression.json report."""
+    view.require("merge", resize=True, causal=True, routing=True)
     before = {"model_bytes": model_bytes(view), "expert_bytes": expert_bytes(view), "experts": view.num_experts}
     if rank is not None and rank < 1:
         raise UserError(f"--low-rank must be >= 1, got {rank}")

@@ -351,6 +351,7 @@ def quantize(view: MoEView, avg_bits: float, *, method: str = "rtn", group_size:
     """Choose widths (rtn: all `avg_bits`; pmq: the integer program; 16: pass-through), quantise in place, and return
     the report and the sidecar to write with the checkpoint."""
     check_group_size(group_size)
+    view.require("quantize", causal=True, routing=method == "pmq" and avg_bits < DENSE)
     details = None
     if avg_bits >= DENSE:
         plan = rtn_plan(view, DENSE)  # nothing to choose: every expert stays as it is

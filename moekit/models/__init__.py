@@ -11,7 +11,9 @@ from moekit.errors import UserError
 from moekit.models import (  # noqa: F401  (registers the adapters and wrappers)
     families, families_more, families_seq2seq, families_sigmoid, families_softmax, families_wrappers,
 )
-from moekit.models.architecture import adapter_of, decoder_layers, get_path, model_class, stacks, text_config
+from moekit.models.architecture import (
+    adapter_of, decoder_layers, get_path, language_model, model_class, stacks, text_config,
+)
 from moekit.models.registry import Adapter, ExpertLayout, get, register, supported
 from moekit.models.view import BlockMLP, MoELayer, MoEView
 from moekit.ops.activations import glu, plain
@@ -106,10 +108,19 @@ def _moe_layer(index: int, kind: str, decoder_layer: nn.Module, block: nn.Module
         post_norm=getattr(block, adapter.post_norm) if adapter.post_norm else None,
         identity_experts=int(getattr(config, adapter.identity_experts_key) or 0) if adapter.identity_experts_key else 0,
         kind=kind,
+        passes=_passes(adapter, config, index),
         router_logit_scale=float(getattr(config, adapter.router_logit_scale_key)) if adapter.router_logit_scale_key
         else 1.0,
         token_dropout=float(getattr(config, adapter.token_dropout_key) or 0.0) if adapter.token_dropout_key else 0.0,
     )
+
+
+def _passes(adapter: Adapter, config, index: int) -> int:
+    """How many times one forward runs layer `index` (Inkling2-Loop's loop layers: loop_num_passes)."""
+    if adapter.loop_keys is None:
+        return 1
+    first, end, passes = (getattr(config, k) for k in adapter.loop_keys)
+    return int(passes) if first <= index < end else 1
 
 
 def _shared(adapter: Adapter, owner: nn.Module):
@@ -136,5 +147,5 @@ def _layout_from_flags(experts: nn.Module) -> ExpertLayout:
     )
 
 
-__all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "decoder_layers", "get", "load", "load_config",
-           "model_class", "register", "supported"]
+__all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "decoder_layers", "get", "language_model", "load",
+           "load_config", "model_class", "register", "supported", "text_config"]

@@ -62,6 +62,7 @@ class Adapter:
     router_state: bool = False  # the router also takes the previous MoE layer's router state (Zaya)
     token_dropout_key: str | None = None  # config key p: the block scales expert outputs by 1 - p at inference (NLLB)
     stacks: tuple[tuple[str, str, str], ...] = ()  # (kind, layers path, MoE-block path): encoder-decoder models
+    loop_keys: tuple[str, str, str] | None = None  # config keys (first, end, passes) of layers run several times
     fixed_count: str = ""  # why the expert count cannot change (no prune / merge), "" when it can
     notes: str = ""
 

@@ -38,6 +38,7 @@ class MoELayer:
     post_norm: nn.Module | None = None  # applied to the block's combined output (AXK1)
     identity_experts: int = 0  # ids E .. E + identity_experts - 1 output their input (LongCat-Flash zero experts)
     kind: str = "decoder"  # the stack the layer is in: "encoder" or "decoder"
+    passes: int = 1  # how many times one forward runs the layer (Inkling2-Loop's loop layers)
     router_logit_scale: float = 1.0  # factor on the router logits (MuseSpark output_multiplier)
     token_dropout: float = 0.0  # the block scales expert outputs by 1 - token_dropout (NLLB-MoE at inference)
 
@@ -69,6 +70,12 @@ class MoELayer:
         what prefetch and calibration re-route: not for hash-routed layers (token ids), Zaya (router state) or product
         keys (other tokens' logit rows)."""
         return not (self.rule.hashed or self.adapter.router_state or self.rule.product_keys)
+
+    @property
+    def prefetchable(self) -> bool:
+        """Whether pre-gating can predict this layer from the previous layer's experts input: routing that is a function
+        of the block input, and experts that see the block input (not a latent projection of it)."""
+        return self.predictable and not self.adapter.expert_in
 
     @property
     def hash_table(self) -> torch.Tensor | None:  # [V, K] token id -> experts (DeepSeek-V4 hash layers)
@@ -116,7 +123,7 @@ class MoELayer:
               sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, K], ids [T, K]) for block inputs x [T, H] as the model routes them: token_ids [T] for
         hash-routed layers, state for Zaya, sequences (row-major in T) for capacity-limited routers."""
-        return self._route_logits(self.router_logits(x, state), token_ids, sequences)
+        return self.route_logits(self.router_logits(x, state), token_ids, sequences)
 
     def route_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Re-route one call of the router module from the inputs it was given (hidden states [.., H]; a hash
@@ -128,9 +135,11 @@ class MoELayer:
         if self.adapter.router_state:  # ZayaRouter.forward(hidden_states, router_states=None)
             state = kwargs.get("router_states", args[1] if len(args) > 1 else None)
         logits = self.router_logits(x.reshape(-1, x.shape[-1]), state)
-        return (logits, *self._route_logits(logits, token_ids, sequences))
+        return (logits, *self.route_logits(logits, token_ids, sequences))
 
-    def _route_logits(self, logits, token_ids, sequences):
+    def route_logits(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None,
+                     sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids) of router logits [T, E (+ extra)], with the layer's selection bias, scale and hash table."""
         ids = None
         if self.rule.hashed:
             if token_ids is None:
@@ -378,16 +387,16 @@ class MoEView:
         shifted[:, 0] = config.decoder_start_token_id
         return shifted
 
-    def require(self, command: str, *, resize: bool = False, generate: bool = False, routing: bool = False) -> None:
+    def require(self, command: str, *, resize: bool = False, causal: bool = False, routing: bool = False) -> None:
         """One line naming why `command` does not apply to this model: resize (prune, merge) needs a changeable expert
-        count; generate (run, serve, eval) a causal LM; routing (calibrated re-routing) routing that is a function
-        of the block input (MoELayer.predictable)."""
+        count; causal (run, serve, eval, merge, quantize) a causal LM; routing (calibrated re-routing) routing that is
+        a function of the block input (MoELayer.predictable)."""
         from moekit.errors import UserError
 
         name = self.model_type
-        if generate and self.seq2seq:
-            raise UserError(f"`moekit {command}` generates from a causal LM; {name} is an encoder-decoder model "
-                            f"(info, trace, analyze and prune apply)")
+        if causal and self.seq2seq:
+            raise UserError(f"`moekit {command}` works on causal LMs; {name} is an encoder-decoder model: info, trace, "
+                            f"analyze, simulate and prune apply to it")
         if resize and self.adapter.fixed_count:
             raise UserError(f"`moekit {command}` changes the expert count, which {name} cannot: "
                             f"{self.adapter.fixed_count}")
@@ -410,6 +419,19 @@ class MoEView:
     @property
     def top_k(self) -> int:
         return self.layers[0].rule.top_k
+
+    def trace_layers(self) -> list[tuple[int, MoELayer, int, str]]:
+        """(trace index, layer, pass, kind) of every MoE layer run of one forward, in the order a trace lists them:
+        each layer's first pass at its own index, then the further passes of loop layers (Inkling2-Loop) after the
+        last layer, pass by pass, as transformers numbers their caches."""
+        runs = [(m.index, m, 0, m.kind) for m in self.layers]
+        looped = [m for m in self.layers if m.passes > 1]
+        if looped:
+            first, span = min(m.index for m in looped), max(m.index for m in looped) + 1 - min(m.index for m in looped)
+            for p in range(1, looped[0].passes):
+                runs += [(self.num_layers + (p - 1) * span + m.index - first, m, p, f"{m.kind} pass {p + 1}")
+                         for m in looped]
+        return runs
 
     def layer(self, index: int) -> MoELayer:
         """The MoE layer at decoder-layer `index`."""

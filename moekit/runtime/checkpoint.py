@@ -90,7 +90,9 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
         hooks = {name: getattr(view.model.get_submodule(name), "_hf_hook", None) for name in _expert_modules(view)}
 
         def offloaded(module_name: str, tensor_name: str) -> torch.Tensor:  # accelerate's weights_map: file-backed
-            return hooks[module_name].weights_map[tensor_name]
+            # a module inside an experts module (MuseSpark's post_expert_norm) is offloaded with it
+            owner = next(n for n in hooks if module_name == n or module_name.startswith(n + "."))
+            return hooks[owner].weights_map[f"{module_name[len(owner) + 1:]}.{tensor_name}".lstrip(".")]
 
         def fused():
             for name, layer in _expert_modules(view).items():
