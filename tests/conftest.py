@@ -338,7 +338,8 @@ TINY_WRAPPERS = {
         qk_rope_head_dim=0, qk_nope_head_dim=8, head_dim=8, index_kpool=4, linear_head_dim=8, linear_num_heads=4,
         layer_types=["linear_attention", "indexed_attention", "linear_attention"], indexer_types=["full"] * 3,
         rope_parameters=None, pad_token_id=1)),
-    "hy_v4_vl": Wrapped("hy_v4_vl", "hy_v4", dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]})),
+    "hy_v4_vl": Wrapped("hy_v4_vl", "hy_v4",
+                        dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]})),
     "inkling2": Wrapped("inkling2", "inkling2_text"),
     "inkling2_loop": Wrapped("inkling2_loop", "inkling2_loop_text"),
     "inkling_mm_model": Wrapped("inkling_mm_model", "inkling_text"),
@@ -440,7 +441,8 @@ def _experts(model) -> int:
     from moekit.models import text_config
 
     config = text_config(model.config)
-    return next(getattr(config, k) for k in ("n_routed_experts", "num_experts", "num_local_experts") if hasattr(config, k))
+    keys = ("n_routed_experts", "num_experts", "num_local_experts")
+    return next(getattr(config, k) for k in keys if hasattr(config, k))
 
 
 @pytest.fixture(params=sorted(TINY))

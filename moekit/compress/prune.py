@@ -227,7 +227,8 @@ def routed_outputs(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor,
 
 
 def _expert_input(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """What the routed experts compute on for block inputs x, float32 (the latent projection runs in the model dtype)."""
+    """What the routed experts compute on for block inputs x, float32 (a latent projection runs in the model
+    dtype)."""
     return layer.expert_input(x.to(layer.expert_params()[0].dtype)).float() if layer.adapter.expert_in else x.float()
 
 

@@ -108,7 +108,8 @@ register(
             correction_bias="e_score_correction_bias", router_fp32=True,
             activation=lambda config, experts: softcapped_swiglu(config.mlp_gate_softcap, config.mlp_up_softcap),
             loop_keys=("loop_layer_index_start", "loop_layer_index_end", "loop_num_passes"),
-            notes="text model of Inkling2-Loop; its loop layers run loop_num_passes times per forward (traced per pass)")
+            notes="text model of Inkling2-Loop; its loop layers run loop_num_passes times a forward (traced per "
+                  "pass)")
 )
 register(
     Adapter("mistral4", mistral4, expert_count_keys=("n_routed_experts",), shared="shared_experts",

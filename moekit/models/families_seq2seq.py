@@ -26,8 +26,9 @@ def nllb_moe(config, router) -> RoutingRule:
     first; the two probabilities renormalised (sum clamped at float32 eps), after dropping unless
     normalize_router_prob_before_dropping."""
     if router.second_expert_policy != "all" or router.batch_prioritized_routing:
-        raise UserError(f"nllb-moe with second_expert_policy={router.second_expert_policy!r} / batch_prioritized_routing="
-                        f"{router.batch_prioritized_routing}: moekit reproduces the deterministic router only "
+        raise UserError(f"nllb-moe with second_expert_policy={router.second_expert_policy!r} / "
+                        f"batch_prioritized_routing={router.batch_prioritized_routing}: moekit reproduces the "
+                        f"deterministic router only "
                         f"(second_expert_policy='all', batch_prioritized_routing=false)")
     fraction = float(router.moe_eval_capacity_token_fraction)
     if fraction <= 0 and router.expert_capacity is None:
@@ -50,7 +51,8 @@ register(
     Adapter("nllb-moe", nllb_moe, expert_count_keys=("num_experts",), router="router", router_linear="classifier",
             router_fp32=True, router_output="dense_gates", block="ffn",
             stacks=(("encoder", "model.encoder.layers", "ffn"), ("decoder", "model.decoder.layers", "ffn")),
-            per_expert=(("up", "fc1.weight"), ("up_bias", "fc1.bias"), ("down", "fc2.weight"), ("down_bias", "fc2.bias")),
+            per_expert=(("up", "fc1.weight"), ("up_bias", "fc1.bias"), ("down", "fc2.weight"),
+                        ("down_bias", "fc2.bias")),
             layout=ExpertLayout(has_gate=False, has_bias=True), token_dropout_key="moe_token_dropout",
             activation=lambda config, experts: plain(config.activation_function),
             notes="encoder-decoder; top-2 with a batch-wide capacity. transformers 5.24's NllbMoeExperts.forward runs "

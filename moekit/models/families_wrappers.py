@@ -45,7 +45,8 @@ register(
             router="text_moe.gate", experts="text_moe.experts", shared="shared_experts",
             correction_bias="moe_statics.e_score_correction_bias", router_fp32=True,
             fixed_count="its vision experts (vision_moe) share the text experts' count (moe_num_experts)",
-            notes="text model of ERNIE-4.5-VL: the text experts (text_moe); vision tokens' experts are left as they are")
+            notes="text model of ERNIE-4.5-VL: the text experts (text_moe); vision tokens' experts are left as "
+                  "they are")
 )
 register(
     Adapter("mistral_large4_text", mistral_large4, expert_count_keys=("n_routed_experts",), shared="shared_experts",

@@ -66,7 +66,7 @@ def _kind(adapter) -> str:
 def _has_causal_lm(model_type: str) -> bool:
     from transformers.models.auto import modeling_auto as auto
 
-    return model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+    return model_type in {**auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, **auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES}
 
 
 def _shared_kind(adapter) -> str:

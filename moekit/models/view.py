@@ -184,7 +184,8 @@ class MoELayer:
             y = getattr(self.block, name)(y)
         return y
 
-    def combine(self, routed: torch.Tensor, x: torch.Tensor, shared_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(self, routed: torch.Tensor, x: torch.Tensor,
+                shared_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Block output [T, H] from the weighted routed-expert sum [T, H'] (H' the experts' width) and the block input
         x [T, H], in the family's op order: back out of the experts' latent space, x routed_scale (and 1 - token
         dropout), + shared experts, averaged when shared_mix is "average", + output bias, then the post-norm.

@@ -12,8 +12,9 @@ from moekit.models.architecture import wrappers
 
 def test_every_routed_expert_config_is_supported_or_excluded_with_a_reason():
     missing = coverage.uncovered()
-    assert not missing, "MoE configs moekit neither supports nor excludes (add an adapter, a wrapper or an " \
-                        "EXCLUDED reason in moekit/models/coverage.py): " + "; ".join(f"{t}: {w}" for t, w in missing.items())
+    listed = "; ".join(f"{t}: {why}" for t, why in missing.items())
+    assert not missing, f"MoE configs moekit neither supports nor excludes (add an adapter, a wrapper or an EXCLUDED " \
+                        f"reason in moekit/models/coverage.py): {listed}"
 
 
 def test_the_detector_finds_moe_configs_and_only_those():

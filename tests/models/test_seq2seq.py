@@ -94,6 +94,10 @@ def test_trace_records_encoder_and_decoder_layers_with_their_kind(tmp_path):
         assert np.array_equal(t.ids(layer.index).astype(np.int64), torch.cat([p[2] for p in parsed]).numpy())
         assert np.array_equal(t.weights(layer.index), torch.cat([p[1] for p in parsed]).float().numpy())
     assert (t.weights(view.layers[0].index) == 0).any(), "capacity drops are recorded at weight 0"
+    from moekit.analysis.run import analyze_trace
+
+    result = analyze_trace(t)  # the analyses read an encoder-decoder trace like any other
+    assert result["n_layers"] == len(view.layers)
     # a trace written before layer kinds existed reads as all decoder layers
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     del manifest["layer_kinds"]

@@ -19,7 +19,6 @@ from moekit.compress.edit import keep_experts
 from moekit.errors import UserError
 from moekit.models.architecture import get_path, loads_with_causal_lm, wrapper_of
 from moekit.ops.reference import reference_moe_forward
-from moekit.ops.routing import canonical_order
 from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 from tests.conftest import TINY_WRAPPERS, tiny_model
 from tests.helpers import logits, reload, run_cli, token_ids
@@ -127,13 +126,16 @@ def test_info_on_a_llama4_checkpoint_describes_its_language_model(llama4_dir, ca
     assert info["moe_layers"] == [1, 2] and info["experts_per_layer"] == 8
 
 
-def test_trace_of_a_wrapper_records_its_language_model(llama4_dir, tmp_path, capsys):
+def test_trace_and_analyze_a_wrapper_checkpoint(llama4_dir, tmp_path, capsys):
     txt, _ = write_corpus(tmp_path / "data")
     code, _, err = run_cli(["trace", str(llama4_dir), "--data", str(txt), "--out", str(tmp_path / "t"),
                             "--seq-len", "32"], capsys)
     assert code == 0, err
     t = moekit.trace.open(tmp_path / "t")
     assert t.layers == [1, 2] and t.num_tokens > 0 and t.manifest["model_type"] == "llama4_text"
+    code, out, err = run_cli(["analyze", str(tmp_path / "t"), "--out", str(tmp_path / "r.html"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["n_layers"] == 2 and (tmp_path / "r.html").is_file()
 
 
 def test_merge_and_quantize_through_a_wrapper_keep_its_class_and_towers(tmp_path):
