@@ -37,3 +37,21 @@ def reload(path, **kwargs):
     model = moekit.models.model_class(config).from_pretrained(path, dtype=torch.float32, experts_implementation="eager",
                                                               **kwargs)
     return model.eval()
+
+
+def module_calls(view, module_of, ids: torch.Tensor) -> dict[int, list[tuple]]:
+    """One forward of the view's model on ids: (args, kwargs, output) of module_of(layer) per MoE layer, for every
+    call (a loop layer's module is called once per pass)."""
+    seen, handles = {}, []
+    for layer in view.layers:
+        def hook(mod, args, kwargs, out, i=layer.index):
+            seen.setdefault(i, []).append((args, kwargs, out))
+
+        handles.append(module_of(layer).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            view.forward(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -18,22 +18,7 @@ from moekit.errors import UserError
 from moekit.ops.reference import reference_block_call
 from moekit.ops.routing import canonical_order, joint_shared_weights, route
 from tests.conftest import _COMMON, TINY, tiny_model
-from tests.helpers import token_ids
-
-
-def _calls(view, module_of, ids):
-    """(args, kwargs, output) of one module per MoE layer, for every call of one forward (loop layers: several)."""
-    seen, handles = {}, []
-    for layer in view.layers:
-        def hook(mod, args, kwargs, out, i=layer.index):
-            seen.setdefault(i, []).append((args, kwargs, out))
-
-        handles.append(module_of(layer).register_forward_hook(hook, with_kwargs=True))
-    with torch.no_grad():
-        view.forward(ids)
-    for h in handles:
-        h.remove()
-    return seen
+from tests.helpers import module_calls, token_ids
 
 
 def _assert_routes_like(weights, ids, hf_weights, hf_ids, what):
@@ -61,8 +46,8 @@ def test_doge_product_key_routing_equals_the_blocks_own():
     """Doge routes inline: its experts are the rows its block looks up in down_embed, weighted by a softmax over K.
     route() on the router_gate logits must give those rows and those weights, bit for bit."""
     view = moekit.models.load(tiny_model("doge"))
-    gates = _calls(view, lambda layer: layer.router, token_ids(view.model, 2, 24))  # router_gate logits
-    looked_up = _calls(view, lambda layer: layer.block.down_embed, token_ids(view.model, 2, 24))
+    gates = module_calls(view, lambda layer: layer.router, token_ids(view.model, 2, 24))  # router_gate logits
+    looked_up = module_calls(view, lambda layer: layer.block.down_embed, token_ids(view.model, 2, 24))
     with _SoftmaxLog(view.top_k) as log, torch.no_grad():
         view.forward(token_ids(view.model, 2, 24))
     for slot, layer in enumerate(view.layers):
@@ -86,7 +71,7 @@ def test_deepseek_v4_hash_layers_take_their_experts_from_the_token_table():
     assert [m.index for m in hashed] == [0] and not view.layers[1].rule.hashed  # mlp_layer_types = hash_moe, moe, moe
     ids = token_ids(view.model, 2, 24)
     layer = hashed[0]
-    args, kwargs, out = _calls(view, lambda m: m.router, ids)[layer.index][0]
+    args, kwargs, out = module_calls(view, lambda m: m.router, ids)[layer.index][0]
     _, hf_weights, hf_ids = layer.parse_router_output(out)
     assert torch.equal(hf_ids, layer.hash_table[ids.reshape(-1)])
     _assert_routes_like(*layer.route(args[0].reshape(-1, args[0].shape[-1]), token_ids=ids), hf_weights, hf_ids,
@@ -105,8 +90,8 @@ def test_zaya_router_reads_the_previous_layers_state_and_its_skip_expert_weighs_
             layer.correction_bias[-1] = 0.0
             layer.correction_bias[:-1] = -0.05
     ids = token_ids(view.model, 2, 24)
-    routers = _calls(view, lambda m: m.router, ids)
-    blocks = _calls(view, lambda m: m.block, ids)
+    routers = module_calls(view, lambda m: m.router, ids)
+    blocks = module_calls(view, lambda m: m.block, ids)
     skipped = 0
     for layer in view.layers:
         args, kwargs, out = routers[layer.index][0]
@@ -128,7 +113,7 @@ def test_zaya_router_reads_the_previous_layers_state_and_its_skip_expert_weighs_
 
 def test_inkling_shared_experts_are_weighted_by_the_joint_normalisation():
     view = moekit.models.load(tiny_model("inkling_text"))
-    calls = _calls(view, lambda m: m.router, token_ids(view.model, 2, 24))
+    calls = module_calls(view, lambda m: m.router, token_ids(view.model, 2, 24))
     for layer in view.layers:
         args, kwargs, out = calls[layer.index][0]
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -151,7 +136,7 @@ def test_nemotron_h_latent_experts_run_in_the_projected_space():
     view = moekit.models.load(model)
     layer = view.layers[0]
     assert layer.get_expert(0)["down"].shape == (24, 16)
-    args, kwargs, out = _calls(view, lambda m: m.block, token_ids(model, 2, 24))[layer.index][0]
+    args, kwargs, out = module_calls(view, lambda m: m.block, token_ids(model, 2, 24))[layer.index][0]
     with torch.no_grad():
         ref = reference_block_call(layer, args, kwargs)
         assert (ref - out).abs().max() <= 1e-6 * out.abs().max()
@@ -168,7 +153,7 @@ def test_inkling2_loop_layers_are_traced_once_per_pass():
                                                         (3, 1, "decoder pass 2"), (4, 1, "decoder pass 2")]
     from moekit.trace.capture import RouterCapture
 
-    calls = _calls(view, lambda m: m.router, token_ids(view.model, 1, 12))
+    calls = module_calls(view, lambda m: m.router, token_ids(view.model, 1, 12))
     with RouterCapture(view) as cap, torch.no_grad():
         view.forward(token_ids(view.model, 1, 12))
         got = cap.take(torch.ones(12, dtype=torch.bool))

@@ -18,29 +18,17 @@ from moekit.ops.routing import route
 from moekit.trace import TraceOptions
 from tests.compress.test_eval import save_tiny_checkpoint, write_data
 from tests.conftest import tiny_model
-from tests.helpers import run_cli, token_ids
+from tests.helpers import module_calls, run_cli, token_ids
 from tests.trace.helpers import char_tokenizer, write_corpus
-
-
-def _router_calls(view, ids):
-    seen, handles = {}, []
-    for layer in view.layers:
-        handles.append(layer.router.register_forward_hook(
-            lambda mod, args, out, i=layer.index: seen.__setitem__(i, (args[0], out))))
-    with torch.no_grad():
-        view.forward(ids)
-    for h in handles:
-        h.remove()
-    return seen
 
 
 @pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
 def test_routers_drop_tokens_over_capacity_and_the_rule_drops_the_same(family):
     view = moekit.models.load(tiny_model(family))
-    seen = _router_calls(view, token_ids(view.model, 2, 24))
+    seen = module_calls(view, lambda m: m.router, token_ids(view.model, 2, 24))
     dropped = 0
     for layer in view.layers:
-        x, out = seen[layer.index]
+        (x, *_), _, out = seen[layer.index][0]
         _, hf_weights, hf_ids = layer.parse_router_output(out)
         logits = layer.router_logits(x.reshape(-1, x.shape[-1]))
         weights, ids = route(logits, layer.rule, sequences=x.shape[0] if x.dim() == 3 else 1)
