@@ -1,9 +1,11 @@
 """Routing rules of the transformers MoE families, re-implemented from router logits as pure functions.
 
 A `RoutingRule` states a router exactly: how logits become scores, whether scoring happens before or after the top-k,
-group-limited selection, a selection-only score-correction bias, renormalisation and scaling. `route` applies it.
-Each numeric step mirrors the op order of the corresponding transformers router so results agree bit for bit in float32
-(tests/ops/test_routing_vs_hf.py compares against every supported family).
+group-limited selection, a selection-only score-correction bias, renormalisation and scaling, and the rarer steps some
+families add: experts chosen by a token-id hash table (DeepSeek-V4), skip experts (Zaya), shared experts normalised with
+the routed ones (Inkling), product-key selection (Doge), and an expert capacity that drops tokens (Switch Transformers,
+NLLB-MoE). `route` applies it. Each numeric step mirrors the op order of the corresponding transformers router so
+results agree bit for bit in float32 (tests/models/test_families.py compares against every supported family).
 """
 
 from __future__ import annotations
