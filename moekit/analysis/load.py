@@ -43,10 +43,17 @@ def soft_usage(logits) -> np.ndarray:
 
 
 def _renormalised_topk(weights, ids) -> np.ndarray:
+    """Top-k weights divided by their per-token sum, [T, K]. A token whose every selection has weight 0 (all dropped
+    over an expert's capacity, Switch / NLLB-MoE, or sent to Zaya's skip expert) spreads its mass evenly over the
+    experts it recorded: the router's choice, without a weight to say by how much."""
     w = check_weights(weights, ids)
     total = w.sum(axis=1, keepdims=True)  # [T, 1]
-    if (total <= 0).any():
-        raise ValueError("every token needs a positive total top-k weight to renormalise")
+    if (total < 0).any():
+        raise ValueError("top-k weights must be >= 0 to renormalise")
+    unweighted = (total == 0)[:, 0]
+    if unweighted.any():
+        w = w.copy()
+        w[unweighted], total = 1.0, np.where(total == 0, w.shape[1], total)
     return w / total  # [T, K]
 
 

@@ -33,13 +33,15 @@ def ablate(
         count = len(choose_experts(trace, "super"))
     chosen = choose_experts(trace, experts, count, seed)
     sources = resolve_data(data)
+    moekit.models.load(model, meta=True).require("ablate", causal=True)  # no weights read yet
     view = moekit.models.load(model, dtype="float32")
+    lm = moekit.models.language_model(view.model)  # a wrapper scores text through its language model
     windows = domain_windows(sources, encoder(load_tokenizer(model)), 256, max_tokens)
     with err_console.status("evaluating the unablated model"):
-        before = evaluate(view.model, windows).to_dict()
+        before = evaluate(lm, windows).to_dict()
     zero_experts(view, chosen)
     with err_console.status(f"evaluating with {len(chosen)} experts zeroed"):
-        after = evaluate(view.model, windows).to_dict()
+        after = evaluate(lm, windows).to_dict()
     result = {"experts": experts, "zeroed": [list(p) for p in chosen], "before": before, "after": after}
     if json_out:
         print_json(result)

@@ -36,6 +36,7 @@ def merge(
     from moekit.compress.calibdata import calibrate, load_tokenizer, token_batches
     from moekit.compress.checkpoint import save_checkpoint
 
+    moekit.models.load(model, meta=True).require("merge", resize=True, causal=True, routing=True)  # no weights read
     view = moekit.models.load(model, dtype=parse_dtype(dtype))
     merging.check_groups(view, groups)
     batches = token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens)

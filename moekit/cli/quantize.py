@@ -38,6 +38,8 @@ def quantize(
     if method == "pmq" and avg_bits < q.DENSE and not calib:
         raise UserError("--method pmq needs calibration data: pass --calib DATA")
     q.check_group_size(group_size)
+    moekit.models.load(model, meta=True).require("quantize", causal=True,  # no weights read yet
+                                                 routing=method == "pmq" and avg_bits < q.DENSE)
     view = moekit.models.load(model, dtype=parse_dtype(dtype))
     cal = None
     if method == "pmq" and avg_bits < q.DENSE:

@@ -53,8 +53,10 @@ def load_for_eval(path: Path, dtype: torch.dtype | None = torch.float32) -> tupl
 def _load_hf(path: Path, dtype) -> tuple[nn.Module, object]:
     import moekit.models
 
+    moekit.models.load(path, meta=True).require("eval", causal=True)  # before any weight is read
     view = moekit.models.load(path, dtype=dtype)  # eager experts: the fastest on CPU at these batch sizes
-    return view.model.eval(), load_tokenizer(path)
+    # a wrapper scores text through its language model (Llama 4's own forward cannot take text alone)
+    return moekit.models.language_model(view.model).eval(), load_tokenizer(path)
 
 
 def load_tokenizer(path: Path):

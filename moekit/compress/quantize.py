@@ -141,15 +141,17 @@ def expert_losses(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor, ids: 
     if tok.numel() == 0:
         return [0.0] * len(bits)
     g = weights[tok, slot, None].to(x.dtype)  # [t, 1]
+    if layer.adapter.expert_in:  # experts in a latent space: their projected input (losses in that space)
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype)).float()
     xe = x[tok] * g if layer.rule.weight_on_input else x[tok]  # [t, H]
     scale = 1.0 if layer.rule.weight_on_input else g
     w = layer.get_expert(e)
     with torch.no_grad():
-        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation)  # [t, H]
+        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation, layer.expert_norm)  # [t, H]
         out = []
         for b in bits:
             wb = dequantize_expert({k: v.float() for k, v in w.items()}, quantize_expert(w, b, group_size))
-            out.append(((expert_mlp(xe, wb, layer.activation) - y) * scale).double().norm().item())
+            out.append(((expert_mlp(xe, wb, layer.activation, layer.expert_norm) - y) * scale).double().norm().item())
     return out
 
 
@@ -349,6 +351,7 @@ def quantize(view: MoEView, avg_bits: float, *, method: str = "rtn", group_size:
     """Choose widths (rtn: all `avg_bits`; pmq: the integer program; 16: pass-through), quantise in place, and return
     the report and the sidecar to write with the checkpoint."""
     check_group_size(group_size)
+    view.require("quantize", causal=True, routing=method == "pmq" and avg_bits < DENSE)
     details = None
     if avg_bits >= DENSE:
         plan = rtn_plan(view, DENSE)  # nothing to choose: every expert stays as it is

@@ -319,6 +319,8 @@ class LayerRuntime:
         (MoE-Infinity, eam.py): the stored request whose EAM best matches this request's so far names them."""
         if self.eam is not None:
             self.predicted = self.eam.predict(self.position)
+        elif not self.layer.prefetchable:  # hash-routed / stateful (Zaya) routers, latent experts: x does not tell
+            return
         else:
             _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
             self.predicted = set(torch.unique(pred).tolist())

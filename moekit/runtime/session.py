@@ -119,6 +119,7 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
 
     model, options = Path(model), options or RuntimeOptions()
     skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
+    skeleton.require("run / serve", causal=True)
     tok = load_tokenizer(model) if tokenizer else None
     store = options.store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time

@@ -46,6 +46,10 @@ class Trace:
         self.manifest = read_manifest(folder)
         self.kind: str = self.manifest["kind"]
         self.layers: list[int] = list(self.manifest["layers"])  # decoder-layer indices of the MoE layers
+        # "encoder" / "decoder" (encoder-decoder models), "decoder pass 2" (a loop layer's second run); traces written
+        # before layer kinds were recorded are all decoders
+        kinds = self.manifest.get("layer_kinds") or ["decoder"] * len(self.layers)
+        self.layer_kinds: dict[int, str] = dict(zip(self.layers, kinds))
         self.num_experts: int = self.manifest["num_experts"]
         self.top_k: int = self.manifest["top_k"]
         self.width: int = schema.ids_width(self.manifest)  # selections stored per token (K, or a policy's widest)

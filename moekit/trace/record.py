@@ -109,7 +109,8 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "data": [s.describe() for s in sources],
         "options": {**asdict(options), "chunk_sequences": options.chunk_sequences},
         "seq_len": options.seq_len,
-        "layers": [layer.index for layer in view.layers],
+        "layers": [index for index, *_ in view.trace_layers()],
+        "layer_kinds": [kind for *_, kind in view.trace_layers()],  # added compatibly: traces without it are decoders
         "num_hidden_layers": view.num_layers,  # dense layers included (SGLang's placement map has a row for each)
         "top_k": view.top_k,
         "num_experts": view.num_experts,
@@ -178,12 +179,14 @@ def _drop_damaged_chunks(out: Path, manifest: dict, check) -> None:
 
 
 def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domain_names, on_tokens) -> store.ChunkArrays:
-    meta, per_layer = [], {layer.index: [] for layer in view.layers}
+    meta, per_layer = [], {index: [] for index, *_ in view.trace_layers()}
     for start in range(0, len(chunk), options.batch_size):
         batch = chunk[start:start + options.batch_size]
         input_ids, keep = _pad(batch)  # [B, S], [B*S]
+        # an encoder attends both ways: it is told where the padding is (a causal decoder never sees it)
+        mask = {"attention_mask": keep.view(input_ids.shape).long()} if view.seq2seq else {}
         with torch.inference_mode():
-            _base(view.model)(input_ids=input_ids, use_cache=False)
+            view.forward(input_ids, head=False, use_cache=False, **mask)
         for index, arrays in cap.take(keep).items():
             per_layer[index].append(arrays)
         meta.append(_token_meta(batch, domain_names))
@@ -238,11 +241,6 @@ def _add_chunk(manifest: dict, i: int, chunk: list[Sequence]) -> None:
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while batch := list(islice(it, n)):
         yield batch
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head: the trace needs only the routers, not the vocabulary projection."""
-    return getattr(model, "model", None) or model.base_model
 
 
 def _view(model, dtype):

@@ -8,7 +8,13 @@ A trace is a folder:
 Token rows: seq_id int64, position int32, token_id int32, domain string (dictionary-encoded), then per MoE layer with
 decoder index l: ids_L{l} fixed_size_list<uint8 | uint16>[K] and weights_L{l} fixed_size_list<float32>[K], ordered by
 weight descending, and with --logits logits_L{l} fixed_size_list<float16>[E]. Ids are uint8 when E <= 256.
-Weights stay float32 so a trace reproduces the router bit for bit (tests/trace/test_capture.py).
+Weights stay float32 so a trace reproduces the router bit for bit (tests/trace/test_capture.py). A weight of 0 marks a
+selection no expert computed: dropped over an expert's capacity (Switch, NLLB-MoE) or a skip expert (Zaya, whose
+router reports it as expert 0).
+
+The manifest's `layer_kinds` (one per entry of `layers`, added compatibly within version 1: older traces have none and
+read as all "decoder") says which stack a layer is in: "encoder" or "decoder" for encoder-decoder models, and
+"decoder pass 2", ... for the further runs of a loop layer (Inkling2-Loop), traced under indices after the last layer.
 """
 
 from __future__ import annotations
