@@ -1,6 +1,8 @@
 """Proof of the MoE view for every supported family on tiny random models (float32, CPU):
 (a) the routing rule reproduces the HF router's expert ids and weights exactly,
-(b) the reference forward reproduces the HF MoE block output (atol 1e-5),
+(b) the reference forward reproduces the HF MoE block output: max |difference| <= 1e-6 x max |output| (relative: block
+    outputs of the tiny models range from 1e-4 to 2, and an absolute 1e-5 let a reference 10% wrong pass on the smallest;
+    the worst observed is 1.7e-7, gpt_oss, float32 rounding),
 (c) per-expert get then set round-trips bit-exactly."""
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ def _inputs(view, seed=1):
     return torch.randint(0, view.config.vocab_size, (2, 24), generator=g)
 
 
-def assert_close(actual, expected, atol, what):
-    diff = (actual - expected).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol {atol})"
+RTOL = 1e-6  # of the largest |output| of the block; see the module docstring
+
+
+def assert_close(actual, expected, what, rtol=RTOL):
+    diff, scale = (actual - expected).abs(), expected.abs().max()
+    assert scale > 0, f"{what}: the expected output is all zero, nothing to compare"
+    assert diff.max() <= rtol * scale, (f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} x max |output| "
+                                        f"{scale:.3g}, mean diff {diff.mean():.3g} (rtol {rtol})")
 
 
 def test_every_required_family_is_registered():
@@ -76,7 +83,7 @@ def test_reference_forward_matches_hf_block(family):
             out = out + seen_shared[layer.index][1]
         with torch.no_grad():
             ours = reference_moe_forward(layer, x)
-        assert_close(ours.reshape(out.shape), out, 1e-5, f"{family} layer {layer.index} MoE block")
+        assert_close(ours.reshape(out.shape), out, f"{family} layer {layer.index} MoE block")
 
 
 def test_expert_get_set_round_trips_bit_exactly(family):
@@ -142,4 +149,4 @@ def test_identity_experts_follow_longcat_block():
         _, ids = route(layer.router_logits(x.reshape(-1, x.shape[-1])), layer.rule, layer.correction_bias)
         assert (ids >= layer.num_experts).any() and (ids < layer.num_experts).any()
         with torch.no_grad():
-            assert_close(reference_moe_forward(layer, x), out, 1e-5, f"longcat_flash layer {layer.index} MoE block")
+            assert_close(reference_moe_forward(layer, x), out, f"longcat_flash layer {layer.index} MoE block")
