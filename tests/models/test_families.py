@@ -16,6 +16,7 @@ import moekit.models
 from moekit.ops.reference import reference_moe_forward
 from moekit.ops.routing import canonical_order, route
 from tests.conftest import TINY, tiny_model
+from tests.helpers import assert_close
 
 
 def _capture(view, module_of, input_ids, layers=None):
@@ -34,16 +35,6 @@ def _capture(view, module_of, input_ids, layers=None):
 def _inputs(view, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, view.config.vocab_size, (2, 24), generator=g)
-
-
-RTOL = 1e-6  # of the largest |output| of the block; see the module docstring
-
-
-def assert_close(actual, expected, what, rtol=RTOL):
-    diff, scale = (actual - expected).abs(), expected.abs().max()
-    assert scale > 0, f"{what}: the expected output is all zero, nothing to compare"
-    assert diff.max() <= rtol * scale, (f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} x max |output| "
-                                        f"{scale:.3g}, mean diff {diff.mean():.3g} (rtol {rtol})")
 
 
 def test_every_required_family_is_registered():
