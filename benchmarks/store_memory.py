@@ -109,7 +109,8 @@ def main() -> None:
     shutil.rmtree(store, ignore_errors=True)
     gb = 1e9
     print(f"checkpoint {ckpt}: {ckpt_bytes / gb:.2f} GB of weights; load average {load:.1f}")
-    print(f"{'phase':<7}{'wall s':>8}{'peak anon GB':>14}{'(- imports)':>13}{'peak RSS GB':>13}{'resident params GB':>20}")
+    print(f"{'phase':<7}{'wall s':>8}{'peak anon GB':>14}{'(- imports)':>13}{'peak RSS GB':>13}"
+          f"{'resident params GB':>20}")
     for r in rows:
         print(f"{r['phase']:<7}{r['wall_s']:>8.1f}{r['peak_anon_bytes'] / gb:>14.2f}"
               f"{(r['peak_anon_bytes'] - r['imports_anon_bytes']) / gb:>13.2f}{r['vm_hwm_bytes'] / gb:>13.2f}"

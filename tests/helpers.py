@@ -29,5 +29,5 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: 
     outputs range from 1e-4 to 2, so no absolute tolerance fits them all), reporting max and mean difference."""
     diff, scale = (actual - expected).abs(), expected.abs().max()
     assert scale > 0, f"{what}: the expected output is all zero, nothing to compare"
-    assert diff.max() <= rtol * scale, (f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} x max |expected| "
-                                        f"{scale:.3g}, mean diff {diff.mean():.3g} (rtol {rtol})")
+    assert diff.max() <= rtol * scale, (f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} x max "
+                                        f"|expected| {scale:.3g}, mean diff {diff.mean():.3g} (rtol {rtol})")

@@ -1,8 +1,8 @@
 """Proof of the MoE view for every supported family on tiny random models (float32, CPU):
 (a) the routing rule reproduces the HF router's expert ids and weights exactly,
-(b) the reference forward reproduces the HF MoE block output: max |difference| <= 1e-6 x max |output| (relative: block
-    outputs of the tiny models range from 1e-4 to 2, and an absolute 1e-5 let a reference 10% wrong pass on the smallest;
-    the worst observed is 1.7e-7, gpt_oss, float32 rounding),
+(b) the reference forward reproduces the HF MoE block output: max |difference| <= 1e-6 x max |output| (relative:
+    block outputs of the tiny models range from 1e-4 to 2, and an absolute 1e-5 let a reference 10% wrong pass on the
+    smallest; the worst observed is 1.7e-7, gpt_oss, float32 rounding),
 (c) per-expert get then set round-trips bit-exactly."""
 
 from __future__ import annotations
