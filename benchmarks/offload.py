@@ -300,7 +300,7 @@ def bench(path: Path, work: Path, args, routing_name: str | None = None) -> dict
     prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
     routing = ROUTING_SOURCES[routing_name] if routing_name else None
     mk_runs, acc_runs, ratios, loads, bws, same = [], [], [], [], [], []
-    mk = acc = None
+    mk = None
     for r in range(args.repeats):
         loads.append(os.getloadavg()[0])
         order = ["moekit", "accelerate"] if r % 2 == 0 else ["accelerate", "moekit"]
@@ -380,7 +380,8 @@ def print_row(row: dict) -> None:
           f"{'hit rate':>10}")
     t = mk["tok_s_spread"]
     print(f"{'moekit':<12}{t['median']:>13.3f}{t['min']:>8.3f}-{t['max']:<8.3f}"
-          f"{mk['missed_bytes_per_token'] / 1e6:>15.1f}{mk['bytes_per_token'] / 1e6:>13.1f}{mk['io_bytes_per_token'] / 1e6:>13.1f}{mk['hit_rate']:>10.3f}")
+          f"{mk['missed_bytes_per_token'] / 1e6:>15.1f}{mk['bytes_per_token'] / 1e6:>13.1f}"
+          f"{mk['io_bytes_per_token'] / 1e6:>13.1f}{mk['hit_rate']:>10.3f}")
     if acc:
         t = acc["tok_s_spread"]
         print(f"{'accelerate':<12}{t['median']:>13.3f}{t['min']:>8.3f}-{t['max']:<8.3f}"
@@ -399,7 +400,8 @@ def print_row(row: dict) -> None:
           f"moekit (median run) reaches {row['fraction_of_full_bound']:.2f} of it")
     print(f"bound {row['bound_tok_s']:.2f} tok/s = disk bandwidth / moekit missed bytes per token: "
           f"{row['fraction_of_bound']:.2f} of it; random-read bound {row['random_bound_tok_s']:.2f} tok/s (disk's best "
-          f"random-expert bandwidth, 4 threads): {row['fraction_of_random_bound']:.2f}")
+          f"random-expert bandwidth, 4 threads): {row['fraction_of_random_bound']:.2f}; median run: wait "
+          f"{mk['wait_s']:.1f} s, compute {mk['compute_s']:.1f} s")
     if row["degenerate"]:
         print("DEGENERATE WORKLOAD: the generated tokens loop or the routing barely changes from token to token "
               "(above), so a cache hits far more often than users see. Do not quote this row.")
@@ -424,8 +426,8 @@ def verdict(row: dict) -> str:
 
 def routing_source(spec: str) -> str:
     if spec not in ROUTING_SOURCES:
-        raise SystemExit(f"error: --synthetic-routing {spec!r}: known: {', '.join(ROUTING_SOURCES)} (a routing policy "
-                         f"that replays a recorded trace arrives with the routing-policies work)")
+        raise argparse.ArgumentTypeError(f"{spec!r}: known: {', '.join(ROUTING_SOURCES)} (a routing policy that "
+                                         f"replays a recorded trace arrives with the routing-policies work)")
     return spec
 
 
