@@ -55,3 +55,15 @@ def module_calls(view, module_of, ids: torch.Tensor) -> dict[int, list[tuple]]:
         for h in handles:
             h.remove()
     return seen
+
+
+RTOL = 1e-6  # of the largest |expected|: float32 reference paths land within 2e-7 of it (tests/models/test_families.py)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
+    """max |actual - expected| <= rtol x max |expected|: a bound relative to the output's own scale (tiny random models'
+    outputs range from 1e-4 to 2, so no absolute tolerance fits them all), reporting max and mean difference."""
+    diff, scale = (actual - expected).abs(), expected.abs().max()
+    assert scale > 0, f"{what}: the expected output is all zero, nothing to compare"
+    assert diff.max() <= rtol * scale, (f"{what}: max diff {diff.max():.3g} = {diff.max() / scale:.3g} x max "
+                                        f"|expected| {scale:.3g}, mean diff {diff.mean():.3g} (rtol {rtol})")

@@ -1,8 +1,8 @@
 """Held-out evaluation of a checkpoint: perplexity and next-token accuracy per domain.
 
-The protocol of ALGORITHMS.md §8 on the demo model: each domain's held-out documents are cut into non-overlapping
-windows (moekit.trace.data.sequences: a window never crosses a document; the eos token ends each document, as in
-training); within a window every position after the first predicts the next token. Per domain:
+The protocol of docs/conventions.md §Evaluation protocol on the demo model: each domain's held-out documents are cut
+into non-overlapping windows (moekit.trace.data.sequences: a window never crosses a document; the eos token ends each
+document, as in training); within a window every position after the first predicts the next token. Per domain:
   perplexity = exp(mean NLL over every predicted token of every window), accuracy = share of argmax hits.
 "overall" pools the tokens of all domains (so bigger domains weigh more); "macro" averages the domains' mean NLL.
 

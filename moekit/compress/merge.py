@@ -1,4 +1,4 @@
-"""Expert merging: E experts per MoE layer -> G merged experts (ALGORITHMS.md §3).
+"""Expert merging: E experts per MoE layer -> G merged experts (docs/compression_merge_quantize.md).
 
 Methods (registered in METHODS):
 - `msmoe`: M-SMoE (Li et al., "Merge, Then Compress", arXiv 2310.01334, github UNITES-Lab/MC-SMoE). Dominant experts =

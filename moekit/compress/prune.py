@@ -1,4 +1,4 @@
-"""Expert pruning (ALGORITHMS.md §2): keep N of the E routed experts of every MoE layer.
+"""Expert pruning (methods, formulas, papers: docs/compression.md): keep N of the E routed experts of every MoE layer.
 
 A method turns calibration statistics (MoE-block inputs X, outputs Z, and for EASY-EP the residual stream h) into a
 `Plan`: per MoE layer the kept expert ids (ascending) and a score per expert (higher = more worth keeping).
@@ -150,7 +150,7 @@ def plan_random(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=No
 
 
 def frequency_scores(layer: MoELayer, x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
-    """[E] how often each expert is among a calibration token's selected K (ALGORITHMS.md §2, frequency baseline)."""
+    """[E] how often each expert is among a calibration token's selected K (frequency baseline, docs/compression.md)."""
     _, _, ids = routing(layer, x, seq_len)
     return torch.bincount(ids.reshape(-1), minlength=layer.num_experts).float()
 

@@ -1,5 +1,5 @@
-"""Mixed-precision expert quantisation (ALGORITHMS.md §4): group-wise round-to-nearest at 2/3/4/8 bits per expert, with
-bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
+"""Mixed-precision expert quantisation (docs/quantization.md): group-wise round-to-nearest at 2/3/4/8 bits per expert,
+with bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
 
 Quantiser: asymmetric round-to-nearest with one scale and one integer zero point per group of `group_size` consecutive
 weights along the input dimension (the last dim of the canonical [out, in] matrices gate/up [I, H] and down [H, I]).

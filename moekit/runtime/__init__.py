@@ -6,7 +6,8 @@
 
     om = moekit.runtime.open_offloaded("ckpt/", RuntimeOptions(budget="512MB"))  # from a checkpoint: what run/serve use
 
-Spec: ALGORITHMS.md §6; conventions of hit rates: §1 (a running system: cold misses count as misses). docs/runtime.md.
+Definitions: docs/conventions.md (§Physical bound; §Hit-rate conventions: a running system, cold misses count as
+misses). docs/runtime.md.
 """
 
 from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offload, parse_bytes

@@ -3,7 +3,8 @@ of the fast tier (where resident experts are read during compute), and compute t
 
 Bound on decode tokens/s, assuming loads overlap compute perfectly (prefetch) and only routed experts cost anything:
   time/token >= max(missed bytes / slow_bw, active expert bytes / fast_bw, 2 * active expert params / compute)
-The first term alone is the physical limit of ALGORITHMS.md §6 (tokens/s <= slow-tier bandwidth / missed bytes/token).
+The first term alone is the physical limit of docs/conventions.md §Physical bound (tokens/s <= slow-tier bandwidth /
+missed bytes/token).
 Numbers are nominal peaks from the datasheets and standards named in `source`; real systems reach 60-90% of them.
 User profiles: a YAML file with the same keys (name, slow_tier, slow_gbs, fast_tier, fast_gbs, compute_tflops, source).
 Expert-parallel profiles add the network between GPUs (`moekit place-eval`'s step-time model): intra_node_gbs (GB/s per

@@ -1,7 +1,8 @@
 """What-if simulator: replay a routing trace through the runtime's own cache-policy objects (policies.py), per MoE
-layer, as one continuous token stream, counting cold misses as misses (a running system's view, ALGORITHMS.md §1; the
-analysis report's SCH-convention curves differ on purpose). One step = one token (decode) unless `step_sizes` groups
-tokens the way the runtime's calls did (prefill), which makes the simulator's counters equal the runtime's exactly.
+layer, as one continuous token stream, counting cold misses as misses (a running system's view, docs/conventions.md
+§Hit-rate conventions; the analysis report's SCH-convention curves differ on purpose). One step = one token (decode)
+unless `step_sizes` groups tokens the way the runtime's calls did (prefill), which makes the simulator's counters equal
+the runtime's exactly.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Proof of the MoE view for every supported family on tiny random models (float32, CPU):
 (a) the routing rule reproduces the HF router's expert ids and weights exactly,
-(b) the reference forward reproduces the HF MoE block output (atol 1e-5),
+(b) the reference forward reproduces the HF MoE block output: max |difference| <= 1e-6 x max |output| (relative:
+    block outputs of the tiny models range from 1e-4 to 2, and an absolute 1e-5 let a reference 10% wrong pass on the
+    smallest; the worst observed is 1.7e-7, gpt_oss, float32 rounding),
 (c) per-expert get then set round-trips bit-exactly."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import moekit.models
 from moekit.ops.reference import reference_block_call, reference_moe_forward
 from moekit.ops.routing import canonical_order, route
 from tests.conftest import HF_BLOCK_BUGS, TINY, tiny_model
+from tests.helpers import assert_close
 
 
 def _capture(view, module_of, input_ids, layers=None, calls=False):
@@ -35,11 +38,6 @@ def _capture(view, module_of, input_ids, layers=None, calls=False):
 def _inputs(view, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, view.config.vocab_size, (2, 24), generator=g)
-
-
-def assert_close(actual, expected, atol, what):
-    diff = (actual - expected).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol {atol})"
 
 
 def test_every_required_family_is_registered():
@@ -82,7 +80,7 @@ def test_reference_forward_matches_hf_block(family, request):
             out = out + seen_shared[layer.index][1]
         with torch.no_grad():
             ours = reference_block_call(layer, args, kwargs)
-        assert_close(ours.reshape(out.shape), out, 1e-5, f"{family} layer {layer.index} MoE block")
+        assert_close(ours.reshape(out.shape), out, f"{family} layer {layer.index} MoE block")
 
 
 def test_expert_get_set_round_trips_bit_exactly(family):
@@ -91,12 +89,13 @@ def test_expert_get_set_round_trips_bit_exactly(family):
     before = [p.detach().clone() for p in layer.expert_params()]
     e = layer.num_experts - 1
     w = layer.get_expert(e)
+    first = {k: v.clone() for k, v in layer.get_expert(0).items()}  # snapshot: get_expert may return views
     layer.set_expert(e, w)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.expert_params()))
     # set really writes: a modified expert reads back modified, and only that expert changes
     layer.set_expert(e, {k: v + 1 for k, v in w.items()})
     assert all(torch.equal(layer.get_expert(e)[k], w[k] + 1) for k in w)
-    assert all(torch.equal(layer.get_expert(0)[k], v) for k, v in view.layers[-1].get_expert(0).items())
+    assert all(torch.equal(layer.get_expert(0)[k], v) for k, v in first.items()), "set_expert(last) changed expert 0"
     layer.set_expert(e, w)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.expert_params()))
 
@@ -148,4 +147,4 @@ def test_identity_experts_follow_longcat_block():
         _, ids = route(layer.router_logits(x.reshape(-1, x.shape[-1])), layer.rule, layer.correction_bias)
         assert (ids >= layer.num_experts).any() and (ids < layer.num_experts).any()
         with torch.no_grad():
-            assert_close(reference_moe_forward(layer, x), out, 1e-5, f"longcat_flash layer {layer.index} MoE block")
+            assert_close(reference_moe_forward(layer, x), out, f"longcat_flash layer {layer.index} MoE block")

@@ -1,4 +1,4 @@
-"""The edge cases of ROUTING.md for each policy, on the routing math (moekit/routing/select.py) and tiny models."""
+"""The edge cases of each policy (docs/routing.md), on the routing math (moekit/routing/select.py) and tiny models."""
 
 from __future__ import annotations
 
