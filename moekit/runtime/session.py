@@ -31,7 +31,7 @@ Progress = Callable[[str, int], contextlib.AbstractContextManager]
 class RuntimeOptions:
     """How a checkpoint is run offloaded. Checked on construction, before anything is read from disk."""
 
-    budget: str | int = "512MB"  # bytes of routed experts kept in memory
+    budget: str | int | None = "512MB"  # bytes of routed experts kept in memory; "all" (None): every expert
     policy: str = "lru"  # expert cache policy (policies.available())
     prefetch: bool | None = None  # None: on with a GPU or an activation-matrix trace, off on the CPU (docs/runtime.md)
     store: Path | None = None  # expert store folder; None: default_store_dir(model), built on first use
@@ -42,9 +42,10 @@ class RuntimeOptions:
     lowbit: int | None = None  # HOBBIT: low-weight misses read as BITS-bit copies
     lowbit_threshold: float = 0.1
     eam_trace: Path | None = None  # MoE-Infinity: prefetch by activation-matrix matching against this trace
+    page_cache: bool = True  # buffered reads: experts in the OS page cache cost no disk read; False: O_DIRECT
 
     def __post_init__(self):
-        self.budget = parse_bytes(self.budget)
+        self.budget = None if self.budget is None or str(self.budget).lower() == "all" else parse_bytes(self.budget)
         policies.policy_class(self.policy)  # unknown names: one line listing the known ones
         if self.policy == "belady":
             raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, "
@@ -101,15 +102,16 @@ def _no_progress(description: str, total: int):
 
 
 def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Progress = _no_progress,
-                   tokenizer: bool = True) -> OffloadedModel:
+                   tokenizer: bool = True, skeleton=None) -> OffloadedModel:
     """Open the checkpoint folder `model` for offloaded generation: build its expert store on first use (one layer at a
     time, never holding all experts in RAM), load the resident weights from the store, put the routed experts behind
-    the budget. Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False)."""
+    the budget. Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). skeleton: the config
+    skeleton (`moekit.models.load(model, meta=True)`) when the caller built it already for its own checks."""
     import moekit.models
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
     model, options = Path(model), options or RuntimeOptions()
-    skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
+    skeleton = skeleton or moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
     tok = load_tokenizer(model) if tokenizer else None
     store = options.store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
@@ -130,8 +132,21 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     device = options.resolved_device()
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
     prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or eams is not None)
-    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
+    budget = options.budget if options.budget is not None else _all_experts_bytes(view, store)
+    om = offload(view, store, budget, policy=options.policy, prefetch=prefetch, device=device,
+                 drop_cache=not options.page_cache,
                  fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
                  lowbit_threshold=options.lowbit_threshold, eam=eams)
     om.tokenizer, om.options, om.store_dir = tok, options, store
     return om
+
+
+def _all_experts_bytes(view, store: Path) -> int:
+    """The budget that keeps every routed expert resident (--budget all)."""
+    from moekit.runtime.store import ExpertStore
+
+    reader = ExpertStore(store)
+    try:
+        return len(view.layers) * view.num_experts * reader.expert_bytes
+    finally:
+        reader.close()
