@@ -113,8 +113,9 @@ def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     """query [1, h, T, d], key/value [1, g, T, d]: the step's packed new tokens. Returns [1, T, h, d] (as every
     transformers attention function) and no weights."""
     segments = getattr(_STEP, "segments", None)
-    if segments is None:
-        raise RuntimeError(f"{IMPLEMENTATION}: called outside the serving engine's step (moekit.serve.attention)")
+    if segments is None:  # transformers built no mask for this implementation: a plain call would be wrong
+        raise RuntimeError(f"{IMPLEMENTATION}: called outside the serving engine's step; the model belongs to a "
+                           f"moekit.serve Engine now")
     base_name = module.config._moekit_base_attention
     base = _base_function(module, base_name)
     window = kwargs.get("sliding_window") or None
@@ -129,17 +130,37 @@ def ragged_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(outs, dim=1), None
 
 
-def install(model) -> None:
-    """Route `model`'s attention through `ragged_attention` (its original implementation is called per sequence)."""
+def install(model) -> bool:
+    """Route `model`'s attention through `ragged_attention` (its original implementation is called per sequence) if
+    every decoder layer mixes tokens through transformers' attention interface, which a two-token probe forward
+    checks; otherwise (linear attention, Mamba, convolution layers, attention with its own indexer cache: their state
+    is not attention KV) leave the model as it was and return False: its sequences are then computed one at a time."""
     from transformers import AttentionInterface
 
     if IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(IMPLEMENTATION, ragged_attention)
-    current = model.config._attn_implementation
-    if current != IMPLEMENTATION:
-        for config in {id(c): c for c in _configs(model)}.values():
-            config._moekit_base_attention = current
-        model.set_attn_implementation(IMPLEMENTATION)
+    base = model.config._attn_implementation
+    if base == IMPLEMENTATION:
+        return True
+    for config in {id(c): c for c in _configs(model)}.values():
+        config._moekit_base_attention = base
+    model.set_attn_implementation(IMPLEMENTATION)
+    if _probe(model):
+        return True
+    model.set_attn_implementation(base)
+    return False
+
+
+def _probe(model) -> bool:
+    kv = SequenceKV(2)
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    try:
+        with step_context([Segment(kv, 0, 2, 0)]), torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device),
+                  position_ids=torch.arange(2, device=device)[None], use_cache=False, logits_to_keep=1)
+    except (RuntimeError, TypeError, AttributeError, ValueError, IndexError):  # a layer that needs its own cache
+        return False
+    return len(kv.keys) == model.config.get_text_config().num_hidden_layers
 
 
 def _configs(model):

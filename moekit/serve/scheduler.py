@@ -92,7 +92,7 @@ class Sequence:
         self.cached = 0  # tokens whose KV is cached
         self.generated: list[int] = []
         self.reserved = min(len(spec.prompt) + spec.max_tokens, max_len)
-        self.kv: attention.SequenceKV | None = None
+        self.kv = None  # attention.SequenceKV (batched), or the model's own cache object
         self.sampler = Sampler(spec.params, spec.choice)
         self.detok = Detokenizer(tokenizer, spec.prompt)
         self.stops = StopStrings(spec.stop)
@@ -134,7 +134,10 @@ class Engine:
         self._stopping = False
         self._events: dict[Request, list[Event]] = {}
         self.steps = 0
-        attention.install(model)
+        self.batched = attention.install(model)  # False: sequences go through the model one at a time
+        if not self.batched:
+            log.warning("%s has layers whose state is not attention KV (linear attention, Mamba, ...): sequences are "
+                        "scheduled together but computed one at a time", type(model).__name__)
 
     # called from other threads ---------------------------------------------------------------------------------------
     def submit(self, request_id: str, specs: list[SequenceSpec], sink: Callable[[list[Event]], None]) -> None:
@@ -236,7 +239,7 @@ class Engine:
             seq = self.waiting.popleft()
             with self._cv:
                 self._queued -= 1
-            seq.kv = attention.SequenceKV(seq.reserved)
+            seq.kv = attention.SequenceKV(seq.reserved) if self.batched else None
             seq.admitted = time.monotonic()
             self.reserved += seq.reserved
             self.running.append(seq)
@@ -256,6 +259,9 @@ class Engine:
         return decoding + chunks
 
     def _forward(self, plan) -> torch.Tensor:
+        """One forward of the packed step (batched), or one per sequence with its own transformers cache."""
+        if not self.batched:
+            return self._forward_each(plan)
         ids, pos, segments, keep = [], [], [], []
         for seq, n, emits in plan:
             segments.append(attention.Segment(seq.kv, len(ids), n, seq.cached))
@@ -268,6 +274,18 @@ class Engine:
                              position_ids=torch.tensor([pos], device=self.device), use_cache=False,
                              logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         return out.logits[0]  # [rows sampled, V]
+
+    def _forward_each(self, plan) -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for seq, n, emits in plan:
+                out = self.model(input_ids=torch.tensor([seq.pending[:n]], device=self.device), cache=seq.kv,
+                                 use_cache=True, logits_to_keep=1)
+                cache = getattr(out, "cache", None)  # the model's own cache (hybrid layers included), made on the first call
+                seq.kv = cache if cache is not None else out.past_key_values
+                if emits:
+                    rows.append(out.logits[0, -1])
+        return torch.stack(rows) if rows else torch.empty(0)
 
     def _on_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> None:
         seq.generated.append(token)
