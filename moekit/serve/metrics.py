@@ -11,7 +11,8 @@ vllm:iteration_tokens_total. One difference: vLLM counts requests, moekit counts
 which is what occupies the batch. finished_reason is stop, length, abort (client gone) or error.
 Expert cache (read from the runtime's own per-layer counters at scrape time, so nothing is counted twice):
 moekit:expert_cache_{hits,misses,evictions}_total, moekit:expert_bytes_read_total, moekit:expert_io_wait_seconds_total,
-moekit:expert_prefetch_reads_total (all {layer}), gauges moekit:expert_cache_capacity (experts per layer) and
+moekit:expert_prefetch_reads_total (all {layer}), moekit:expert_page_cache_bytes_total (what the OS page cache served
+of those bytes, no disk read), gauges moekit:expert_cache_capacity (experts per layer) and
 moekit:expert_cache_budget_bytes, and the histogram moekit:experts_per_step{layer}: distinct experts a step used.
 """
 
@@ -176,6 +177,10 @@ class _Collector:
             for key, fam in fams.items():
                 fam.add_metric([*m.labels, str(row["layer"])], row[key])
         yield from fams.values()
+        cached = CounterMetricFamily("moekit:expert_page_cache_bytes", "Expert bytes read that the OS page cache "
+                                     "served (no disk read): the free tier beyond --budget.", labels=labels)
+        cached.add_metric(m.labels, m.offloaded.totals()["page_cache_bytes"])
+        yield cached
         cap = GaugeMetricFamily("moekit:expert_cache_capacity", "Experts each MoE layer's cache holds.", labels=labels)
         cap.add_metric(m.labels, m.offloaded.capacity)
         budget = GaugeMetricFamily("moekit:expert_cache_budget_bytes", "The --budget in bytes.", labels=labels)
