@@ -67,6 +67,11 @@ class RuntimeOptions:
             setattr(self, name, None if value is None else Path(value))
         if self.eam_trace is not None and not self.eam_trace.exists():
             raise UserError(f"no trace at {self.eam_trace}: record one with `moekit trace MODEL --out DIR`")
+        if self.budget is None:
+            for flag, used in (("--lowbit", self.lowbit is not None), ("--eam-trace", self.eam_trace is not None),
+                               ("--fiddler", self.fiddler), ("--store", self.store is not None)):
+                if used:
+                    raise UserError(f"{flag} is for offloaded experts; --budget all keeps every expert in memory")
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,14 +110,17 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
                    tokenizer: bool = True, skeleton=None) -> OffloadedModel:
     """Open the checkpoint folder `model` for offloaded generation: build its expert store on first use (one layer at a
     time, never holding all experts in RAM), load the resident weights from the store, put the routed experts behind
-    the budget. Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). skeleton: the config
-    skeleton (`moekit.models.load(model, meta=True)`) when the caller built it already for its own checks."""
+    the budget; budget None ("all") loads the whole model in memory instead (no store, no cache: `_in_memory`).
+    Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). skeleton: the config skeleton
+    (`moekit.models.load(model, meta=True)`) when the caller built it already for its own checks."""
     import moekit.models
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
     model, options = Path(model), options or RuntimeOptions()
     skeleton = skeleton or moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
     tok = load_tokenizer(model) if tokenizer else None
+    if options.budget is None:
+        return _in_memory(model, options, tok)
     store = options.store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
         with progress(f"building the expert store {store}", len(skeleton.layers)) as tick:
@@ -132,8 +140,7 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     device = options.resolved_device()
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
     prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or eams is not None)
-    budget = options.budget if options.budget is not None else _all_experts_bytes(view, store)
-    om = offload(view, store, budget, policy=options.policy, prefetch=prefetch, device=device,
+    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
                  drop_cache=not options.page_cache,
                  fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
                  lowbit_threshold=options.lowbit_threshold, eam=eams)
@@ -141,12 +148,22 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     return om
 
 
-def _all_experts_bytes(view, store: Path) -> int:
-    """The budget that keeps every routed expert resident (--budget all)."""
-    from moekit.runtime.store import ExpertStore
+def _in_memory(model: Path, options: RuntimeOptions, tok) -> OffloadedModel:
+    """--budget all: the checkpoint loaded whole (transformers' from_pretrained, no store), its experts computed by
+    transformers' grouped_mm kernel where it dispatches (one grouped GEMM per layer for all of a step's experts: 1.6x
+    the eager loop's speed at 32 sequences in a step, equal for one; docs/serving.md), else by the eager loop."""
+    import moekit.models
 
-    reader = ExpertStore(store)
+    view = moekit.models.load(model)
     try:
-        return len(view.layers) * view.num_experts * reader.expert_bytes
-    finally:
-        reader.close()
+        view.model.set_experts_implementation("grouped_mm")
+    except (ValueError, ImportError):  # no grouped kernel for this device / torch: eager, as loaded
+        pass
+    device = options.resolved_device()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
+    if device != "cpu":  # pragma: no cover - GPU
+        view.model.to(device)
+    experts = sum(p.numel() * p.element_size() for layer in view.layers for p in layer.expert_params())
+    om = OffloadedModel(view, [], experts, view.num_experts, None)
+    om.tokenizer, om.options, om.store_dir = tok, options, None
+    return om

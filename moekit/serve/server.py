@@ -145,9 +145,11 @@ def _load(model, runtime, skeleton, tokenizer, max_len, options, state, server, 
         state.metrics.attach(engine, om)
         engine.start()
         state.engine = engine
-        announce(f"moekit serve: ready ({om.capacity} experts per MoE layer cached, budget {om.budget} bytes; "
-                 f"batch {options.engine.max_batch}, queue {options.engine.max_queue}, "
-                 f"context {max_len} tokens)")
+        experts = (f"{om.capacity} experts per MoE layer cached, budget {om.budget} bytes" if om.layers
+                   else "every expert in memory")
+        announce(f"moekit serve: ready ({experts}; batch {options.engine.max_batch}, queue "
+                 f"{options.engine.max_queue}, context {max_len} tokens; continuous batching "
+                 f"{'over one packed forward' if engine.batched else 'one sequence per forward'})")
     except UserError as err:
         state.load_error = str(err)
         server.should_exit = True
