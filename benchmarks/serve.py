@@ -1,6 +1,6 @@
 """Serving: `moekit serve` against `transformers serve --continuous-batching`, and batching over offloaded experts.
 
-    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (~25 min on 2 shared cores)
+    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (~40 min on 2 shared cores)
     .venv/bin/python benchmarks/serve.py --setups memory --repeats 1
 
 Setup 1, demo model in memory: moekit serve (--budget all: every expert stays resident once read; a warm-up pass reads
@@ -14,13 +14,18 @@ tokens/s (generated tokens / wall time of the whole batch of requests), time to 
 ((e2e - TTFT) / (tokens - 1)) p50 / p99 over requests; ratios against transformers serve from the same repeat.
 Goal (issue #12): >= 1.5x transformers serve's tokens/s at 8 and 32 with TTFT no worse.
 
-Setup 2, a synthetic offloaded model: a Qwen3-MoE with 64 experts, top-8, random weights, float32, experts read with
-O_DIRECT (--no-page-cache: the 25% budget is all the RAM the experts get) at concurrency 1, 4 and 16. Reported:
-tokens/s, expert bytes read per generated token and hit rate, from the server's own /metrics. Random weights loop under
-greedy decoding (the same tokens, the same routing, flattering hit rates), so this setup samples (temperature 1,
-seeded), and the distinct-token fraction of the outputs is printed to show it does not loop. The routing source is
-swappable: --offload-serve-args passes flags to that server (a replay routing policy, issue #13, plugs in there).
-Goal: at 16, bytes per token <= 0.5x and tokens/s >= 3x their concurrency-1 values.
+Setup 2, offloaded at 25% budget (--no-page-cache: experts read with O_DIRECT, the budget is all the RAM they get), at
+concurrency 1, 4 and 16; tokens/s, expert bytes read per generated token and hit rate, from the server's own /metrics.
+Two workloads (--offload-models): `synthetic`, a Qwen3-MoE with 64 experts, top-8, random weights, float32 (the
+issue's setup); and `demo`, the demo model (trained routing, 8 of each layer's 32 experts cached). Random weights loop
+under greedy decoding (the same tokens, the same routing, flattering hit rates), so the synthetic workload samples
+(temperature 1, seeded) from prompts of 32 random token ids, a different prompt per request; the distinct character
+4-gram fraction of the outputs is printed to show nothing loops. Its routers still route one sequence very
+consistently (the residual stream of a random model is dominated by slowly varying attention averages), so its
+concurrency-1 hit rate is far above a trained model's, which batching different sequences cannot keep: read its
+ratios with that in mind, and the demo workload's for trained routing. The routing source is swappable:
+--offload-serve-args passes flags to that server (a replay routing policy, issue #13, plugs in there).
+Goal (issue #12): at 16, bytes per token <= 0.5x and tokens/s >= 3x their concurrency-1 values.
 
 Prints tables, the load average, and one JSON line at the end.
 """
@@ -31,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shlex
 import signal
 import statistics
@@ -100,18 +106,17 @@ class Server:
         sys.exit(f"{name} did not become healthy")
 
     def cpu_s(self) -> float:
-        """CPU seconds the server process has used (all its threads): robust to a shared machine's stolen time."""
+        """CPU seconds the server process has used (all its threads): less sensitive to a shared machine's load."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
-        out = {}
+        out: dict[str, float] = {}  # summed over labels (layers, finish reasons)
         for fam in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=30).text):
             for s in fam.samples:
-                key = s.name + "".join(f"|{v}" for k, v in sorted(s.labels.items()) if k == "layer")
-                out[key] = out.get(key, 0.0) + s.value
+                out[s.name] = out.get(s.name, 0.0) + s.value
         return out
 
     def stop(self) -> None:
@@ -177,9 +182,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def distinct_fraction(texts: list[str]) -> float:
-    """Distinct word 4-grams / 4-grams over the outputs: near 0 when generation loops."""
-    grams = [tuple(w[i:i + 4]) for t in texts for w in [t.split()] for i in range(max(0, len(w) - 3))]
+def distinct_fraction(texts: list[str], unit=str.split) -> float:
+    """Distinct 4-grams / 4-grams over the outputs (of words, or of characters): near 0 when generation loops."""
+    grams = [tuple(w[i:i + 4]) for t in texts for w in [unit(t)] for i in range(max(0, len(w) - 3))]
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
@@ -236,34 +241,49 @@ def memory_setup(args, env) -> dict:
     return out
 
 
-def offload_setup(args, env) -> dict:
-    model = synthetic_checkpoint(args.work / "serve-synthetic")
-    expert_bytes = 3 * SYNTH["hidden_size"] * SYNTH["moe_intermediate_size"] * 4
-    total = expert_bytes * SYNTH["num_experts"] * SYNTH["num_hidden_layers"]
-    budget = int(0.25 * total)
-    extra = ["--budget", str(budget), "--no-page-cache", "--store", str(args.work / "serve-synthetic-store"),
+def offload_workloads(args) -> dict:
+    """name -> (checkpoint, 25% budget in bytes, prompts, sampling(i, rep), expert bytes, all experts' bytes)."""
+    out = {}
+    if "synthetic" in args.offload_models:
+        model = synthetic_checkpoint(args.work / "serve-synthetic")
+        eb = 3 * SYNTH["hidden_size"] * SYNTH["moe_intermediate_size"] * 4
+        total = eb * SYNTH["num_experts"] * SYNTH["num_hidden_layers"]
+        g = random.Random(0)  # distinct random-token prompts: each request routes its own way
+        prompts = [[g.randrange(1, SYNTH["vocab_size"]) for _ in range(32)] for _ in range(64)]
+        out["synthetic"] = (model, total // 4, prompts, lambda i, rep: {"temperature": 1.0, "seed": 1000 * rep + i},
+                            eb, total)
+    if "demo" in args.offload_models:  # trained routing: what batching does when routing is not random
+        eb, total = 3 * 256 * 128 * 2, 3 * 256 * 128 * 2 * 32 * 4
+        out["demo"] = (ROOT / "demo" / "model", total // 4, demo_prompts(64), lambda i, rep: {"temperature": 0},
+                       eb, total)
+    return out
+
+
+def offload_setup(args, env, name, workload) -> dict:
+    model, budget, prompts, sampling, expert_bytes, total = workload
+    extra = ["--budget", str(budget), "--no-page-cache", "--store", str(args.work / f"serve-store-{name}"),
              *shlex.split(args.offload_serve_args)]
     srv = Server("moekit", moekit_cmd(model, args.port + 2, args, extra), f"http://127.0.0.1:{args.port + 2}",
                  model.name, env)
-    prompts = [f"{w} " * 8 for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta")] * 8
     out = {}
     try:
-        asyncio.run(run_load(srv, prompts[:2], 2, 4, lambda i: {"temperature": 1.0, "seed": 999 + i}))
+        asyncio.run(run_load(srv, prompts[-2:], 2, 4, lambda i: sampling(i, 99)))
         for c in args.offload_concurrency:
             runs = []
             for rep in range(args.repeats):
                 before = srv.metrics()
                 res = asyncio.run(run_load(srv, prompts[:max(c, args.offload_requests_min)], c, args.max_tokens,
-                                           lambda i, rep=rep: {"temperature": 1.0, "seed": 1000 * rep + i}))
+                                           lambda i, rep=rep: sampling(i, rep)))
                 after = srv.metrics()
                 d = lambda k: after.get(k, 0) - before.get(k, 0)  # noqa: E731
                 hits, misses = d("moekit:expert_cache_hits_total"), d("moekit:expert_cache_misses_total")
                 res.update(bytes_per_token=d("moekit:expert_bytes_read_total") / max(1, res["tokens"]),
                            hit_rate=hits / max(1, hits + misses), load=loadavg(),
-                           distinct_tokens=distinct_fraction(res["texts"]))
+                           distinct_tokens=distinct_fraction(res["texts"], list))
                 runs.append(res)
-                print(f"  offload c={c:<3} rep {rep} {res['tok_s']:8.2f} tok/s  {res['bytes_per_token'] / 1e6:7.1f} "
-                      f"MB/token  hit rate {res['hit_rate']:.3f}  load {res['load']}", flush=True)
+                print(f"  offload {name} c={c:<3} rep {rep} {res['tok_s']:8.2f} tok/s  "
+                      f"{res['bytes_per_token'] / 1e6:7.2f} MB/token  hit rate {res['hit_rate']:.3f}  "
+                      f"load {res['load']}", flush=True)
             out[c] = {"runs": runs}
     finally:
         srv.stop()
@@ -289,10 +309,11 @@ def print_memory(res: dict) -> None:
               f"4-grams {row['distinct_4grams']:.2f}")
 
 
-def print_offload(res: dict) -> None:
-    print(f"\nSynthetic offloaded model: {res['experts_gb']:.2f} GB of experts ({res['expert_mb']:.1f} MB each), "
-          f"budget {res['budget_mb']:.0f} MB (25%), O_DIRECT reads, sampling at temperature 1")
-    print(f"{'conc':>4}{'tok/s':>26}{'MB read/token':>16}{'hit rate':>10}{'distinct 4-grams':>18}")
+def print_offload(name: str, res: dict) -> None:
+    how = "sampling at temperature 1, random-token prompts" if name == "synthetic" else "greedy, held-out text"
+    print(f"\n{name} model offloaded: {res['experts_gb']:.3f} GB of experts ({res['expert_mb']:.2f} MB each), "
+          f"budget {res['budget_mb']:.1f} MB (25%), O_DIRECT reads, {how}")
+    print(f"{'conc':>4}{'tok/s':>26}{'MB read/token':>16}{'hit rate':>10}{'distinct char 4-grams':>23}")
     base = None
     for c, row in res.items():
         if not isinstance(c, int):
@@ -302,7 +323,7 @@ def print_offload(res: dict) -> None:
         bpt = summarise(runs, "bytes_per_token")[0]
         base = base or (med, bpt)
         print(f"{c:>4}{med:>12.2f} [{lo:.2f}-{hi:.2f}]".ljust(30) + f"{bpt / 1e6:>16.1f}"
-              f"{summarise(runs, 'hit_rate')[0]:>10.3f}{summarise(runs, 'distinct_tokens')[0]:>18.2f}"
+              f"{summarise(runs, 'hit_rate')[0]:>10.3f}{summarise(runs, 'distinct_tokens')[0]:>23.2f}"
               f"   vs c=1: tok/s {med / base[0]:.2f}x, bytes/token {bpt / base[1]:.2f}x")
 
 
@@ -321,6 +342,8 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=512, help="tokens per step of both servers")
     ap.add_argument("--port", type=int, default=18600)
     ap.add_argument("--work", type=Path, default=Path("/tmp/moekit-serve-bench"))
+    ap.add_argument("--offload-models", default="synthetic,demo",
+                    help="offloaded workloads: synthetic (random weights) and/or demo (trained routing)")
     ap.add_argument("--offload-serve-args", default="", help="extra `moekit serve` flags for the offloaded setup "
                                                              "(e.g. a routing source)")
     args = ap.parse_args()
@@ -334,18 +357,20 @@ def main() -> None:
         result["memory"] = memory_setup(args, env)
         print_memory(result["memory"])
     if "offload" in setups:
-        result["offload"] = offload_setup(args, env)
-        print_offload(result["offload"])
+        result["offload"] = {name: offload_setup(args, env, name, w) for name, w in offload_workloads(args).items()}
+        for name, res in result["offload"].items():
+            print_offload(name, res)
     result["load_end"] = loadavg()
     print(f"\nload average at end: {result['load_end']}")
     for row in result.get("memory", {}).values():
         for runs in row["runs"].values():
             for r in runs:
                 r.pop("texts")
-    for key, row in result.get("offload", {}).items():
-        if isinstance(key, int):
-            for r in row["runs"]:
-                r.pop("texts")
+    for res in result.get("offload", {}).values():
+        for key, row in res.items():
+            if isinstance(key, int):
+                for r in row["runs"]:
+                    r.pop("texts")
     print(json.dumps(result, default=str))
 
 
