@@ -3,8 +3,8 @@
 The event loop never blocks: tokenisation runs in a worker thread, the engine on its own (scheduler.py), and results
 come back through an asyncio.Queue per request filled with call_soon_threadsafe. Each request has a watcher that waits
 for the client's http.disconnect and aborts the request in the engine, queued or running, and only that request
-(vLLM's `with_cancellation`: Starlette's streaming response notices a gone client only when a write fails, which
-never happens while a request is still queued).
+(vLLM's `with_cancellation`: nothing else notices a gone client of a non-streamed request, and Starlette's streaming
+response under ASGI spec >= 2.4 notices only when a write fails, which never happens while a request is queued).
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ class ServerState:
     limits: Limits = field(default_factory=Limits)
     sampling_defaults: dict = field(default_factory=dict)  # from the model's generation_config.json
     engine: object = None
+    offloaded: object = None  # the OffloadedModel (moekit.runtime), closed at shutdown
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="moekit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.moekit = state
 
     @app.exception_handler(P.ApiError)
     async def _api_error(request, err: P.ApiError):
@@ -194,8 +194,11 @@ def _chat_ids(state: ServerState, messages: list[P.Message], generation_prompt: 
 
 
 def _sampling(state: ServerState, body, top: int | None) -> SamplingParams:
-    d = state.sampling_defaults
-    pick = lambda name, fallback: getattr(body, name) if getattr(body, name) is not None else d.get(name, fallback)  # noqa: E731
+    """The request's sampling fields; a field left out takes the model's default, then OpenAI's."""
+    def pick(name: str, fallback):
+        value = getattr(body, name)
+        return value if value is not None else state.sampling_defaults.get(name, fallback)
+
     try:
         return SamplingParams(temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
                               top_k=pick("top_k", 0), seed=body.seed, logprobs=top)
@@ -204,25 +207,26 @@ def _sampling(state: ServerState, body, top: int | None) -> SamplingParams:
 
 
 def _specs(state: ServerState, body, prompts: list[list[int]], chat: bool) -> list[SequenceSpec]:
-    limit = state.limits.max_prompt_tokens or state.max_model_len - 1
+    """One SequenceSpec per (prompt, choice), after the limits: a prompt over the context is a 413, a prompt plus
+    max_tokens over it a 400; max_tokens left out means the rest of the context."""
+    context = min(state.max_model_len, state.engine.config.max_kv_tokens)  # a sequence never holds more KV
+    limit = min(state.limits.max_prompt_tokens or context - 1, context - 1)
     vocab = len(state.tokenizer)
-    top = body.top if chat else body.logprobs
-    params = _sampling(state, body, top)
+    params = _sampling(state, body, body.top if chat else body.logprobs)
     max_tokens = body.limit if chat else body.max_tokens
     specs = []
     for i, ids in enumerate(prompts):
+        if not ids:
+            raise P.bad_request("the prompt is empty", "prompt")
         if len(ids) > limit:
             raise P.ApiError(413, f"the prompt has {len(ids)} tokens, over the limit of {limit}", param="prompt",
                              code="context_length_exceeded")
-        if not ids:
-            raise P.bad_request("the prompt is empty", "prompt")
         if any(t < 0 or t >= vocab for t in ids):
             raise P.bad_request(f"token ids must be in [0, {vocab})", "prompt")
-        n_out = max_tokens if max_tokens is not None else state.max_model_len - len(ids)
-        kv_limit = min(state.max_model_len, state.engine.config.max_kv_tokens)
-        if len(ids) + n_out > kv_limit:
-            raise P.bad_request(f"this model's context is {kv_limit} tokens; the prompt has {len(ids)} and "
-                                f"max_tokens asks for {n_out}: lower max_tokens", "max_tokens")
+        n_out = max_tokens if max_tokens is not None else context - len(ids)
+        if len(ids) + n_out > context:
+            raise P.bad_request(f"the context is {context} tokens; the prompt has {len(ids)} and max_tokens asks "
+                                f"for {n_out}: lower max_tokens", "max_tokens")
         for j in range(body.n):
             specs.append(SequenceSpec(ids, n_out, params, list(body.stop or []), frozenset(body.stop_token_ids or ()),
                                       index=i * body.n + j, choice=j))
@@ -280,6 +284,7 @@ async def _generate(state: ServerState, request: Request, body, prompts, chat: b
                          headers={"Retry-After": str(state.limits.retry_after_s)}) from None
     except ValueError as err:
         raise P.bad_request(str(err), "max_tokens") from None
+
     def gone():
         engine.abort(rid)
         stream.close()
@@ -333,7 +338,7 @@ class _Format:
     """OpenAI's response and chunk shapes for one request (chat.completion / text_completion)."""
 
     def __init__(self, state: ServerState, rid: str, chat: bool, body, specs, prompts):
-        self.state, self.rid, self.chat, self.body = state, rid, chat, body
+        self.state, self.rid, self.chat = state, rid, chat
         self.n = len(specs)
         self.created = int(time.time())
         self.text = [""] * self.n

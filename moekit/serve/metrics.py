@@ -159,20 +159,14 @@ class _Collector:
         if not layers:
             return
         per_layer = [*labels, "layer"]
-        fams = {
-            "hits": CounterMetricFamily("moekit:expert_cache_hits", "Expert look-ups served from the cache.",
-                                        labels=per_layer),
-            "misses": CounterMetricFamily("moekit:expert_cache_misses", "Expert look-ups that read the store.",
-                                          labels=per_layer),
-            "evictions": CounterMetricFamily("moekit:expert_cache_evictions", "Experts evicted from the cache.",
-                                             labels=per_layer),
-            "bytes_read": CounterMetricFamily("moekit:expert_bytes_read", "Expert bytes read from the store.",
-                                              labels=per_layer),
-            "wait_s": CounterMetricFamily("moekit:expert_io_wait_seconds", "Seconds the layer waited for reads.",
-                                          labels=per_layer),
-            "prefetch_reads": CounterMetricFamily("moekit:expert_prefetch_reads", "Prefetches issued.",
-                                                  labels=per_layer),
-        }
+        fams = {key: CounterMetricFamily(f"moekit:{name}", doc, labels=per_layer) for key, (name, doc) in {
+            "hits": ("expert_cache_hits", "Expert look-ups served from the cache."),
+            "misses": ("expert_cache_misses", "Expert look-ups that read the store."),
+            "evictions": ("expert_cache_evictions", "Experts evicted from the cache."),
+            "bytes_read": ("expert_bytes_read", "Expert bytes read from the store."),
+            "wait_s": ("expert_io_wait_seconds", "Seconds the layer waited for reads."),
+            "prefetch_reads": ("expert_prefetch_reads", "Prefetches issued."),
+        }.items()}
         for row in m.offloaded.stats():
             for key, fam in fams.items():
                 fam.add_metric([*m.labels, str(row["layer"])], row[key])

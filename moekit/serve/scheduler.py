@@ -50,9 +50,8 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_kv_tokens", "max_step_tokens"):
-            if getattr(self, name) < (0 if name == "max_queue" else 1):
-                raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, "
-                                f"got {getattr(self, name)}")
+            if getattr(self, name) < 1:  # (a queue of 0 would refuse every request: each one waits a moment)
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_step_tokens < self.max_batch:
             raise UserError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-batch ({self.max_batch}):"
                             f" every running sequence decodes one token per step")

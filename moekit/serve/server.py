@@ -124,10 +124,9 @@ def serve(model, runtime, options: ServeOptions, *, announce=print) -> None:
     try:
         server.run(sockets=[sock])
     finally:
-        engine = state.engine
-        if engine is not None:
-            engine.stop()
-            engine.offloaded.close()
+        if state.engine is not None:
+            state.engine.stop()
+            state.offloaded.close()
         sock.close()
     if state.load_error is not None:
         raise UserError(state.load_error)
@@ -141,10 +140,9 @@ def _load(model, runtime, skeleton, tokenizer, max_len, options, state, server, 
         om.tokenizer = tokenizer
         eos = _eos_ids(om.model, tokenizer)
         engine = Engine(om.model, tokenizer, options.engine, max_len=max_len, eos_ids=eos, hooks=state.metrics)
-        engine.offloaded = om
         state.metrics.attach(engine, om)
         engine.start()
-        state.engine = engine
+        state.offloaded, state.engine = om, engine  # the engine last: /health turns 200 with it
         experts = (f"{om.capacity} experts per MoE layer cached, budget {om.budget} bytes" if om.layers
                    else "every expert in memory")
         announce(f"moekit serve: ready ({experts}; batch {options.engine.max_batch}, queue "
