@@ -179,3 +179,17 @@ def test_families_equal_generate(family, batched, demo):
     out = Collect()
     run_all(eng, {0: [(str(i), [SequenceSpec(p, 6, GREEDY)], out.sink(str(i))) for i, p in enumerate(prompts)]})
     assert [out.tokens[str(i)] for i in range(3)] == ref
+
+
+def test_in_memory_grouped_experts_batched_equals_alone():
+    """--budget all: the whole model in memory, transformers' grouped_mm experts; batching keeps the tokens too."""
+    om = rt.open_offloaded(DEMO / "model", rt.RuntimeOptions(budget="all", threads=1))
+    assert not om.layers and om.model.config._experts_implementation in ("grouped_mm", "eager")
+    ids = [om.tokenizer(p).input_ids for p in PROMPTS[:5]]
+    with torch.no_grad():
+        ref = [om.model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)[0, len(p):].tolist() for p in ids]
+    eng = engine(om, max_batch=5, max_step_tokens=40)
+    out = Collect()
+    run_all(eng, {0: [(str(i), [SequenceSpec(p, 8, GREEDY)], out.sink(str(i))) for i, p in enumerate(ids)]})
+    assert [out.tokens[str(i)] for i in range(5)] == ref
