@@ -191,7 +191,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
         warm_pages(sorted(store_dir.glob("layer_*.safetensors")))
     else:
         om.layers[0].store.drop_page_cache()
-    outs, secs, steps, bytes_counted, io, missed = [], 0.0, 0, 0, 0, 0
+    outs, secs, steps, bytes_counted, io, missed, cached = [], 0.0, 0, 0, 0, 0, 0
     for p in prompts:
         toks, s, (first, io0) = decode(view.model, p, new_tokens, snapshot=lambda: (om.totals(), read_bytes()))
         after = om.totals()
@@ -199,6 +199,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
         secs, steps = secs + s, steps + new_tokens - 1
         bytes_counted += after["bytes_read"] - first["bytes_read"]
         missed += after["misses"] - first["misses"]
+        cached += after["page_cache_bytes"] - first["page_cache_bytes"]
         io += read_bytes() - io0
     t = om.totals()
     res = {"tok_s": steps / secs, "bytes_per_token": bytes_counted / steps, "io_bytes_per_token": io / steps,
@@ -207,7 +208,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
            "experts_per_layer": om.capacity, "budget": budget, "expert_bytes": expert_bytes,
            "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
            "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps,
-           "lowbit_reads": t["lowbit_reads"], "page_cache_bytes_per_token": t["page_cache_bytes"] / steps}
+           "lowbit_reads": t["lowbit_reads"], "page_cache_bytes_per_token": cached / steps}
     om.close()
     return res, outs, store_dir  # the model is freed when this frame goes; main() collects between runs
 
