@@ -7,7 +7,6 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses (its dependency)
 import openai
