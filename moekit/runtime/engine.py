@@ -377,6 +377,7 @@ class OffloadedModel:
         act = sum(rt.stats.actual for rt in self.layers)
         ok = sum(rt.stats.correct for rt in self.layers)
         looked = tot["hits"] + tot["misses"]
+        tot["page_cache_bytes"] = self.layers[0].store.page_cache_bytes if self.layers else 0  # of bytes_read
         tot.update(hit_rate=tot["hits"] / looked if looked else float("nan"),
                    prefetch_precision=ok / pred if pred else float("nan"),
                    prefetch_recall=ok / act if act else float("nan"))
