@@ -131,6 +131,7 @@ class C3PO(Policy):
     last_layers: int = 5
     reference: Reference | None = None
     omega: dict[int, np.ndarray] = field(default_factory=dict)  # this request's ω̂ per decoder layer
+    reads_files = True
     example = "c3po=out/c3po-ref.npz,k=3,layers=5"
 
     @classmethod

@@ -42,6 +42,7 @@ class Policy:
     name = "base"
     example = ""
     selects = False
+    reads_files = False  # its spec names a file it opens (a server never takes such a spec from a request)
     layers: frozenset[int] | None = None  # decoder layers it applies to (None: every MoE layer)
 
     def bind(self, view) -> None:

@@ -213,6 +213,7 @@ def _specs(state: ServerState, body, prompts: list[list[int]], chat: bool) -> li
     limit = min(state.limits.max_prompt_tokens or context - 1, context - 1)
     vocab = len(state.tokenizer)
     params = _sampling(state, body, body.top if chat else body.logprobs)
+    routing = _routing(state, body)
     max_tokens = body.limit if chat else body.max_tokens
     specs = []
     for i, ids in enumerate(prompts):
@@ -227,10 +228,27 @@ def _specs(state: ServerState, body, prompts: list[list[int]], chat: bool) -> li
         if len(ids) + n_out > context:
             raise P.bad_request(f"the context is {context} tokens; the prompt has {len(ids)} and max_tokens asks "
                                 f"for {n_out}: lower max_tokens", "max_tokens")
+        text = state.tokenizer.decode(ids) if routing is not None and routing.needs_prompt() else ""
         for j in range(body.n):
             specs.append(SequenceSpec(ids, n_out, params, list(body.stop or []), frozenset(body.stop_token_ids or ()),
-                                      index=i * body.n + j, choice=j))
+                                      index=i * body.n + j, choice=j,
+                                      routing=None if routing is None else routing.for_prompt(text)))
     return specs
+
+
+def _routing(state: ServerState, body):
+    """The request's routing: its own `routing` field (checked against the model: a 400 naming the problem), else
+    the server's --routing. Each choice gets a fresh copy (replay cursors, C3PO's prompt-derived weights)."""
+    from moekit.routing import parse_request
+
+    om = state.offloaded
+    if body.routing is None:
+        return om.routing_policy
+    try:
+        routing = parse_request(body.routing)
+        return None if routing is None else routing.bind(om.view)
+    except UserError as err:
+        raise P.bad_request(str(err), "routing") from None
 
 
 class _Stream:

@@ -18,6 +18,7 @@ MAX_N = 16  # choices per request (each is a sequence in the batch)
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_ROUTING_CHARS = 4096  # a per-request routing spec
 
 
 class ApiError(Exception):
@@ -66,6 +67,9 @@ class _Sampling(_Body):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the caller's own logs: no effect on generation, not stored
+    # moekit's extension: this request's routing policy (docs/routing.md grammar; "stock": the model's own routing;
+    # left out: the server's --routing). Policies that read files or calibrate are refused (routing.parse_request).
+    routing: Annotated[str, Field(min_length=1, max_length=MAX_ROUTING_CHARS)] | None = None
 
     @field_validator("stop")
     @classmethod

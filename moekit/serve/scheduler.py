@@ -20,6 +20,7 @@ packed tokens belong to which sequence, which is where a per-request option appl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -68,6 +69,7 @@ class SequenceSpec:
     stop_ids: frozenset[int] = frozenset()
     index: int = 0  # the choice index in the response
     choice: int = 0  # which of the request's n samples (seed + choice)
+    routing: object = None  # this choice's own moekit.routing.Routing (per-request state), None: stock routing
 
 
 @dataclass
@@ -116,8 +118,10 @@ class Engine:
     """The scheduler and step loop. `step()` runs one step on the caller's thread (tests); `start()` runs steps on a
     thread of its own until `stop()`."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig, *, max_len: int, eos_ids=(), hooks=None):
+    def __init__(self, model, tokenizer, config: EngineConfig, *, max_len: int, eos_ids=(), hooks=None,
+                 routing_hooks=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.routing_hooks = routing_hooks  # moekit.routing.RoutingHooks: each sequence's rows get its own routing
         self.max_len = max_len
         self.eos_ids = frozenset(eos_ids)
         self.hooks = hooks  # metrics: on_admit, on_token, on_finish, on_step (see metrics.py); None: none
@@ -268,18 +272,30 @@ class Engine:
             pos += range(seq.cached, seq.cached + n)
             if emits:
                 keep.append(len(ids) - 1)
-        with attention.step_context(segments), torch.no_grad():
+        with attention.step_context(segments), self._routed(plan), torch.no_grad():
             out = self.model(input_ids=torch.tensor([ids], device=self.device),
                              position_ids=torch.tensor([pos], device=self.device), use_cache=False,
                              logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         return out.logits[0]  # [rows sampled, V]
 
+    def _routed(self, plan):
+        """Route each sequence's rows of the packed step by its own routing (one policy per request in one batch)."""
+        from moekit.routing import packed_spans
+
+        if self.routing_hooks is None or all(seq.spec.routing is None for seq, _, _ in plan):
+            return self._stock()
+        return self.routing_hooks.use(packed_spans([seq.spec.routing for seq, _, _ in plan], [n for _, n, _ in plan]))
+
+    def _stock(self):
+        return self.routing_hooks.use([]) if self.routing_hooks is not None else contextlib.nullcontext()
+
     def _forward_each(self, plan) -> torch.Tensor:
         rows = []
         with torch.no_grad():
             for seq, n, emits in plan:
-                out = self.model(input_ids=torch.tensor([seq.pending[:n]], device=self.device), cache=seq.kv,
-                                 use_cache=True, logits_to_keep=1)
+                with self.routing_hooks.use(seq.spec.routing) if self.routing_hooks is not None else self._stock():
+                    out = self.model(input_ids=torch.tensor([seq.pending[:n]], device=self.device), cache=seq.kv,
+                                     use_cache=True, logits_to_keep=1)
                 cache = getattr(out, "cache", None)  # the model's own cache (hybrid layers included), made on the first call
                 seq.kv = cache if cache is not None else out.past_key_values
                 if emits:

@@ -139,7 +139,8 @@ def _load(model, runtime, skeleton, tokenizer, max_len, options, state, server, 
         om = open_offloaded(model, runtime, skeleton=skeleton, tokenizer=False)
         om.tokenizer = tokenizer
         eos = _eos_ids(om.model, tokenizer)
-        engine = Engine(om.model, tokenizer, options.engine, max_len=max_len, eos_ids=eos, hooks=state.metrics)
+        engine = Engine(om.model, tokenizer, options.engine, max_len=max_len, eos_ids=eos, hooks=state.metrics,
+                        routing_hooks=om.routing_hooks)
         state.metrics.attach(engine, om)
         engine.start()
         state.offloaded, state.engine = om, engine  # the engine last: /health turns 200 with it

@@ -82,6 +82,26 @@ def test_parallel_requests_equal_each_alone_and_moekit_run(server, capsys, monke
         assert json.loads(out)["text"] == prompt + text
 
 
+def test_each_request_routes_by_its_own_policy(server, capsys, monkeypatch, tmp_path):
+    """A request's `routing` field applies to its rows only: next to stock requests in the same steps, a topk=1 request
+    gives what `moekit run --routing topk=1` gives, the stock ones what they give alone; "stock" is the stock routing."""
+    def routed(prompt, spec):
+        return complete(server, prompt, max_tokens=10, temperature=0, extra_body={"routing": spec})
+
+    stock = [complete(server, p, max_tokens=10, temperature=0) for p in PROMPTS[:3]]
+    with ThreadPoolExecutor(4) as pool:
+        one = pool.submit(routed, PROMPTS[0], "topk=1")
+        together = list(pool.map(lambda p: complete(server, p, max_tokens=10, temperature=0), PROMPTS[:3]))
+        one = one.result()
+    assert together == stock and one != stock[0]
+    assert routed(PROMPTS[1], "stock") == stock[1]
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    code, out, err = run_cli(["run", str(ROOT / "demo" / "model"), "--budget", "6MiB", "--store", str(server.store),
+                              "--prompt", PROMPTS[0], "--max-new-tokens", "10", "--routing", "topk=1", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["text"] == PROMPTS[0] + one
+
+
 def test_the_same_seed_gives_the_same_text(server):
     kw = dict(max_tokens=8, temperature=1.0, top_p=0.9, extra_body={"top_k": 50})
     a = complete(server, PROMPTS[1], seed=7, **kw)
@@ -167,6 +187,13 @@ ERRORS = [  # (route, body, status, words in the message)
      400, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "logprobs"),
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "exactly one"),
+    # per-request routing: never a file the request names, no calibration, checked against the model
+    ("/v1/completions", {"prompt": "x", "routing": "replay=/etc/passwd"}, 400, "a request may not name"),
+    ("/v1/completions", {"prompt": "x", "routing": "topk=2+c3po=/tmp/ref.npz"}, 400, "a request may not name"),
+    ("/v1/completions", {"prompt": "x", "routing": "skip=auto"}, 400, "skip=auto calibrates"),
+    ("/v1/completions", {"prompt": "x", "routing": "hottest=1"}, 400, "'hottest'"),
+    ("/v1/completions", {"prompt": "x", "routing": "mask=99:0"}, 400, "99"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "routing": ""}, 400, "routing"),
 ]
 
 
