@@ -23,11 +23,13 @@ def skip_betas(view, windows: list[np.ndarray]) -> dict[int, float]:
     """{decoder layer: median of w_(2) / w_(1)} over every token of `windows` (token-id arrays), stock routing."""
     ratios: dict[int, list[np.ndarray]] = {m.index: [] for m in view.layers}
     with RouterCapture(view) as cap, torch.inference_mode():
+        layer_of = {i: m.index for i, m, *_ in cap.runs}  # a loop layer's passes pool into its decoder layer
         for w in windows:  # one window a call: no padding to mask out
             ids = torch.from_numpy(np.asarray(w, np.int64))[None]  # [1, S]
-            view.model(input_ids=ids, use_cache=False)
+            view.forward(ids, use_cache=False)
             for index, (_, weights, _) in cap.take(torch.ones(ids.numel(), dtype=torch.bool)).items():
-                ratios[index].append(weights[:, 1] / np.maximum(weights[:, 0], np.finfo(np.float32).tiny))
+                ratio = weights[:, 1] / np.maximum(weights[:, 0], np.finfo(np.float32).tiny)
+                ratios[layer_of[index]].append(ratio)
     return {index: float(np.median(np.concatenate(r))) for index, r in ratios.items()}
 
 
