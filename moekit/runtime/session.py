@@ -120,6 +120,9 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     model, options = Path(model), options or RuntimeOptions()
     skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
     skeleton.require("run / serve", causal=True)
+    routing = options.parsed_routing()
+    if routing is not None:
+        routing.check(skeleton)  # a policy the model cannot take: one line, before the store is built
     tok = load_tokenizer(model) if tokenizer else None
     store = options.store or default_store_dir(model)
     if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
