@@ -3,6 +3,8 @@ dropped slots (sentinel ids) run on every family's experts loop."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 
@@ -14,8 +16,14 @@ from tests.conftest import TINY, tiny_config, tiny_model
 from tests.helpers import assert_close, token_ids
 
 
-def _logits(model, ids, view=None, routing=None):
-    view = view if view is not None else moekit.models.load(model)
+@cache
+def _stock(family: str):
+    """(tiny model, its view), built once for this module's tests: they only add hooks, and remove them."""
+    model = tiny_model(family)
+    return model, moekit.models.load(model)
+
+
+def _logits(view, ids, routing=None):
     with R.apply(view if routing is not None else None, routing), torch.no_grad():
         return view.forward(ids).logits
 
@@ -38,12 +46,11 @@ def _refused(view, spec: str = "topk=1") -> bool:
 
 
 def test_identity_policies_are_bit_identical(family):
-    model = tiny_model(family)
-    view = moekit.models.load(model)
+    model, view = _stock(family)
     if _refused(view):
         return
     ids = token_ids(model, 2, 8)
-    stock = _logits(model, ids, view)
+    stock = _logits(view, ids)
     routed_calls = sum(m.passes for m in view.layers if not m.rule.hashed)  # a loop layer's router runs per pass
     for spec in _identity_specs(view):
         routing = R.parse(spec)
@@ -57,7 +64,7 @@ def _all_experts_model(family):
     """The tiny model with K = every choice its router has (E; Zaya: E + its skip expert; all groups eligible)."""
     config = tiny_config(family)
     text = moekit.models.text_config(config)
-    view = moekit.models.load(tiny_model(family))
+    view = _stock(family)[1]
     setattr(text, view.adapter.top_k_key, R.policies.candidates(view.layers[0]))
     if getattr(text, "topk_group", None) is not None:
         text.topk_group = getattr(text, "n_group", None) or getattr(text, "num_expert_group")
@@ -81,19 +88,16 @@ def test_top_p_one_renormalised_keeps_every_expert_bit_identically(family):
     if view.top_k != R.policies.candidates(view.layers[0]):
         pytest.skip(f"{family}: the router does not take K = E")
     ids = token_ids(model, 2, 8)
-    stock = _logits(model, ids, view)
-    assert torch.equal(_logits(model, ids, view, R.parse("top-p=1,renorm")), stock)
+    assert torch.equal(_logits(view, ids, R.parse("top-p=1,renorm")), _logits(view, ids))
 
 
-def test_empty_mask_and_rank_zero_on_top1_are_identity():
-    """An empty steering file changes nothing; rank=0 on a top-1 model is its top-1."""
-    model = tiny_model("mixtral")
-    view = moekit.models.load(model)
+def test_empty_steering_file_is_identity():
+    """No spec is no routing; an empty steering file changes nothing."""
+    model, view = _stock("mixtral")
     ids = token_ids(model)
     assert R.parse(None) is None
-    stock = _logits(model, ids)
     routing = R.Routing(R.spec.policies_from_steering(R.spec.steering_document([], {}), "empty.json"))
-    assert torch.equal(_logits(model, ids, view, routing), stock)
+    assert torch.equal(_logits(view, ids, routing), _logits(view, ids))
 
 
 def _takes_sentinel(layer, hidden_size: int) -> bool | None:
@@ -115,8 +119,7 @@ def test_sentinel_slots_are_skipped_by_every_family(family):
     """Dropped slots run on every family's experts loop, the ones that cannot take the sentinel included (NO_SENTINEL:
     probed here): a batch whose sequences are routed by a stock routing and by a policy keeping fewer experts (so the
     narrower rows are padded with sentinel slots) equals each routing run alone, row for row."""
-    model = tiny_model(family)
-    view = moekit.models.load(model)
+    model, view = _stock(family)
     layer = next(m for m in view.layers if not m.rule.hashed)
     if _refused(view):
         return
@@ -126,7 +129,7 @@ def test_sentinel_slots_are_skipped_by_every_family(family):
     # two routings of different widths: the narrower one's rows get sentinel slots in the mixed call
     narrow, wide = (R.parse("skip=2"), None) if layer.rule.top_k > 1 else (None, R.parse("topk=2"))
     ids = token_ids(model, 2, 8, seed=1)
-    alone = [_logits(model, ids, view, r) for r in (narrow, wide)]
+    alone = [_logits(view, ids, r) for r in (narrow, wide)]
     dropped = []
     hooks = R.attach(view)
     seen = layer.router.register_forward_hook(  # after the policy hook: what the experts got
