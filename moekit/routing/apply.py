@@ -29,7 +29,7 @@ import torch
 from moekit.models.view import Rerouted
 from moekit.routing.policies import Routing, sentinel
 
-# families whose eager experts loop cannot take id == logits width (tests/routing/test_identity.py probes every family)
+# families whose eager experts loop cannot take the sentinel id (tests/routing/test_identity.py probes every family)
 NO_SENTINEL = frozenset({"gpt_oss", "longcat_flash", "nemotron_h"})
 
 

@@ -495,7 +495,7 @@ class Routing:
 
 
 def sentinel(layer) -> int:
-    """The id a dropped slot carries: the router's logits width (E; E + zero experts for LongCat-Flash)."""
+    """The id a dropped slot carries: E (E + zero experts for LongCat-Flash; Zaya's skip expert is this id)."""
     return _width(layer)
 
 

@@ -4,9 +4,10 @@ with the constraints a policy adds, as one pure function of the router logits.
 A `Plan` collects what the policies of moekit/routing/policies.py decided for one router call; `execute` applies it in
 the family's op order (moekit/ops/routing.py), so that an empty plan is exactly `route()`, which tests/models prove
 bit-identical to every transformers router. A selection policy (top-p, skip, rank, replay) names the kept experts per
-token; K then varies per token, and the dropped slots get the sentinel id (the logits' width, E; E + zero experts for
-LongCat-Flash) and weight 0, which transformers' eager experts loops and moekit's offloaded engine skip.
-Dimension legend: T tokens, E experts (the router's logits width), K selected.
+token; K then varies per token, and the dropped slots get the sentinel id (E; E + zero experts for LongCat-Flash; a
+Zaya skip expert's column is that id) and weight 0, which transformers' eager experts loops and moekit's offloaded
+engine skip. Dimension legend: T tokens, E experts (the router's choices: the logits' width, Zaya's skip expert and
+LongCat's zero experts included), K selected, S shared experts (Inkling).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def _logits(view, ids, routing=None):
 
 
 def _built_with_k(family: str, k: int):
-    """The tiny model of `family` with num_experts_per_tok = k (same weights)."""
+    """The tiny model of `family` with num_experts_per_tok = k (same weights). Set after the config is built: Zaya's
+    config validates K = 1 only, but its router code takes any K, which is what topk=2 is compared against."""
     config = tiny_config(family)
     stock = tiny_model(family)
     setattr(moekit.models.text_config(config), moekit.models.load(stock).adapter.top_k_key, k)
