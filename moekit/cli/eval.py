@@ -31,12 +31,13 @@ def eval_(
 
     from moekit.compress.evaluate import evaluate_path
     from moekit.routing import parse
-    from moekit.routing.calibrate import batch_routing
+    from moekit.routing.calibrate import for_checkpoint
     from moekit.routing.scmoe import parse_contrast
 
     if threads > 0:
         torch.set_num_threads(threads)
-    policy, contrast = batch_routing(parse(routing, steer)), parse_contrast(scmoe)  # before any weight is read
+    contrast = parse_contrast(scmoe)  # before any weight is read
+    policy = for_checkpoint(parse(routing, steer), model, per_prompt=False, command="eval", causal=True)
     if contrast is not None:
         return _contrast(model, data, contrast, policy, seq_len, max_tokens, batch_size, json_out)
     result = evaluate_path(model, data, seq_len=seq_len, max_tokens=max_tokens or None, batch_size=batch_size,

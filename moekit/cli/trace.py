@@ -36,12 +36,12 @@ def trace(
 ) -> None:
     """Record which experts every token is routed to, per MoE layer, into versioned Parquet chunks."""
     from moekit.routing import parse
-    from moekit.routing.calibrate import batch_routing
+    from moekit.routing.calibrate import for_checkpoint
     from moekit.trace import TraceOptions, record
 
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
                            logits=logits, activation_stats=activation_stats)
-    policy = batch_routing(parse(routing, steer))  # a bad spec fails before the weights are read
+    policy = for_checkpoint(parse(routing, steer), model, per_prompt=False)  # before the weights are read
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
         manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance,
                           routing=policy, calib=calib or None)

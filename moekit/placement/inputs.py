@@ -68,6 +68,7 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
     if trace.manifest.get("routing"):  # traces recorded under a routing policy may hold dropped-slot sentinels
         raise UserError(f"{trace.folder} was recorded under a routing policy: plan placement from a trace of the "
                         f"model's own routing")
+    _check_engines_take(trace)
     nhl = trace.manifest.get("num_hidden_layers")
     if trace.kind == schema.KIND_COUNTS:
         if tokens is not None:
@@ -85,6 +86,19 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
     seq, dom = trace.seq_id, trace.domain
     half = first_halves(seq if tokens is None else seq[tokens], dom if tokens is None else dom[tokens])
     return stats_from_ids(ids, trace.num_experts, trace.layers, half, num_hidden_layers=nhl, source=source)
+
+
+def _check_engines_take(trace) -> None:
+    """Traces of models whose layout SGLang's and vLLM's expert-parallel maps cannot express: one line each."""
+    kinds = set(trace.layer_kinds.values())
+    model = trace.manifest.get("model_type")
+    if "encoder" in kinds:
+        raise UserError(f"{trace.folder} is a trace of an encoder-decoder model ({model}): SGLang and vLLM, whose "
+                        f"expert-parallel placement moekit plans, serve decoder-only MoE models")
+    if any(" pass " in k for k in kinds):
+        raise UserError(f"{trace.folder} runs loop layers several times a forward ({model}): SGLang's and vLLM's "
+                        f"placement maps have one row per decoder layer, and moekit does not fold a loop layer's "
+                        f"passes into one")
 
 
 def first_halves(seq_id: np.ndarray, domain: np.ndarray) -> np.ndarray:

@@ -128,6 +128,9 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     model, options = Path(model), options or RuntimeOptions()
     skeleton = skeleton or moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
     skeleton.require("run / serve", causal=True)
+    routing = options.parsed_routing()
+    if routing is not None:
+        routing.check(skeleton)  # a policy the model cannot take: one line, before the store is built
     tok = load_tokenizer(model) if tokenizer else None
     if options.budget is None:
         return _in_memory(model, options, tok)
