@@ -1,6 +1,7 @@
 """The `moekit` command: one thin typed function per subcommand, each calling the Python API.
 
-Bad input raises moekit.errors.UserError, printed here as one line on stderr with exit code 2 (no traceback).
+Bad input raises moekit.errors.UserError, printed here as one line on stderr with exit code 2 (no traceback); usage
+errors (a missing option, a value out of range) are printed the same way.
 Subcommands live in one module per pipeline stage and register themselves on `app`.
 """
 
@@ -76,10 +77,30 @@ def main(argv: list[str] | None = None) -> None:
     from moekit.cli import run, simulate  # noqa: F401
 
     try:
-        app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)
-    except KeyboardInterrupt:
+        code = app(args=argv, prog_name="moekit", standalone_mode=False)  # errors come back here, not printed
+    except typer.TyperException as err:  # click's (typer bundles it): a missing option, a value out of range, ...
+        if type(err).__name__ == "NoArgsIsHelpError":  # `moekit` alone: the help, as before
+            typer.echo(err.ctx.get_help())
+            sys.exit(0)
+        if not hasattr(err, "format_message"):
+            raise
+        ctx = getattr(err, "ctx", None)
+        _fail(f"{err.format_message()} (see `{ctx.command_path if ctx is not None else 'moekit'} --help`)")
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:  # a full disk in a write no writer wrapped (moekit.files.disk_errors wraps moekit's own)
+        from moekit.files import FULL_DISK, write_error
+
+        if err.errno not in FULL_DISK:
+            raise
+        _fail(str(write_error(err.filename or "a file", err.errno, err.strerror or str(err))))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2 (what scripts and the tests rely on)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(2)

@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
+from moekit.errors import UserError
 
 
 @app.command()
@@ -45,12 +46,17 @@ def run(
 
     import moekit.runtime as rt
 
+    if not prompt:
+        raise UserError("--prompt is empty: give the text to continue, e.g. --prompt \"def fibonacci(n):\"")
     options = rt.RuntimeOptions(budget=budget, policy=policy, prefetch=prefetch, store=store, fiddler=fiddler,
                                 io_threads=io_threads, threads=threads, lowbit=lowbit,
                                 lowbit_threshold=lowbit_threshold, eam_trace=eam_trace)
     om = rt.open_offloaded(model, options, progress=progress_bar)
     tok, view = om.tokenizer, om.view
     ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
+    if ids.shape[1] == 0:
+        om.close()
+        raise UserError(f"--prompt {prompt!r} gives no tokens with {model}'s tokenizer: give some text")
     streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t0 = time.perf_counter()
     with torch.no_grad():

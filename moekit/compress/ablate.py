@@ -23,6 +23,15 @@ def zero_experts(view: MoEView, experts: list[tuple[int, int]]) -> None:
         layer.set_expert(e, {k: torch.zeros_like(v) for k, v in layer.expert_views(e).items()})
 
 
+def check_fits(trace, view: MoEView) -> None:
+    """The trace must come from this model: its MoE layers and expert count."""
+    layers = [m.index for m in view.layers]
+    if trace.num_experts != view.num_experts or not set(trace.layers) <= set(layers):
+        raise UserError(f"{trace.folder} was recorded with another model (MoE layers {trace.layers}, "
+                        f"{trace.num_experts} experts; this one has {layers}, {view.num_experts}): record the trace "
+                        f"with this model")
+
+
 def choose_experts(trace, how: str, count: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
     """(decoder layer, expert) pairs to ablate: the paper's super experts, the `count` experts with the largest
     max |down_proj output| in the first 75% of layers ("top"), or `count` random experts from those same layers."""

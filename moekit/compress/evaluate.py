@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
+from moekit.models.validate import open_checkpoint
 
 DEFAULT_SEQ_LEN = 256
 DEFAULT_MAX_TOKENS = 16384  # per domain: ~45 s for the 8 demo domains on 2 CPU cores (benchmarks/compression.py)
@@ -53,17 +54,9 @@ def load_for_eval(path: Path, dtype: torch.dtype | None = torch.float32) -> tupl
 def _load_hf(path: Path, dtype) -> tuple[nn.Module, object]:
     import moekit.models
 
+    tokenizer = open_checkpoint(path, tokenizer=True).tokenizer  # every check before the weights are read
     view = moekit.models.load(path, dtype=dtype)  # eager experts: the fastest on CPU at these batch sizes
-    return view.model.eval(), load_tokenizer(path)
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    return view.model.eval(), tokenizer
 
 
 # ---------------------------------------------------------------- data
@@ -162,7 +155,11 @@ def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
     """load_for_eval + tokenised --data + evaluate, as the CLI runs it."""
     from moekit.trace.data import encoder, resolve_data
 
-    sources = resolve_data(data)  # bad --data fails before the weights are read
+    sources = resolve_data(data)  # bad --data and options fail before the weights are read
+    at_least("--seq-len", seq_len)
+    at_least("--batch-size", batch_size)
+    if max_tokens is not None:
+        at_least("--max-tokens", max_tokens, 0)
     model, tokenizer = load_for_eval(path)
     windows = domain_windows(sources, encoder(tokenizer), seq_len, max_tokens)
     total = sum(len(w) for ws in windows.values() for w in ws)

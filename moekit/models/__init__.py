@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
 from moekit.models import families, families_sigmoid, families_softmax  # noqa: F401  (registers the adapters)
+from moekit.models import validate
 from moekit.models.registry import Adapter, ExpertLayout, get, register, supported
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.activations import glu
@@ -25,26 +26,28 @@ def load(model_or_path, *, dtype: torch.dtype | str | None = None, meta: bool = 
 
 
 def load_config(path: Path):
+    """The config of the checkpoint folder `path`, after its files are checked (validate.check_folder)."""
     from transformers import AutoConfig
 
-    if not path.exists():
-        raise UserError(f"no model at {path}: give a Hugging Face checkpoint folder (config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: give a Hugging Face checkpoint folder (config.json + weights)")
+    validate.check_folder(path)  # the folder and config.json: one line naming the file
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read {path / 'config.json'}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 (any failure here means a config transformers cannot read)
+        raise UserError(f"cannot read {path / 'config.json'} ({describe(err)}): restore the checkpoint's original "
+                        f"config.json") from None
 
 
 def _load_model(path: Path, *, dtype, meta: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = load_config(path)
-    get(config.model_type)  # unsupported families fail here, before any weight is read
+    if not meta:
+        validate.weight_headers(path)  # no weights, or damaged ones: one line before anything is built
+    # on the meta device; unsupported or dense families and shapes that do not match the weights fail here, in one line
+    skeleton = validate.skeleton(path, config, lambda: AutoModelForCausalLM.from_config(
+        config, dtype=dtype or getattr(config, "dtype", None)))
     if meta:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+        return skeleton
     try:
         # eager experts are the fastest on CPU for inference-sized batches (measured; see README)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", experts_implementation="eager")
@@ -108,4 +111,4 @@ def _layout_from_flags(experts: nn.Module) -> ExpertLayout:
 
 
 __all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "decoder_layers", "get", "load", "load_config", "register",
-           "supported"]
+           "supported", "validate"]

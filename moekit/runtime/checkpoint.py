@@ -33,6 +33,7 @@ from moekit.runtime.store import (
     _manifest,
     _native_names,
     fused_expert_tensors,
+    read_manifest,
     resident_tensors,
     write_store,
 )
@@ -130,7 +131,7 @@ def _quiet_loading():
 
 def check_store(directory: Path, view) -> None:
     """Refuse a store built from another model (dtype aside: the skeleton's is nominal)."""
-    have = json.loads((Path(directory) / "manifest.json").read_text())
+    have = read_manifest(Path(directory))
     want = _manifest(view)
     keys = ("model_type", "layers", "num_experts", "layout", "shapes")
     if {k: have.get(k) for k in keys} != {k: want[k] for k in keys}:

@@ -21,7 +21,7 @@ import torch
 from moekit.compress.quantize import BITS as LOWBIT_WIDTHS
 from moekit.errors import UserError
 from moekit.runtime import policies
-from moekit.runtime.engine import OffloadedModel, offload, parse_bytes
+from moekit.runtime.engine import OffloadedModel, check_budget, check_eam, offload, parse_bytes
 
 # progress(description, total) -> a context manager yielding tick(n=1); the CLI passes its progress bar
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
@@ -85,17 +85,6 @@ def default_store_dir(model: Path) -> Path:
     return root / f"{model.resolve().name}-{h.hexdigest()[:12]}"
 
 
-def load_tokenizer(model: Path):
-    """The checkpoint's tokenizer, or one line saying it has none (generation needs one)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{model} has no usable tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__}):"
-                        f" save one into the checkpoint folder (tokenizer.save_pretrained({str(model)!r}))") from None
-
-
 def _no_progress(description: str, total: int):
     return contextlib.nullcontext(lambda n=1: None)
 
@@ -105,14 +94,24 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
     """Open the checkpoint folder `model` for offloaded generation: build its expert store on first use (one layer at a
     time, never holding all experts in RAM), load the resident weights from the store, put the routed experts behind
     the budget. Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False)."""
-    import moekit.models
+    from moekit.models.validate import open_checkpoint
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
     model, options = Path(model), options or RuntimeOptions()
-    skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
-    tok = load_tokenizer(model) if tokenizer else None
     store = options.store or default_store_dir(model)
-    if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
+    if store.exists() and not store.is_dir():
+        raise UserError(f"--store {store} is a file: give a folder for the expert store")
+    built = (store / "manifest.json").is_file()  # then the checkpoint's weights are not read again (nor needed)
+    checked = open_checkpoint(model, tokenizer=tokenizer, weights=not built)  # a bad MODEL fails here, in one line
+    skeleton, tok = checked.view, checked.tokenizer
+    check_budget(skeleton, options.budget, skeleton.bytes_per_expert())  # before a store is built, not after
+    eams = None
+    if options.eam_trace is not None:
+        from moekit.runtime.eam import collection_from_trace
+
+        eams = collection_from_trace(options.eam_trace)
+        check_eam(eams, skeleton)
+    if not built:  # first run: unfuse the experts into the store, one layer at a time
         with progress(f"building the expert store {store}", len(skeleton.layers)) as tick:
             build_store_from_checkpoint(model, store, progress=tick, skeleton=skeleton)
     if options.lowbit is not None:
@@ -121,11 +120,6 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
         if not (lowbit_dir(store, options.lowbit) / "manifest.json").is_file():
             with progress(f"building {options.lowbit}-bit copies of the experts", len(skeleton.layers)) as tick:
                 build_lowbit(store, options.lowbit, progress=tick)
-    eams = None
-    if options.eam_trace is not None:
-        from moekit.runtime.eam import collection_from_trace
-
-        eams = collection_from_trace(options.eam_trace)
     view = load_from_store(model, store, skeleton=skeleton)  # resident weights only: the experts stay in the store
     device = options.resolved_device()
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moekit.errors import UserError
+from moekit import files
+from moekit.errors import UserError, describe
 
 SCHEMA_VERSION = 2  # 2: resident.safetensors (non-expert weights) next to the expert files
 RESIDENT = "resident.safetensors"
@@ -59,7 +60,7 @@ def write_store(directory, manifest: dict, fused, resident: tuple[dict, dict], *
     may load each layer lazily); resident: (tensors, aliases) from `resident_tensors`."""
     directory = Path(directory)
     if (directory / "manifest.json").is_file():
-        if json.loads((directory / "manifest.json").read_text()) == manifest:
+        if read_manifest(directory) == manifest:
             return directory
         raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,19 +73,15 @@ def write_store(directory, manifest: dict, fused, resident: tuple[dict, dict], *
             progress()
     tensors, aliases = resident
     _save_atomic(tensors, directory / RESIDENT, {"aliases": json.dumps(aliases)})
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the store complete
+    files.write_json(directory / "manifest.json", manifest)  # last: marks the store complete
     return directory
 
 
 def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write to a temporary name, then rename: a killed build leaves no half-written file under `path`'s name (nor
-    the temporary one, unless the process is killed outright)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write to a temporary name, then rename (moekit.files.atomic_file): a failed or killed build leaves no
+    half-written file under `path`'s name."""
+    with files.atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"moekit_store": str(SCHEMA_VERSION), **(metadata or {})})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fused_expert_tensors(view) -> set[tuple[int, str]]:
@@ -152,13 +149,7 @@ class ExpertStore:
 
     def __init__(self, directory, *, drop_cache: bool = False):
         self.directory = Path(directory)
-        path = self.directory / "manifest.json"
-        if not path.is_file():
-            raise UserError(f"{self.directory} is not an expert store (no manifest.json); build one with build_store")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{self.directory}: store schema {self.manifest.get('schema_version')}, "
-                            f"this moekit reads {SCHEMA_VERSION}; rebuild the store")
+        self.manifest = read_manifest(self.directory)
         self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
         self.direct = self.drop_cache and hasattr(os, "O_DIRECT")
         self._fds: dict[int, int] = {}
@@ -166,10 +157,10 @@ class ExpertStore:
         self._index: dict[int, list[_Entry]] = {}
         for li in self.manifest["layers"]:
             file = self.directory / f"layer_{li:03d}.safetensors"
+            self._index[li] = _read_index(file, self.manifest["num_experts"])  # validated before it is read from
             self._fds[li] = os.open(file, os.O_RDONLY)
             if hasattr(os, "posix_fadvise"):  # experts are read in random order: kernel readahead only wastes bandwidth
                 os.posix_fadvise(self._fds[li], 0, 0, os.POSIX_FADV_RANDOM)
-            self._index[li] = _read_index(file)
             if self.direct:
                 try:
                     self._direct_fds[li] = os.open(file, os.O_RDONLY | os.O_DIRECT)
@@ -249,22 +240,64 @@ class ExpertRead:
         return self.result()
 
 
-def _read_index(file: Path) -> list[_Entry]:
-    """Parse the safetensors header (8-byte little-endian length + JSON) into per-expert contiguous byte ranges."""
+def read_manifest(directory: Path) -> dict:
+    """The store's manifest, checked for what readers rely on (schema, layers, expert count)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{directory} is not an expert store (no manifest.json); build one with build_store")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise damaged(directory, f"manifest.json: {err}") from None
+    if not isinstance(manifest, dict):
+        raise damaged(directory, "manifest.json is not an object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{directory}: store schema {manifest.get('schema_version')!r}, this moekit reads "
+                        f"{SCHEMA_VERSION}; delete it (rm -r {directory}) to rebuild the store")
+    layers, num = manifest.get("layers"), manifest.get("num_experts")
+    if not isinstance(layers, list) or not layers or not all(type(i) is int and i >= 0 for i in layers) \
+            or layers != sorted(set(layers)):
+        raise damaged(directory, "manifest.json: layers is not an ascending list of layer indices")
+    if type(num) is not int or num < 1:
+        raise damaged(directory, f"manifest.json: num_experts {num!r} is not a positive count")
+    return manifest
+
+
+def damaged(directory, what: str) -> UserError:
+    return UserError(f"the expert store {directory} is damaged ({what}): delete it (rm -r {directory}) and run again "
+                     f"to rebuild it")
+
+
+def _read_index(file: Path, num_experts: int) -> list[_Entry]:
+    """Parse the safetensors header (8-byte little-endian length + JSON) into per-expert contiguous byte ranges, after
+    the safetensors library has validated it (header, offsets covering the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise damaged(file.parent, f"{file.name}: {describe(err)}") from None
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     base, experts = 8 + n, {}
     for key, meta in header.items():
-        e, name = key.split(".", 1)
+        e, _, name = key.partition(".")
+        if not e.isdigit() or meta["dtype"] not in _DTYPES:
+            raise damaged(file.parent, f"{file.name}: tensor {key!r} ({meta['dtype']}) is not an expert's")
         a, b = meta["data_offsets"]
         experts.setdefault(int(e), []).append((name, _DTYPES[meta["dtype"]], tuple(meta["shape"]), a, b))
+    if sorted(experts) != list(range(num_experts)):
+        raise damaged(file.parent, f"{file.name} holds experts {sorted(experts)[:4]}..., the manifest says "
+                                   f"{num_experts}")
     entries = []
     for e in range(len(experts)):
         parts = sorted(experts[e], key=lambda p: p[3])
         start, end = parts[0][3], parts[-1][4]
-        assert all(p[3] == q[4] for q, p in itertools.pairwise(parts)), "an expert's tensors must be adjacent"
+        if not all(p[3] == q[4] for q, p in itertools.pairwise(parts)):
+            raise damaged(file.parent, f"{file.name}: expert {e}'s tensors are not adjacent")
         rel = tuple((name, dt, shape, a - start, b - start) for name, dt, shape, a, b in parts)
         entries.append(_Entry(offset=base + start, nbytes=end - start, parts=rel))
     return entries

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from moekit.errors import UserError
+from moekit.files import check_out, disk_errors
+from moekit.models.validate import open_checkpoint
 from moekit.trace import schema, store
 from moekit.trace.capture import RouterCapture
 from moekit.trace.data import Sequence, Source, encoder, resolve_data, sequences
@@ -57,11 +59,17 @@ def record(
     on_tokens: Callable[[int], None] | None = None,
     _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
 ) -> dict:
-    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest."""
-    view, model_name = _view(model, dtype)
+    """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest.
+    Everything cheap is checked before the weights are read: the data files, --out, the checkpoint and its tokenizer."""
     sources = data if data and isinstance(data[0], Source) else resolve_data(data)
-    encode = encoder(tokenizer if tokenizer is not None else _load_tokenizer(model))
     out = Path(out)
+    _check_out(out, resume)
+    if tokenizer is None and not isinstance(model, (str, Path)):
+        raise ValueError("tracing an in-memory model needs tokenizer=...")
+    if isinstance(model, (str, Path)):
+        tokenizer = tokenizer or open_checkpoint(model, tokenizer=True, dtype=dtype).tokenizer
+    view, model_name = _view(model, dtype)
+    encode = encoder(tokenizer)
     manifest = _prepare(out, new_manifest(view, model_name, sources, options), resume)
     if manifest["completed"]:
         return manifest
@@ -119,15 +127,25 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
-    """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
+def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()):
         if not resume:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that trace, or choose another --out")
+        from moekit.trace.reader import read_manifest
+
+        read_manifest(out)  # a folder that is not a trace (or a damaged one) fails before the weights are read
+    else:
+        check_out(out, exist_ok=True)
+
+
+def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
+    """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
+    if out.is_dir() and any(out.iterdir()):
         return _reopen(out, fresh)
-    out.mkdir(parents=True, exist_ok=True)
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     store.write_manifest(out, fresh)
     return fresh
 
@@ -240,14 +258,3 @@ def _view(model, dtype):
     view = moekit.models.load(model, dtype=dtype)
     view.model.eval()
     return view, str(model)
-
-
-def _load_tokenizer(model):
-    if isinstance(model, (str, Path)):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load the tokenizer of {model}: {str(err).splitlines()[0]}") from None
-    raise ValueError("tracing an in-memory model needs tokenizer=...")
