@@ -20,13 +20,21 @@ def analyze(
 ) -> None:
     """Load balance, entropy, co-activation, affinity, specialisation, nPMI, locality (SRP/SCH) and cache curves."""
     import moekit.trace
-    from moekit.analysis.run import analyze_trace
+    from moekit.analysis.run import analyze_trace, check_analysable
+    from moekit.errors import UserError
+    from moekit.files import check_out
     from moekit.report.html import render_report
 
     trace = moekit.trace.open(trace_dir)
+    check_analysable(trace)
+    target = check_out(out or trace_dir / "report.html", exist_ok=True)  # before the analysis, not after it
+    if target.is_dir():
+        raise UserError(f"--out {target} is a folder: give the report's file name, e.g. {target / 'report.html'}")
+    if not target.parent.is_dir():
+        raise UserError(f"--out {target}: the folder {target.parent} does not exist; create it or choose another --out")
     with err_console.status("analysing routing"):
         results = analyze_trace(trace, tokenizer=_tokenizer(tokenizer or trace.manifest.get("model")))
-    report = render_report(results, out or trace_dir / "report.html", title=f"moekit routing analysis: {trace_dir}")
+    report = render_report(results, target, title=f"moekit routing analysis: {trace_dir}")
     if json_out:
         print_json({**results, "report": str(report)})
         return

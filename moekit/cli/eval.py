@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
+from moekit.errors import at_least
 
 
 @app.command("eval")
@@ -25,6 +26,7 @@ def eval_(
 
     from moekit.compress.evaluate import evaluate_path
 
+    at_least("--threads", threads, 0)
     if threads > 0:
         torch.set_num_threads(threads)
 

@@ -60,10 +60,11 @@ def trace_info(
     folder: Path = typer.Argument(..., help="a trace folder"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
-    """Check a trace folder (manifest, every chunk's footer and schema version) and summarise it."""
+    """Check a trace folder (manifest, every chunk's schema and every page's checksum) and summarise it."""
     import moekit.trace
 
     t = moekit.trace.open(folder)
+    t.verify()
     _report({**summary(folder, t.manifest), "model": t.manifest["model"], "domains": ",".join(t.domain_names)},
             json_out)
 

@@ -27,11 +27,12 @@ from safetensors import safe_open
 from torch import nn
 
 import moekit.models
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
 from moekit.runtime.store import (
     RESIDENT,
     _manifest,
     _native_names,
+    damaged,
     fused_expert_tensors,
     read_manifest,
     resident_tensors,
@@ -148,9 +149,8 @@ def load_from_store(path, directory, *, skeleton=None):
     view = skeleton or moekit.models.load(path, meta=True)
     check_store(directory, view)
     model = view.model
-    with safe_open(directory / RESIDENT, framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        loaded = {name: _assign(model, name, f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    tensors, aliases = _read_resident(directory)
+    loaded = {name: _assign(model, name, t) for name, t in tensors.items()}
     for alias, name in aliases.items():
         _assign(model, alias, loaded[name])  # the very same Parameter: tied weights stay tied
     experts = fused_expert_tensors(view)
@@ -163,6 +163,21 @@ def load_from_store(path, directory, *, skeleton=None):
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.set_experts_implementation("eager")
     return moekit.models.load(model.eval())  # a fresh view: the skeleton's captured its tensors on the meta device
+
+
+def _read_resident(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, aliases {tied name: stored name}) of the store's resident.safetensors; one line if it is damaged."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(directory / RESIDENT, framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise damaged(directory, f"{RESIDENT}: {describe(err)}") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+        raise damaged(directory, f"{RESIDENT}: its aliases name tensors it does not hold")
+    return tensors, aliases
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ User profiles: a YAML file with the same keys (name, slow_tier, slow_gbs, fast_t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,13 @@ class Hardware:
     source: str = ""
 
     def __post_init__(self):
+        for key in ("name", "slow_tier", "fast_tier", "source"):
+            if not isinstance(getattr(self, key), str):
+                raise UserError(f"hardware profile {self.name!r}: {key} must be text, got {getattr(self, key)!r}")
         for key in ("slow_gbs", "fast_gbs", "compute_tflops"):
-            if not getattr(self, key) > 0:
-                raise UserError(f"hardware profile {self.name!r}: {key} must be > 0, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise UserError(f"hardware profile {self.name!r}: {key} must be a number > 0, got {value!r}")
 
     def bound(self, missed_bytes: float, active_bytes: float, active_params: float) -> dict:
         """tokens/s bounds for per-token missed bytes, active expert bytes and active expert parameters."""
@@ -72,9 +76,18 @@ def load_profile(name_or_path: str) -> Hardware:
         raise UserError(f"unknown hardware profile {name_or_path!r}: built-in {', '.join(BUILTIN)}, or a YAML file")
     import yaml
 
+    keys = "name, slow_tier, slow_gbs, fast_tier, fast_gbs, compute_tflops, source"
     try:
-        data = yaml.safe_load(path.read_text())
-        return Hardware(**{"name": path.stem, **data})
-    except (yaml.YAMLError, TypeError) as err:
-        raise UserError(f"cannot read hardware profile {path}: {str(err).splitlines()[0]}; keys: name, slow_tier, "
-                        f"slow_gbs, fast_tier, fast_gbs, compute_tflops, source") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read hardware profile {path}: not UTF-8 YAML ({describe(err)}); write a mapping "
+                        f"with the keys {keys}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UserError(f"hardware profile {path} is not a mapping of keys to values; keys: {keys}")
+    unknown = sorted(set(data) - {f.name for f in fields(Hardware)})
+    missing = sorted({"slow_tier", "slow_gbs", "fast_tier", "fast_gbs", "compute_tflops"} - set(data))
+    if unknown or missing:
+        raise UserError(f"hardware profile {path}: {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
+                        f"{'; ' if unknown and missing else ''}{'missing ' + ', '.join(missing) if missing else ''}; "
+                        f"keys: {keys}")
+    return Hardware(**{"name": path.stem, **data})

@@ -102,7 +102,7 @@ class Trace:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.manifest.get("tokens", 0))
+        return int(self.manifest.get("tokens") or 0)  # None: an aggregate trace imported without --top-k
 
     # ---- token metadata, [T] each
     @cached_property
@@ -131,6 +131,9 @@ class Trace:
         if ids.size and int(ids.max()) >= self.num_experts:
             raise UserError(f"{self.folder}: layer {layer} routes to expert {int(ids.max())}, but the manifest says "
                             f"{self.num_experts} experts: the trace is damaged; record it again")
+        if ids.shape[1] > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise UserError(f"{self.folder}: layer {layer} selects one expert twice for a token: the trace is "
+                            f"damaged; record it again")
         return ids
 
     def weights(self, layer: int) -> np.ndarray:
@@ -163,6 +166,18 @@ class Trace:
             return None
         ins, outs = zip(*(self._act_max(f) for f in self._files))
         return np.max(ins, axis=0), np.max(outs, axis=0)
+
+    def verify(self) -> None:
+        """Read every value of every chunk once: each page's CRC, every layer's expert ids, the domains and the
+        activation statistics; one UserError naming the first damaged file (what `moekit trace-info` runs)."""
+        for f in self._files:
+            self._read(f, f.schema_arrow.names)
+        if self.kind == schema.KIND_COUNTS:
+            self.counts()
+            return
+        for l in self.layers:
+            self.ids(l)
+        self.domain, self.activation_stats  # noqa: B018 (cached reads, checked as they load)
 
     # ---- internals
     def _layer(self, layer: int) -> int:

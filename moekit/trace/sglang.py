@@ -182,6 +182,9 @@ def _flush(out: Path, manifest: dict, pending: list, pa_schema, layers, num_expe
     ids = np.concatenate([i for _, i in pending], axis=1)  # [L, T, K]
     if (ids[:, :, :] < 0).any():
         raise UserError("an SGLang record has fewer expert ids than top-k for some token; cannot import it")
+    if ids.shape[2] > 1 and (np.diff(np.sort(ids, axis=2), axis=2) == 0).any():
+        raise UserError("an SGLang record selects one logical expert twice for a token (SGLang never does); "
+                        "cannot import it")
     dt = schema.ids_dtype(num_experts)
     chunk = ChunkArrays(
         seq_id=seq, position=np.concatenate([m[1] for m, _ in pending]),
