@@ -83,9 +83,11 @@ def write_json(path, obj, indent: int | None = 1) -> None:
     write_bytes(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())
 
 
-def remove_stale(path: Path) -> None:
-    """Remove what a killed writer of `path` left: `.NAME.tmp-PID` files or folders whose process is gone."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+def remove_stale(path: Path, pattern: str | None = None) -> None:
+    """Remove what killed writers left: `.NAME.tmp-PID` files or folders, of `path` (or, with pattern="*", of anything
+    in the folder `path`), whose process is gone."""
+    folder, name = (path, pattern) if pattern else (path.parent, glob.escape(path.name))
+    for stale in folder.glob(f".{name}.tmp-*"):
         pid = stale.name.rpartition("-")[2]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

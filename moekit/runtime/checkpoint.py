@@ -28,6 +28,7 @@ from torch import nn
 
 import moekit.models
 from moekit.errors import UserError, describe
+from moekit.files import disk_errors
 from moekit.runtime.store import (
     RESIDENT,
     _manifest,
@@ -80,7 +81,8 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
         return directory
     offload = directory.with_name(f".{directory.name}.offload")
     shutil.rmtree(offload, ignore_errors=True)  # left by a killed build
-    offload.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(offload):
+        offload.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
             with _quiet_loading():

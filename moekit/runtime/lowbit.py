@@ -71,6 +71,7 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int | None = None, *, pro
                 return directory
             raise UserError(f"{directory} holds low-bit copies of another store or group size; remove it first")
         directory.mkdir(parents=True, exist_ok=True)
+        files.remove_stale(directory, "*")  # a killed build's temporary files
         for li in source.manifest["layers"]:
             tensors = {}
             for e in range(source.manifest["num_experts"]):

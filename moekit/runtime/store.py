@@ -63,7 +63,9 @@ def write_store(directory, manifest: dict, fused, resident: tuple[dict, dict], *
         if read_manifest(directory) == manifest:
             return directory
         raise UserError(f"{directory} holds an expert store of another model; remove it or choose another --store")
-    directory.mkdir(parents=True, exist_ok=True)
+    with files.disk_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    files.remove_stale(directory, "*")  # a killed build's temporary files
     for index, tensors in fused:
         num = next(iter(tensors.values())).shape[0]
         per_expert = {f"{e:05d}.{k}": t[e].contiguous() for e in range(num) for k, t in tensors.items()}

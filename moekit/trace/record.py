@@ -127,10 +127,15 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _started(out: Path) -> bool:
+    """Whether `out` holds more than the temporary files of a run killed before its first manifest landed."""
+    return out.is_dir() and any(p not in store.temp_files(out) for p in out.iterdir())
+
+
 def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if _started(out):
         if not resume:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that trace, or choose another --out")
         from moekit.trace.reader import read_manifest
@@ -142,10 +147,11 @@ def _check_out(out: Path, resume: bool) -> None:
 
 def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
     """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
-    if out.is_dir() and any(out.iterdir()):
+    if _started(out):
         return _reopen(out, fresh)
     with disk_errors(out):
         out.mkdir(parents=True, exist_ok=True)
+    store.discard_temp_files(out)
     store.write_manifest(out, fresh)
     return fresh
 

@@ -63,9 +63,14 @@ def chunk_table(c: ChunkArrays, pa_schema: pa.Schema) -> pa.Table:
     return table
 
 
+def temp_files(folder: Path) -> list[Path]:
+    """The partial files a killed run leaves: never listed in the manifest, never read."""
+    return sorted({*folder.glob("*" + TMP_SUFFIX), *folder.glob(".*.tmp-*")})
+
+
 def discard_temp_files(folder: Path) -> list[Path]:
-    """Remove partial files a killed run left behind; they were never listed in the manifest."""
-    stale = sorted([*folder.glob("*" + TMP_SUFFIX), *folder.glob(".*.tmp-*")])
+    """Remove partial files a killed run left behind."""
+    stale = temp_files(folder)
     for p in stale:
         p.unlink()
     return stale

@@ -1,0 +1,124 @@
+"""`moekit ARGS` in real child processes, started in milliseconds: each is forked from a server process that imported
+moekit, torch and transformers once (multiprocessing's forkserver), so a test can kill, limit and measure many runs.
+
+A child can be
+- killed with SIGKILL after a delay, or by itself at an exact point: the N-th call of os.replace (every atomic write
+  ends with one) or of os.fsync (a file fully written, not yet renamed): `kill_at=("replace", N)`;
+- limited to files of at most `fsize` bytes (RLIMIT_FSIZE, with SIGXFSZ ignored so the write raises EFBIG, as a full
+  disk raises ENOSPC);
+- measured: its peak resident set (VmHWM from /proc/self/status) is reported at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch  # noqa: F401  (preloaded into the fork server)
+import transformers  # noqa: F401
+from transformers.models.qwen3_moe import modeling_qwen3_moe  # noqa: F401
+
+import moekit.cli
+import moekit.compress.merge  # noqa: F401
+import moekit.compress.prune  # noqa: F401
+import moekit.compress.quantize  # noqa: F401
+import moekit.runtime  # noqa: F401
+import moekit.trace  # noqa: F401
+
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload([__name__])
+
+
+@dataclass
+class Result:
+    code: int | None  # exit code; None when killed
+    killed: bool
+    log: str  # stdout and stderr
+    seconds: float
+    peak_rss: int | None = None  # bytes (VmHWM), when the child exited by itself
+    calls: dict | None = None  # os.replace / os.fsync calls made, when it exited by itself
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.log.splitlines() if line.startswith("error:")]
+
+
+def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | None = None, kill_after: float | None = None,
+        kill_at: tuple[str, int] | None = None, timeout: float = 300) -> Result:
+    """Run `moekit argv` in a forked child; returns when it exits or is killed."""
+    proc = _CTX.Process(target=_child, args=(argv, dict(env or {}), str(log), fsize, kill_at))
+    t0 = time.perf_counter()
+    proc.start()
+    proc.join(kill_after if kill_after is not None else timeout)
+    if proc.exitcode is None and kill_after is not None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        raise TimeoutError(f"moekit {' '.join(argv)} ran over {timeout} s")
+    seconds = time.perf_counter() - t0
+    report = Path(f"{log}.json")
+    stats = json.loads(report.read_text()) if report.is_file() else {}
+    report.unlink(missing_ok=True)
+    killed = proc.exitcode == -signal.SIGKILL
+    return Result(None if killed else proc.exitcode, killed, Path(log).read_text(errors="replace"), seconds,
+                  stats.get("peak_rss"), stats.get("calls"))
+
+
+def _child(argv, env, log, fsize, kill_at) -> None:
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    calls = {"replace": 0, "fsync": 0}
+    for name in calls:
+        _count(name, calls, kill_at)
+    if fsize is not None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    code = 0
+    try:
+        moekit.cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a traceback is what the tests look for in the log
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if fsize is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    Path(f"{log}.json").write_text(json.dumps({"peak_rss": _peak_rss(), "calls": calls}))
+    os._exit(code)
+
+
+def _count(name: str, calls: dict, kill_at) -> None:
+    real = getattr(os, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        if kill_at == (name, calls[name]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(os, name, counted)
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
