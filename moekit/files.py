@@ -42,13 +42,26 @@ def disk_errors(path) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except OSError as err:
-        raise write_error(path, err.errno, err.strerror or str(err)) from None
-    except Exception as err:  # safetensors' SafetensorError: not an OSError, the errno is only in its text
-        code = _RUST_OS_ERROR.search(str(err))
-        if type(err).__name__ != "SafetensorError" or code is None:
+    except Exception as err:
+        failure = write_failure(path, err)
+        if failure is None:
             raise
-        raise write_error(path, int(code.group(1)), str(err).splitlines()[0]) from None
+        raise failure from None
+
+
+def write_failure(path, err: BaseException, *, full_only: bool = False) -> UserError | None:
+    """The UserError for an exception a write of `path` raised (an OSError, or safetensors' SafetensorError, which is
+    no OSError and carries the errno only in its text), or None if it is no write failure (or, with full_only, no full
+    disk or file-size limit)."""
+    if isinstance(err, OSError):
+        code, detail = err.errno, err.strerror or str(err)
+    elif type(err).__name__ == "SafetensorError" and _RUST_OS_ERROR.search(str(err)):
+        code, detail = int(_RUST_OS_ERROR.search(str(err)).group(1)), str(err).splitlines()[0]
+    else:
+        return None
+    if full_only and code not in FULL_DISK:
+        return None
+    return write_error(path, code, detail)
 
 
 def write_error(path, code: int | None, detail: str) -> UserError:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,17 @@ class Result:
 
 def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | None = None, kill_after: float | None = None,
         kill_at: tuple[str, int] | None = None, timeout: float = 300) -> Result:
-    """Run `moekit argv` in a forked child; returns when it exits or is killed."""
-    proc = _CTX.Process(target=_child, args=(argv, dict(env or {}), str(log), fsize, kill_at))
+    """Run `moekit argv` in a forked child; returns when it exits or is killed. Its stdout and stderr come through a
+    pipe (a file would be cut by the file-size limit) and are saved to `log`; it reports its peak RSS and counts in
+    `log`.json."""
+    reader, writer = _CTX.Pipe(duplex=False)
+    proc = _CTX.Process(target=_child, args=(argv, dict(env or {}), str(log), fsize, kill_at, writer))
+    chunks: list[bytes] = []
     t0 = time.perf_counter()
     proc.start()
+    writer.close()
+    drain = threading.Thread(target=_drain, args=(reader, chunks), daemon=True)
+    drain.start()
     proc.join(kill_after if kill_after is not None else timeout)
     if proc.exitcode is None and kill_after is not None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -63,19 +71,27 @@ def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | Non
         proc.kill()
         raise TimeoutError(f"moekit {' '.join(argv)} ran over {timeout} s")
     seconds = time.perf_counter() - t0
+    drain.join(10)
+    text = b"".join(chunks).decode(errors="replace")
+    Path(log).write_text(text)
     report = Path(f"{log}.json")
     stats = json.loads(report.read_text()) if report.is_file() else {}
     report.unlink(missing_ok=True)
     killed = proc.exitcode == -signal.SIGKILL
-    return Result(None if killed else proc.exitcode, killed, Path(log).read_text(errors="replace"), seconds,
-                  stats.get("peak_rss"), stats.get("calls"))
+    return Result(None if killed else proc.exitcode, killed, text, seconds, stats.get("peak_rss"), stats.get("calls"))
 
 
-def _child(argv, env, log, fsize, kill_at) -> None:
+def _drain(reader, chunks: list[bytes]) -> None:
+    while chunk := os.read(reader.fileno(), 1 << 16):
+        chunks.append(chunk)
+    reader.close()
+
+
+def _child(argv, env, log, fsize, kill_at, writer) -> None:
     os.environ.update(env)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    os.dup2(writer.fileno(), 1)
+    os.dup2(writer.fileno(), 2)
+    writer.close()
     torch.set_num_threads(1)
     calls = {"replace": 0, "fsync": 0}
     for name in calls:
@@ -84,7 +100,7 @@ def _child(argv, env, log, fsize, kill_at) -> None:
         import resource
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     code = 0
     try:
         moekit.cli.main(argv)
@@ -100,7 +116,8 @@ def _child(argv, env, log, fsize, kill_at) -> None:
     if fsize is not None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # the soft limit only: the report below must fit
     Path(f"{log}.json").write_text(json.dumps({"peak_rss": _peak_rss(), "calls": calls}))
     os._exit(code)
 

@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except UserError as err:
         _fail(str(err))
-    except OSError as err:  # a full disk in a write no writer wrapped (moekit.files.disk_errors wraps moekit's own)
-        from moekit.files import FULL_DISK, write_error
+    except Exception as err:  # a full disk in a write no writer wrapped (moekit.files.disk_errors wraps moekit's own)
+        from moekit.files import write_failure
 
-        if err.errno not in FULL_DISK:
+        full = write_failure(getattr(err, "filename", None) or "a file", err, full_only=True)
+        if full is None:
             raise
-        _fail(str(write_error(err.filename or "a file", err.errno, err.strerror or str(err))))
+        _fail(str(full))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 import moekit.models
 from moekit.errors import UserError, describe
-from moekit.files import disk_errors
+from moekit.files import disk_errors, write_failure
 from moekit.runtime.store import (
     RESIDENT,
     _manifest,
@@ -89,8 +89,13 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
                 model = AutoModelForCausalLM.from_pretrained(
                     path, dtype="auto", device_map=_device_map(skeleton), offload_folder=str(offload),
                     experts_implementation="eager")
-        except (OSError, ValueError, RuntimeError) as err:
-            raise UserError(f"cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 (sorted below)
+            full = write_failure(offload, err, full_only=True)  # the offload folder's writes meet a full disk first
+            if full is not None:
+                raise full from None
+            if not isinstance(err, (OSError, ValueError, RuntimeError)):
+                raise
+            raise UserError(f"cannot load the weights in {path}: {describe(err)}") from None
         view = moekit.models.load(model)
         hooks = {name: getattr(view.model.get_submodule(name), "_hf_hook", None) for name in _expert_modules(view)}
 

@@ -149,10 +149,16 @@ def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
     """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
     if _started(out):
         return _reopen(out, fresh)
+    created = not out.exists()
     with disk_errors(out):
         out.mkdir(parents=True, exist_ok=True)
     store.discard_temp_files(out)
-    store.write_manifest(out, fresh)
+    try:
+        store.write_manifest(out, fresh)
+    except UserError:  # a full disk before anything was traced: leave nothing behind
+        if created:
+            out.rmdir()
+        raise
     return fresh
 
 
