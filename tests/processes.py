@@ -6,7 +6,8 @@ A child can be
   ends with one) or of os.fsync (a file fully written, not yet renamed): `kill_at=("replace", N)`;
 - limited to files of at most `fsize` bytes (RLIMIT_FSIZE, with SIGXFSZ ignored so the write raises EFBIG, as a full
   disk raises ENOSPC);
-- measured: its peak resident set (VmHWM from /proc/self/status) is reported at exit.
+- measured: its peak resident set (VmHWM from /proc/self/status) is reported at exit, and the peak of its anonymous
+  memory (RssAnon, sampled every 2 ms: VmHWM also counts the file pages safetensors maps, which the kernel can drop).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Result:
     log: str  # stdout and stderr
     seconds: float
     peak_rss: int | None = None  # bytes (VmHWM), when the child exited by itself
+    peak_anon: int | None = None  # bytes, the largest RssAnon sampled
     calls: dict | None = None  # os.replace / os.fsync calls made, when it exited by itself
 
     @property
@@ -78,7 +80,8 @@ def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | Non
     stats = json.loads(report.read_text()) if report.is_file() else {}
     report.unlink(missing_ok=True)
     killed = proc.exitcode == -signal.SIGKILL
-    return Result(None if killed else proc.exitcode, killed, text, seconds, stats.get("peak_rss"), stats.get("calls"))
+    return Result(None if killed else proc.exitcode, killed, text, seconds, stats.get("peak_rss"),
+                  stats.get("peak_anon"), stats.get("calls"))
 
 
 def _drain(reader, chunks: list[bytes]) -> None:
@@ -101,6 +104,9 @@ def _child(argv, env, log, fsize, kill_at, writer) -> None:
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    anon = [_status("RssAnon")]
+    sampler = threading.Thread(target=_sample, args=(anon,), daemon=True)
+    sampler.start()
     code = 0
     try:
         moekit.cli.main(argv)
@@ -118,7 +124,7 @@ def _child(argv, env, log, fsize, kill_at, writer) -> None:
 
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # the soft limit only: the report below must fit
-    Path(f"{log}.json").write_text(json.dumps({"peak_rss": _peak_rss(), "calls": calls}))
+    Path(f"{log}.json").write_text(json.dumps({"peak_rss": _status("VmHWM"), "peak_anon": max(anon), "calls": calls}))
     os._exit(code)
 
 
@@ -134,8 +140,15 @@ def _count(name: str, calls: dict, kill_at) -> None:
     setattr(os, name, counted)
 
 
-def _peak_rss() -> int:
+def _sample(anon: list[int]) -> None:
+    while True:
+        anon[0] = max(anon[0], _status("RssAnon"))
+        time.sleep(0.002)
+
+
+def _status(key: str) -> int:
+    """A /proc/self/status memory field in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")

@@ -16,6 +16,7 @@ from the store's `resident.safetensors` (in-memory names: no conversion), the fu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import shutil
@@ -85,7 +86,7 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
         offload.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
-            with _quiet_loading():
+            with _quiet_loading(), _heap_returns_memory():
                 model = AutoModelForCausalLM.from_pretrained(
                     path, dtype="auto", device_map=_device_map(skeleton), offload_folder=str(offload),
                     experts_implementation="eager")
@@ -112,6 +113,28 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
     finally:
         shutil.rmtree(offload, ignore_errors=True)
     return directory
+
+
+@contextlib.contextmanager
+def _heap_returns_memory(threshold: int = 1 << 20):
+    """glibc keeps freed blocks below its mmap threshold in the heap, and raises that threshold to the size of each
+    large block freed (up to 32 MiB): the per-expert tensors the loading materialises, stacks and frees layer after
+    layer then stay in the process, which looks as if the build held every expert (measured on a checkpoint with
+    192 MiB of experts in 8 layers: RssAnon peaked 222 MiB above its start, 102 MiB with this). A fixed threshold
+    for the build, then back to where glibc's own would settle, and the freed heap trimmed. A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)
+        trim(0)
 
 
 @contextlib.contextmanager
