@@ -109,6 +109,7 @@ CHECKPOINTS = {
     "config expert count != weights": (lambda f: edit_json(f / "config.json", num_local_experts=8),
                                        "by config.json"),
     "config more layers than weights": (lambda f: edit_json(f / "config.json", num_hidden_layers=4), "lack"),
+    "config with a billion layers": (lambda f: edit_json(f / "config.json", num_hidden_layers=10**9), "1000000000 layers"),
     "config with no MoE layer": (lambda f: edit_json(f / "config.json", mlp_only_layers=[0, 1, 2]), "lack"),
     "no weights": (lambda f: (f / WEIGHTS).unlink(), "has no weights"),
     "PyTorch .bin weights only": (lambda f: ((f / WEIGHTS).unlink(), (f / "pytorch_model.bin").write_bytes(b"x")),

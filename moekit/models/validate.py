@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ WEIGHTS, INDEX, PYTORCH = "model.safetensors", "model.safetensors.index.json", "
 # a tokenizer's vocabulary lives in one of these; without any, AutoTokenizer returns an empty tokenizer silently
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                          "tekken.json", "sentencepiece.bpe.model", "tiktoken.model", "qwen.tiktoken")
+MAX_LAYERS = 1024  # without weights to compare with: no released model has a tenth of this
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -179,8 +182,9 @@ def skeleton(path: Path, config, build) -> nn.Module:
     import moekit.models
 
     refuse_unsupported(path, config, moekit.models.supported())
-    model = build_meta(path, build)
     headers = weight_headers(path, required=False)  # a config-only folder gives shapes (info, a built store's run)
+    check_layer_count(path, config, headers)
+    model = build_meta(path, build)
     if headers is not None:
         check_shapes(model, path, headers)
     try:
@@ -188,6 +192,21 @@ def skeleton(path: Path, config, build) -> nn.Module:
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     return model
+
+
+def check_layer_count(path: Path, config, headers: dict[str, Tensor] | None) -> None:
+    """Before anything is built from it: a layer count far beyond what the weights hold (or, without weights, beyond
+    any released model), since building 10^9 layers, even on the meta device, would not end. Modest differences are
+    check_shapes' to report (some families count sublayers: LongCat-Flash's num_hidden_layers is twice its layers)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return  # transformers' own config validation and the build report it
+    stored = {int(m.group(1)) for key in headers or () if (m := _LAYER_KEY.search(key))}
+    limit = 4 * (max(stored) + 1) if stored else MAX_LAYERS
+    if layers > limit:
+        held = f"the weights hold {max(stored) + 1}" if stored else f"no released model has {MAX_LAYERS}"
+        raise UserError(f"{path / 'config.json'} asks for {layers} layers, but {held}: the config is damaged or "
+                        f"belongs to another model; restore the original config.json")
 
 
 def build_meta(path: Path, build) -> nn.Module:
