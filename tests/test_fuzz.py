@@ -104,7 +104,8 @@ def _read_trace(folder: Path) -> None:
     trace = moekit.trace.open(folder)
     trace.verify()
     trace.counts()
-    trace.seq_id, trace.position, trace.token_id  # noqa: B018
+    if trace.kind == "tokens":
+        trace.seq_id, trace.position, trace.token_id  # noqa: B018
 
 
 # ---------------------------------------------------------------------------------------------------- traces

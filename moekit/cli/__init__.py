@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moekit.errors import UserError
@@ -103,5 +104,5 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2 (what scripts and the tests rely on)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [x] stays [x]
     sys.exit(2)

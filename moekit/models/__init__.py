@@ -30,6 +30,7 @@ def load_config(path: Path):
     from transformers import AutoConfig
 
     validate.check_folder(path)  # the folder and config.json: one line naming the file
+    validate.check_model_type(path)
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 (any failure here means a config transformers cannot read)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,24 @@ def _json(file: Path, fix: str):
         raise UserError(f"cannot read {file} ({err.strerror or err}): {fix}") from None
 
 
+def check_model_type(path: Path) -> None:
+    """A model_type transformers does not know: too new for this transformers, or not a transformers config."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = read_config_json(path)["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"{path / 'config.json'}: model type {model_type!r} is unknown to transformers "
+                        f"{transformers.__version__} (a newer release, or not a transformers model); moekit's MoE "
+                        f"families: {', '.join(_supported())}")
+
+
+def _supported() -> list[str]:
+    import moekit.models
+
+    return moekit.models.supported()
+
+
 def refuse_unsupported(path: Path, config, supported: list[str]) -> None:
     """A model_type without an adapter: say whether it is a dense model (no experts) or an MoE family moekit lacks."""
     if config.model_type in supported:
@@ -263,6 +282,8 @@ def _loading_report(model: nn.Module, tensors: dict[str, Tensor]):
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # meta tensors need no loader threads (their start-up cost 12% here)
     try:
         config = LoadStateDictConfig(device_map={"": "meta"}, weight_mapping=get_model_conversion_mapping(model))
         info, _ = convert_and_load_state_dict_in_model(model, state, config)
@@ -273,6 +294,10 @@ def _loading_report(model: nn.Module, tensors: dict[str, Tensor]):
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        if async_load is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = async_load
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     missing = {k for k in info.missing_keys if k in params} - _tied_present(model, info.missing_keys)
     mismatched = {(name, tuple(got), tuple(want)) for name, got, want in info.mismatched_keys}

@@ -285,7 +285,7 @@ def read_manifest(directory: Path) -> dict:
         raise damaged(directory, f"manifest.json: {err}") from None
     if not isinstance(manifest, dict):
         raise damaged(directory, "manifest.json is not an object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if type(manifest.get("schema_version")) is not int or manifest["schema_version"] != SCHEMA_VERSION:
         raise UserError(f"{directory}: store schema {manifest.get('schema_version')!r}, this moekit reads "
                         f"{SCHEMA_VERSION}; delete it (rm -r {directory}) to rebuild the store")
     layers, num = manifest.get("layers"), manifest.get("num_experts")

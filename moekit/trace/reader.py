@@ -35,7 +35,7 @@ def read_manifest(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is corrupted ({err}); record the trace again into a new --out") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != schema.SCHEMA_VERSION:
+    if type(version) is not int or version != schema.SCHEMA_VERSION:  # True == 1 in Python
         raise UserError(f"{path} has trace schema version {version!r}, this moekit reads version "
                         f"{schema.SCHEMA_VERSION}: record the trace again with this moekit")
     problem = manifest_problem(manifest)
@@ -193,11 +193,16 @@ class Trace:
     def _column(self, name: str) -> np.ndarray:
         self._need_tokens(name)
         parts = [self._read(f, [name])[name].to_numpy() for f in self._files]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return np.concatenate(parts) if parts else self._empty(name)
 
     def _fixed_lists(self, name: str, width: int) -> np.ndarray:
         parts = [_flat_values(self._read(f, [name])[name]).reshape(-1, width) for f in self._files]
-        return np.concatenate(parts) if parts else np.zeros((0, width))
+        return np.concatenate(parts) if parts else self._empty(name).reshape(0, width)
+
+    def _empty(self, name: str) -> np.ndarray:
+        """A column of a trace without chunks: no rows, the schema's dtype (an empty trace reads like any other)."""
+        field = schema.token_schema(self.layers, self.top_k, self.num_experts, True).field(name).type
+        return np.zeros(0, (field.value_type if pa.types.is_fixed_size_list(field) else field).to_pandas_dtype())
 
     def _domain_codes(self, f: pq.ParquetFile) -> np.ndarray:
         col = self._read(f, ["domain"])["domain"].combine_chunks()  # dictionary array: this chunk's own dictionary
@@ -217,7 +222,7 @@ class Trace:
     def _read(self, f: pq.ParquetFile, columns: list[str]) -> pa.Table:
         try:
             return f.read(columns=columns)
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise _damaged(f._moekit_path, err) from None
 
 
@@ -226,7 +231,7 @@ def check_chunk(path: Path) -> bool:
     otherwise)."""
     try:
         _open_parquet(path).read()
-    except (UserError, pa.ArrowException, OSError):
+    except (UserError, pa.ArrowException, OSError, ValueError):
         return False
     return True
 
@@ -238,7 +243,7 @@ def _open_parquet(path: Path, expected: pa.Schema | None = None, rows: int | Non
     try:
         f = pq.ParquetFile(path, page_checksum_verification=True)
         meta = f.schema_arrow.metadata or {}
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: undecodable names in a damaged footer
         raise _damaged(path, err) from None
     version = meta.get(schema.META_VERSION, b"?").decode(errors="replace")
     if version != str(schema.SCHEMA_VERSION):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.errors import UserError, at_least, describe
+from moekit.errors import UserError, at_least
 from moekit.files import atomic_folder, check_out
 from moekit.trace import schema, store
 from moekit.trace.store import ChunkArrays
@@ -59,7 +59,8 @@ def _load(dump: Path):
     try:
         return torch.load(dump, map_location="cpu", weights_only=True)  # tensors, lists and numbers only
     except Exception as err:  # torch raises many types for a bad file; all mean the same to the user
-        raise UserError(f"cannot read {dump} as a torch.save file ({describe(err)}); give an "
+        raise UserError(f"cannot read {dump}: not a torch.save file of tensors, lists and numbers "
+                        f"({type(err).__name__}); give an "
                         f"expert_distribution_recorder_*.pt file SGLang wrote") from None
 
 
