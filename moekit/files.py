@@ -66,8 +66,8 @@ def write_failure(path, err: BaseException, *, full_only: bool = False) -> UserE
 
 def write_error(path, code: int | None, detail: str) -> UserError:
     if code in FULL_DISK:
-        return UserError(f"cannot write {path}: {FULL_DISK[code]} ({detail}); nothing was left half-written: free space "
-                         f"(or raise the limit) and run the same command again")
+        return UserError(f"cannot write {path}: {FULL_DISK[code]} ({detail}); nothing was left half-written: free "
+                         f"space (or raise the limit) and run the same command again")
     return UserError(f"cannot write {path} ({detail}): choose a folder you can write to")
 
 

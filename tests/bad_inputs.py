@@ -109,7 +109,8 @@ CHECKPOINTS = {
     "config expert count != weights": (lambda f: edit_json(f / "config.json", num_local_experts=8),
                                        "by config.json"),
     "config more layers than weights": (lambda f: edit_json(f / "config.json", num_hidden_layers=4), "lack"),
-    "config with a billion layers": (lambda f: edit_json(f / "config.json", num_hidden_layers=10**9), "1000000000 layers"),
+    "config with a billion layers": (lambda f: edit_json(f / "config.json", num_hidden_layers=10**9),
+                                     "1000000000 layers"),
     "config with no MoE layer": (lambda f: edit_json(f / "config.json", mlp_only_layers=[0, 1, 2]), "lack"),
     "no weights": (lambda f: (f / WEIGHTS).unlink(), "has no weights"),
     "PyTorch .bin weights only": (lambda f: ((f / WEIGHTS).unlink(), (f / "pytorch_model.bin").write_bytes(b"x")),
@@ -154,6 +155,10 @@ TOKENIZERS = {
 
 
 # ---------------------------------------------------------------------------------------------------------- traces
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
 
 
 def _manifest(folder: Path, **changes) -> None:
@@ -226,7 +231,7 @@ TRACES = {
                                                                     "sequences": 1}]), "chunks", "meta"),
     "manifest tokens negative": (lambda f: _manifest(f, tokens=-3), "tokens", "meta"),
     "chunk missing": (lambda f: (f / "chunk-00001.parquet").unlink(), "chunk-00001.parquet is missing", "meta"),
-    "chunk truncated": (lambda f: (f / "chunk-00001.parquet").write_bytes((f / "chunk-00001.parquet").read_bytes()[:-40]),
+    "chunk truncated": (lambda f: _truncate(f / "chunk-00001.parquet", -40),
                         "chunk-00001.parquet is truncated or corrupted", "meta"),
     "chunk empty": (lambda f: (f / "chunk-00001.parquet").write_bytes(b""), "chunk-00001.parquet", "meta"),
     "chunk a foreign Parquet file": (lambda f: pq.write_table(pa.table({"x": [1, 2]}), f / "chunk-00000.parquet"),
@@ -322,10 +327,6 @@ HARDWARE = {
 
 
 # ---------------------------------------------------------------------------------------------------------- stores
-
-
-def _truncate(path: Path, keep: int) -> None:
-    path.write_bytes(path.read_bytes()[:keep])
 
 
 # name -> (damage(store folder), text the error line must hold); the folder is a complete store of the checkpoint

@@ -52,8 +52,8 @@ class Result:
         return [line for line in self.log.splitlines() if line.startswith("error:")]
 
 
-def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | None = None, kill_after: float | None = None,
-        kill_at: tuple[str, int] | None = None, timeout: float = 300) -> Result:
+def run(argv: list[str], log: Path, *, env: dict | None = None, fsize: int | None = None,
+        kill_after: float | None = None, kill_at: tuple[str, int] | None = None, timeout: float = 300) -> Result:
     """Run `moekit argv` in a forked child; returns when it exits or is killed. Its stdout and stderr come through a
     pipe (a file would be cut by the file-size limit) and are saved to `log`; it reports its peak RSS and counts in
     `log`.json."""

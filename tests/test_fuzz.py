@@ -48,14 +48,15 @@ def edits(keys: list[str]):
     return st.lists(st.tuples(st.sampled_from([*keys, "extra"]), json_values | st.just(DELETE)), min_size=1, max_size=3)
 
 
-def apply_edits(obj: dict, changes) -> dict:
-    obj = dict(obj)
+def apply_edits(file: Path, changes) -> None:
+    """Rewrite the JSON object in `file` with the changes `edits` drew."""
+    obj = json.loads(file.read_text())
     for key, value in changes:
         if value is DELETE:
             obj.pop(key, None)
         else:
             obj[key] = value
-    return obj
+    file.write_text(json.dumps(obj))
 
 
 def byte_damage(size: int):
@@ -70,6 +71,15 @@ def damage_bytes(data: bytes, damage) -> bytes:
     for at, value in writes:
         out[at] = value
     return bytes(out[:cut] if cut is not None else out)
+
+
+def damage_header(data, file: Path) -> None:
+    """Up to 8 bytes overwritten within a safetensors file's header (8-byte length + JSON; the tensor data has no
+    checksum, so damage there is undetectable by design) or anywhere in a JSON file, and the file perhaps cut short."""
+    raw = file.read_bytes()
+    header = min(len(raw), 8 + int.from_bytes(raw[:8], "little")) if file.suffix == ".safetensors" else len(raw)
+    writes = data.draw(st.lists(st.tuples(st.integers(0, max(header - 1, 0)), st.integers(0, 255)), max_size=8))
+    file.write_bytes(damage_bytes(raw, (writes, data.draw(st.none() | st.integers(0, len(raw))))))
 
 
 def only_user_errors(fn) -> None:
@@ -119,8 +129,7 @@ MANIFEST_KEYS = ["schema_version", "kind", "layers", "num_experts", "top_k", "ch
 def test_fuzz_trace_manifest_values(good, changes):
     tmp, trace = _copy(good / "trace")
     with tmp:
-        manifest = json.loads((trace / "manifest.json").read_text())
-        (trace / "manifest.json").write_text(json.dumps(apply_edits(manifest, changes)))
+        apply_edits(trace / "manifest.json", changes)
         only_user_errors(lambda: _read_trace(trace))
 
 
@@ -199,15 +208,11 @@ def test_fuzz_expert_store(good, data):
     tmp, store = _copy(good / "store")
     with tmp:
         if data.draw(st.booleans()):
-            manifest = json.loads((store / "manifest.json").read_text())
-            changes = data.draw(edits(["schema_version", "layers", "num_experts", "model_type"]))
-            (store / "manifest.json").write_text(json.dumps(apply_edits(manifest, changes)))
+            apply_edits(store / "manifest.json", data.draw(edits(["schema_version", "layers", "num_experts",
+                                                                   "model_type"])))
         else:
-            name = data.draw(st.sampled_from(["manifest.json", "layer_000.safetensors", "layer_002.safetensors"]))
-            raw = (store / name).read_bytes()
-            header = min(len(raw), 8 + int.from_bytes(raw[:8], "little")) if name.endswith(".safetensors") else len(raw)
-            writes = data.draw(st.lists(st.tuples(st.integers(0, max(header - 1, 0)), st.integers(0, 255)), max_size=8))
-            (store / name).write_bytes(damage_bytes(raw, (writes, data.draw(st.none() | st.integers(0, len(raw))))))
+            damage_header(data, store / data.draw(st.sampled_from(["manifest.json", "layer_000.safetensors",
+                                                                    "layer_002.safetensors"])))
         only_user_errors(lambda: _read_store(store))
 
 
@@ -241,8 +246,7 @@ CONFIG_KEYS = ["model_type", "hidden_size", "num_hidden_layers", "num_local_expe
 def test_fuzz_checkpoint_config(good, changes):
     tmp, ckpt = _copy(good / "ckpt")
     with tmp:
-        config = json.loads((ckpt / "config.json").read_text())
-        (ckpt / "config.json").write_text(json.dumps(apply_edits(config, changes)))
+        apply_edits(ckpt / "config.json", changes)
         only_user_errors(lambda: open_checkpoint(ckpt))
 
 
@@ -252,9 +256,5 @@ def test_fuzz_checkpoint_files(good, data):
     tmp, ckpt = _copy(good / data.draw(st.sampled_from(["ckpt", "sharded"])))
     with tmp:
         names = sorted(p.name for p in ckpt.iterdir() if p.suffix in (".json", ".safetensors"))
-        name = data.draw(st.sampled_from(names))
-        raw = (ckpt / name).read_bytes()
-        header = min(len(raw), 8 + int.from_bytes(raw[:8], "little")) if name.endswith(".safetensors") else len(raw)
-        writes = data.draw(st.lists(st.tuples(st.integers(0, max(header - 1, 0)), st.integers(0, 255)), max_size=8))
-        (ckpt / name).write_bytes(damage_bytes(raw, (writes, data.draw(st.none() | st.integers(0, len(raw))))))
+        damage_header(data, ckpt / data.draw(st.sampled_from(names)))
         only_user_errors(lambda: open_checkpoint(ckpt, tokenizer=True))

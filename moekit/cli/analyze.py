@@ -14,8 +14,8 @@ from moekit.cli import app, console, err_console, print_json
 def analyze(
     trace_dir: Path = typer.Argument(..., help="trace folder written by `moekit trace`"),
     out: Path = typer.Option(None, "--out", help="write the HTML report here (default: TRACE/report.html)"),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="decode nPMI tokens with this tokenizer "
-                                   "(default: the traced model's, when its folder is readable)"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="decode nPMI tokens with this tokenizer folder "
+                                   "(default: the traced model's, when its folder is readable; else token ids)"),
     json_out: bool = typer.Option(False, "--json", help="print the full results as one JSON object"),
 ) -> None:
     """Load balance, entropy, co-activation, affinity, specialisation, nPMI, locality (SRP/SCH) and cache curves."""
@@ -23,17 +23,19 @@ def analyze(
     from moekit.analysis.run import analyze_trace, check_analysable
     from moekit.errors import UserError
     from moekit.files import check_out
+    from moekit.models.validate import load_tokenizer
     from moekit.report.html import render_report
 
     trace = moekit.trace.open(trace_dir)
     check_analysable(trace)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else _tokenizer(trace.manifest.get("model"))
     target = check_out(out or trace_dir / "report.html", exist_ok=True)  # before the analysis, not after it
     if target.is_dir():
         raise UserError(f"--out {target} is a folder: give the report's file name, e.g. {target / 'report.html'}")
     if not target.parent.is_dir():
         raise UserError(f"--out {target}: the folder {target.parent} does not exist; create it or choose another --out")
     with err_console.status("analysing routing"):
-        results = analyze_trace(trace, tokenizer=_tokenizer(tokenizer or trace.manifest.get("model")))
+        results = analyze_trace(trace, tokenizer=tok)
     report = render_report(results, target, title=f"moekit routing analysis: {trace_dir}")
     if json_out:
         print_json({**results, "report": str(report)})

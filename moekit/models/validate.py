@@ -301,7 +301,8 @@ def _loading_report(model: nn.Module, tensors: dict[str, Tensor]):
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     missing = {k for k in info.missing_keys if k in params} - _tied_present(model, info.missing_keys)
     mismatched = {(name, tuple(got), tuple(want)) for name, got, want in info.mismatched_keys}
-    unfusable = {name: _conversion_problem(text) for name, text in (getattr(info, "conversion_errors", None) or {}).items()}
+    errors = getattr(info, "conversion_errors", None) or {}
+    unfusable = {name: _conversion_problem(text) for name, text in errors.items()}
     return missing - set(unfusable), mismatched, unfusable
 
 

@@ -248,8 +248,9 @@ class _Buffers:
     A malloc'd buffer of an expert's size stays in glibc's heap after it is freed (fragmented, never returned), so a
     run grew with every expert it ever read instead of with its cache: measured, a run under a 48 MiB budget peaked
     110 MiB above its twin (tests/runtime/test_memory.py holds it to the budget now). A mapping is returned to the OS
-    when it is closed, and a new one costs page faults and zeroing (measured: 10x a heap buffer's read time for 1.5 MiB),
-    so freed mappings are reused for the next read of the same size, and only `idle` of them per size are kept."""
+    when it is closed, and a new one costs page faults and zeroing (measured: 10x a heap buffer's read time for
+    1.5 MiB), so freed mappings are reused for the next read of the same size, and only `idle` of them per size are
+    kept."""
 
     def __init__(self, idle: int = 8):
         self.idle, self.lock, self.maps = idle, threading.Lock(), {}

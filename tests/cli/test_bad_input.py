@@ -243,7 +243,8 @@ ARGUMENTS = [
     ("ablate", {"--experts": "bogus"}, "--experts"), ("ablate", {"--count": "0"}, "--count"),
     ("ablate", {"--max-tokens": "0"}, "--max-tokens"),
     ("prune", {"--keep": "0"}, "--keep"), ("prune", {"--keep": "99"}, "only 16 experts"),
-    ("prune", {"--keep": "2"}, "top-4"), ("prune", {"--keep": "1.5"}, "--keep"), ("prune", {"--keep": "half"}, "--keep"),
+    ("prune", {"--keep": "2"}, "top-4"), ("prune", {"--keep": "1.5"}, "--keep"),
+    ("prune", {"--keep": "half"}, "--keep"),
     ("prune", {"--keep": "0.01"}, "--keep"), ("prune", {"--method": "bogus"}, "bogus"),
     ("prune", {"--max-tokens": "0"}, "--max-tokens"), ("prune", {"--seq-len": "0"}, "--seq-len"),
     ("prune", {"--threads": "-1"}, "--threads"),
@@ -256,7 +257,8 @@ ARGUMENTS = [
                                                                        "--calib": "TXT"}, "below"),
     ("quantize", {"--avg-bits": "nan"}, "--avg-bits"), ("quantize", {"--avg-bits": "-3"}, "--avg-bits"),
     ("quantize", {"--method": "gptq"}, "gptq"), ("quantize", {"--group-size": "7"}, "--group-size"),
-    ("quantize", {"--group-size": "0"}, "--group-size"), ("quantize", {"--avg-bits": "3", "--method": "pmq"}, "--calib"),
+    ("quantize", {"--group-size": "0"}, "--group-size"),
+    ("quantize", {"--avg-bits": "3", "--method": "pmq"}, "--calib"),
     ("quantize", {"--dtype": "float8"}, "--dtype"),
     ("run", {"--prompt": ""}, "--prompt is empty"), ("run", {"--budget": "lots"}, "size"),
     ("run", {"--budget": "0"}, "minimum budget"), ("run", {"--budget": "50KB"}, "minimum budget"),
@@ -314,6 +316,12 @@ SIMULATE = [({"--capacity": "0x"}, "capacity"), ({"--capacity": "nanx"}, "capaci
 def test_bad_simulate_argument(good, guarded, tmp_path, capsys, changes, expect):
     argv = _argv(["simulate", str(good["trace"]), "--model", str(good["ckpt"])], changes, good, tmp_path)
     assert_one_line_error(argv, capsys, expect)
+
+
+def test_analyze_with_a_tokenizer_that_is_not_there(good, guarded, tmp_path, capsys):
+    assert_one_line_error(["analyze", str(good["trace"]), "--tokenizer", str(tmp_path / "none"), "--out",
+                           str(tmp_path / "r.html")], capsys, "no tokenizer")
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_analyze_out_in_a_missing_folder_fails_before_the_analysis(good, guarded, tmp_path, capsys):

@@ -44,7 +44,8 @@ def _checkpoint(path, moe_intermediate: int):
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 1.0 if name.endswith("mlp.gate.weight") else 0.02,
                                                        generator=g)
     model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=char_tokenizer(), eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_tokenizer(), eos_token="<eos>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
     experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
     return experts, sum(p.numel() * 4 for p in model.parameters()) - experts
 
@@ -68,8 +69,9 @@ def test_run_peak_rss_is_resident_plus_budget_plus_slack(tmp_path):
     first, _ = moekit_run("big", BUDGET)  # builds the store, then generates
     again, stats = moekit_run("big", BUDGET)  # from the store
     allowed = resident + BUDGET + SLACK
-    report = (f"twin {twin.peak_rss / MiB:.0f} MiB (anon {twin.peak_anon / MiB:.0f}); first run {first.peak_rss / MiB:.0f}"
-              f" (anon {first.peak_anon / MiB:.0f}); from the store {again.peak_rss / MiB:.0f}; allowed over the twin: "
+    report = (f"twin {twin.peak_rss / MiB:.0f} MiB (anon {twin.peak_anon / MiB:.0f}); first run "
+              f"{first.peak_rss / MiB:.0f} (anon {first.peak_anon / MiB:.0f}); from the store "
+              f"{again.peak_rss / MiB:.0f}; allowed over the twin: "
               f"{resident / MiB:.1f} resident + {BUDGET / MiB:.0f} budget + {SLACK / MiB:.0f} slack")
     assert again.peak_rss <= twin.peak_rss + allowed, report
     assert first.peak_anon <= twin.peak_anon + allowed, report
