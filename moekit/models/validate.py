@@ -210,6 +210,9 @@ def skeleton(path: Path, config, build) -> nn.Module:
         moekit.models.view(model)  # no MoE layers: refused before the weights are read
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+    except ValueError as err:  # a routing rule the config makes impossible (top-k 0, more groups than experts, ...)
+        raise UserError(f"{path / 'config.json'}: {describe(err)}: restore the checkpoint's original config.json") \
+            from None
     return model
 
 

@@ -214,6 +214,8 @@ def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
     layers = np.flatnonzero(counts.sum(axis=1) > 0).tolist()  # dense layers count nothing
     if not layers:
         raise UserError(f"{dump} counts no expert selection in any layer: record some traffic between start and dump")
+    if top_k is not None and top_k > counts.shape[1]:
+        raise UserError(f"--top-k {top_k} is more than the dump's {counts.shape[1]} experts: give the model's top-k")
     L, E = len(layers), counts.shape[1]
     table = pa.table({"layer": pa.array(np.repeat(layers, E), pa.int32()),
                       "expert": pa.array(np.tile(np.arange(E), L), pa.int32()),
