@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -82,12 +83,23 @@ def record(
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
                 return manifest
             arrays = _trace_chunk(view, cap, chunk, options, manifest["domain_names"], on_tokens)
-            store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
-            _add_chunk(manifest, i, chunk)
-            store.write_manifest(out, manifest)
+            with _resumable(out):
+                store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
+                _add_chunk(manifest, i, chunk)
+                store.write_manifest(out, manifest)
     manifest["completed"] = True
-    store.write_manifest(out, manifest)
+    with _resumable(out):
+        store.write_manifest(out, manifest)
     return manifest
+
+
+@contextmanager
+def _resumable(out: Path):
+    """A failed write (a full disk) keeps the complete chunks: the message says how to continue."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{err} (the complete chunks are kept: add --resume to continue the trace in {out})") from None
 
 
 def new_manifest(view, model_name: str, sources: list[Source], options: TraceOptions) -> dict:
