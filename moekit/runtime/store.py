@@ -26,6 +26,7 @@ import os
 import struct
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,26 +250,32 @@ class _Buffers:
     run grew with every expert it ever read instead of with its cache: measured, a run under a 48 MiB budget peaked
     110 MiB above its twin (tests/runtime/test_memory.py holds it to the budget now). A mapping is returned to the OS
     when it is closed, and a new one costs page faults and zeroing (measured: 10x a heap buffer's read time for
-    1.5 MiB), so freed mappings are reused for the next read of the same size, and only `idle` of them per size are
-    kept."""
+    1.5 MiB), so freed mappings are reused for the next read of the same size. Each read looks at no more than
+    `window` mappings of its size (oldest first, in a ring), keeps `idle` free ones among them and closes the rest:
+    the cost per read stays flat however large the cache, and the mappings never outnumber the most buffers alive at
+    once (the cache and the reads in flight)."""
 
-    def __init__(self, idle: int = 8):
-        self.idle, self.lock, self.maps = idle, threading.Lock(), {}
+    def __init__(self, window: int = 64, idle: int = 8):
+        self.window, self.idle, self.lock, self.rings = window, idle, threading.Lock(), {}
 
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         with self.lock:  # the tensor is made under the lock: no other reader can take the same mapping meanwhile
-            maps = self.maps.setdefault(nbytes, [])
-            free = [mm for mm in maps if sys.getrefcount(mm) == 3]  # the list, `mm`, getrefcount: no tensor holds it
-            for mm in free[self.idle:]:
-                maps.remove(mm)
-                mm.close()
-            if free:
-                mm = free[0]
-            else:
-                mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                maps.append(mm)
+            ring, found, spare = self.rings.setdefault(nbytes, deque()), None, 0
+            for _ in range(min(len(ring), self.window)):
+                mm = ring.popleft()
+                if sys.getrefcount(mm) > 2:  # more than `mm` and getrefcount's argument: a tensor still views it
+                    ring.append(mm)
+                elif found is None:
+                    found = mm
+                elif spare < self.idle:
+                    spare += 1
+                    ring.append(mm)
+                else:
+                    mm.close()
+            mm = found or mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            ring.append(mm)
             return torch.frombuffer(mm, dtype=torch.uint8)
 
 
