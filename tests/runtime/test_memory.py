@@ -80,6 +80,7 @@ def test_run_peak_rss_is_resident_plus_budget_plus_slack(tmp_path):
     everything, unbounded = moekit_run("big", 4 * experts)  # a budget that holds every expert it reads
     cached_beyond = min(unbounded["bytes_read"], experts) - BUDGET
     assert cached_beyond > SLACK, "the prompt reaches too few experts to tell the budget from no budget"
+    print(f"{report}; every expert cached: {everything.peak_rss / MiB:.0f} MiB")  # pytest -s shows the numbers
     assert everything.peak_rss - again.peak_rss >= cached_beyond / 2, (
         f"{report}; with every expert cached {everything.peak_rss / MiB:.0f} MiB: the measurement does not see the "
         f"{cached_beyond / MiB:.0f} MiB cached beyond the budget")
