@@ -1,4 +1,5 @@
-"""Next-layer expert prediction on the demo model: pre-gating against activation-matrix matching (ALGORITHMS.md §6),
+"""Next-layer expert prediction on the demo model: pre-gating (Pre-gated MoE, arXiv 2308.12066)
+against activation-matrix matching (MoE-Infinity, arXiv 2401.14361),
 precision and recall on the same held-out tokens, next to a calibration-frequency baseline measured in the same run.
 
     .venv/bin/python benchmarks/prediction.py [--model demo/model] [--max-tokens 1024] [--windows 16]

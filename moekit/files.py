@@ -146,6 +146,18 @@ def check_out(out, *, option: str = "--out", exist_ok: bool = False) -> Path:
     return out
 
 
+def check_out_file(out, *, option: str = "--out") -> Path:
+    """check_out for an output file that may be replaced (a report, a steering file): not a folder, and in a folder
+    that exists."""
+    target = check_out(out, option=option, exist_ok=True)
+    if target.is_dir():
+        raise UserError(f"{option} {target} is a folder: give a file name, e.g. {target / 'out.json'}")
+    if not target.parent.is_dir():
+        raise UserError(f"{option} {target}: the folder {target.parent} does not exist; create it or choose another "
+                        f"{option}")
+    return target
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename durable: POSIX flushes a directory entry only when the directory itself is fsynced."""
     try:

@@ -204,6 +204,10 @@ def check_analysable(trace) -> None:
     if trace.kind != "tokens" or trace.num_tokens == 0:
         raise UserError(f"{trace.folder}: per-token analyses need a per-token trace with tokens (this one is "
                         f"{trace.kind} with {trace.num_tokens} tokens): record one with `moekit trace`")
+    if getattr(trace, "sentinel", None) is not None:
+        raise UserError(f"{trace.folder} was traced under the routing policy {trace.manifest['routing']['spec']!r} "
+                        f"(a variable number of experts per token): the analyses need a fixed top-k; trace without "
+                        f"--routing to analyse it (`moekit simulate` replays policy traces)")
 
 
 def analyze_trace(trace, *, tokenizer=None, timings: dict | None = None, **options) -> dict:

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     from moekit.cli import trace  # noqa: F401
     from moekit.cli import analyze, ablate  # noqa: F401
     from moekit.cli import eval, prune, merge, quantize  # noqa: F401,A004
-    from moekit.cli import run, simulate  # noqa: F401
+    from moekit.cli import run, serve, simulate  # noqa: F401
+    from moekit.cli import experts  # noqa: F401
+    from moekit.cli import place  # noqa: F401
 
     try:
         code = app(args=argv, prog_name="moekit", standalone_mode=False)  # errors come back here, not printed

@@ -38,14 +38,16 @@ def ablate(
     chosen = choose_experts(trace, experts, count, seed)
     sources = resolve_data(data)
     checked = open_checkpoint(model, tokenizer=True)
+    checked.view.require("ablate", causal=True)
     check_fits(trace, checked.view)
     windows = domain_windows(sources, encoder(checked.tokenizer), 256, max_tokens)
     view = moekit.models.load(model, dtype="float32")
+    lm = moekit.models.language_model(view.model)  # a wrapper scores text through its language model
     with err_console.status("evaluating the unablated model"):
-        before = evaluate(view.model, windows).to_dict()
+        before = evaluate(lm, windows).to_dict()
     zero_experts(view, chosen)
     with err_console.status(f"evaluating with {len(chosen)} experts zeroed"):
-        after = evaluate(view.model, windows).to_dict()
+        after = evaluate(lm, windows).to_dict()
     result = {"experts": experts, "zeroed": [list(p) for p in chosen], "before": before, "after": after}
     if json_out:
         print_json(result)

@@ -47,6 +47,7 @@ def merge(
     check_out(out)
     resolve_data(calib)
     checked = open_checkpoint(model, tokenizer=True, dtype=torch_dtype)
+    checked.view.require("merge", resize=True, causal=True, routing=True)
     merging.check_groups(checked.view, groups)
     batches = token_batches(checked.tokenizer, calib, seq_len=seq_len, max_tokens=calib_tokens)
     view = moekit.models.load(model, dtype=torch_dtype)

@@ -50,6 +50,7 @@ def quantize(
     if calibrated:
         resolve_data(calib)
     checked = open_checkpoint(model, tokenizer=calibrated, dtype=torch_dtype)
+    checked.view.require("quantize", causal=True, routing=calibrated)
     batches = None
     if calibrated:
         batches = token_batches(checked.tokenizer, calib, seq_len=seq_len, max_tokens=calib_tokens)

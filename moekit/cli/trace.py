@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moekit.cli import app, console, parse_dtype, print_json
+from moekit.cli.experts import CALIB_HELP, ROUTING_HELP, STEER_HELP
 
 
 @app.command()
@@ -28,16 +29,23 @@ def trace(
                                           help="per layer x expert max |in| and max |out| of the down projection"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted trace in --out"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
+    routing: Optional[str] = typer.Option(None, "--routing", help=ROUTING_HELP + "; the trace records its choice"),
+    steer: Optional[Path] = typer.Option(None, "--steer", help=STEER_HELP),
+    calib: Optional[list[str]] = typer.Option(None, "--calib", help=CALIB_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the final summary as one JSON line"),
 ) -> None:
     """Record which experts every token is routed to, per MoE layer, into versioned Parquet chunks."""
+    from moekit.routing import parse
+    from moekit.routing.calibrate import batch_routing
     from moekit.trace import TraceOptions, record
 
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
                            logits=logits, activation_stats=activation_stats)
     torch_dtype = parse_dtype(dtype)
+    policy = batch_routing(parse(routing, steer))  # a bad spec fails before the weights are read
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
-        manifest = record(model, data, out, options=options, resume=resume, dtype=torch_dtype, on_tokens=advance)
+        manifest = record(model, data, out, options=options, resume=resume, dtype=torch_dtype, on_tokens=advance,
+                          routing=policy, calib=calib or None)
     _report(summary(out, manifest), json_out)
 
 
@@ -78,6 +86,7 @@ def summary(out: Path, manifest: dict) -> dict:
         "sequences": manifest["sequences"], "chunks": len(manifest["chunks"]), "layers": len(manifest["layers"]),
         "top_k": manifest["top_k"], "num_experts": manifest["num_experts"], "bytes": size,
         "bytes_per_selected_expert": round(size / selections, 3) if selections else None,
+        **({"routing": manifest["routing"]["spec"]} if manifest.get("routing") else {}),
     }
 
 

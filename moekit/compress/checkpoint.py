@@ -20,7 +20,8 @@ TOKENIZER_FILES = (
 
 def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, report: dict | None = None,
                     overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
-    """save_pretrained (per-expert keys, the format vLLM and SGLang load) + tokenizer files copied from `source` +
+    """save_pretrained (the family's checkpoint format: per-expert keys, which vLLM and SGLang load; fused for GPT-OSS,
+    as it ships) + tokenizer files copied from `source` +
     compression.json, into `out`, atomically: nothing half-written is ever left at `out`. `extra(folder)` writes any
     further files (e.g. a quantised sidecar) into the folder before it is renamed into place."""
     out = Path(out)

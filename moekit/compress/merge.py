@@ -1,4 +1,4 @@
-"""Expert merging: E experts per MoE layer -> G merged experts (ALGORITHMS.md §3).
+"""Expert merging: E experts per MoE layer -> G merged experts (docs/compression_merge_quantize.md).
 
 Methods (registered in METHODS):
 - `msmoe`: M-SMoE (Li et al., "Merge, Then Compress", arXiv 2310.01334, github UNITES-Lab/MC-SMoE). Dominant experts =
@@ -91,7 +91,9 @@ def router_similarity(logits: torch.Tensor) -> torch.Tensor:
 def mean_expert_outputs(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """o_e = mean over all calibration tokens of E_e(x_t), every expert on every token -> [E, H] (arXiv 2410.08589 §3.2)."""
     with torch.no_grad():
-        rows = [expert_mlp(x, layer.get_expert(e), layer.activation).double().mean(0) for e in range(layer.num_experts)]
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype))  # latent experts see their projected input
+        rows = [expert_mlp(x, layer.get_expert(e), layer.activation, layer.expert_norm).double().mean(0)
+                for e in range(layer.num_experts)]
     return torch.stack(rows)
 
 
@@ -319,6 +321,7 @@ def model_bytes(view: MoEView) -> int:
 def merge(view: MoEView, cal: Calibration, groups: int, *, method: str = "msmoe", router: str = "dominant",
           align: bool | None = None, rank: int | None = None, progress=None) -> dict:
     """Plan + apply + measure; returns the compression.json report."""
+    view.require("merge", resize=True, causal=True, routing=True)
     before = {"model_bytes": model_bytes(view), "expert_bytes": expert_bytes(view), "experts": view.num_experts}
     check_options(method, router, rank)
     plan = plan_merge(view, cal, groups, method, progress)

@@ -1,5 +1,5 @@
-"""Mixed-precision expert quantisation (ALGORITHMS.md §4): group-wise round-to-nearest at 2/3/4/8 bits per expert, with
-bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
+"""Mixed-precision expert quantisation (docs/quantization.md): group-wise round-to-nearest at 2/3/4/8 bits per expert,
+with bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
 
 Quantiser: asymmetric round-to-nearest with one scale and one integer zero point per group of `group_size` consecutive
 weights along the input dimension (the last dim of the canonical [out, in] matrices gate/up [I, H] and down [H, I]).
@@ -141,15 +141,17 @@ def expert_losses(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor, ids: 
     if tok.numel() == 0:
         return [0.0] * len(bits)
     g = weights[tok, slot, None].to(x.dtype)  # [t, 1]
+    if layer.adapter.expert_in:  # experts in a latent space: their projected input (losses in that space)
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype)).float()
     xe = x[tok] * g if layer.rule.weight_on_input else x[tok]  # [t, H]
     scale = 1.0 if layer.rule.weight_on_input else g
     w = layer.get_expert(e)
     with torch.no_grad():
-        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation)  # [t, H]
+        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation, layer.expert_norm)  # [t, H]
         out = []
         for b in bits:
             wb = dequantize_expert({k: v.float() for k, v in w.items()}, quantize_expert(w, b, group_size))
-            out.append(((expert_mlp(xe, wb, layer.activation) - y) * scale).double().norm().item())
+            out.append(((expert_mlp(xe, wb, layer.activation, layer.expert_norm) - y) * scale).double().norm().item())
     return out
 
 
@@ -364,6 +366,7 @@ def quantize(view: MoEView, avg_bits: float, *, method: str = "rtn", group_size:
     the report and the sidecar to write with the checkpoint."""
     check_group_size(group_size)
     check_bits(avg_bits, method)
+    view.require("quantize", causal=True, routing=method == "pmq" and avg_bits < DENSE)
     details = None
     if avg_bits >= DENSE:
         plan = rtn_plan(view, DENSE)  # nothing to choose: every expert stays as it is

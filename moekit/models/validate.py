@@ -87,6 +87,8 @@ def check_folder(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"{path} is a file: give the checkpoint folder that holds config.json and the weights")
     read_config_json(path)
+    if (path / "generation_config.json").is_file():  # transformers reads it with the weights, generation uses it
+        _json(path / "generation_config.json", "restore it from the original checkpoint (or delete it)")
 
 
 def read_config_json(path: Path) -> dict:
@@ -178,29 +180,33 @@ def check_model_type(path: Path) -> None:
 
 
 def _supported() -> list[str]:
-    import moekit.models
+    from moekit.models.architecture import supported_types
 
-    return moekit.models.supported()
+    return supported_types()
 
 
-def refuse_unsupported(path: Path, config, supported: list[str]) -> None:
-    """A model_type without an adapter: say whether it is a dense model (no experts) or an MoE family moekit lacks."""
-    if config.model_type in supported:
+def refuse_unsupported(path: Path, config) -> None:
+    """A model_type without an adapter (nor a wrapper around one): say whether it is a dense model (no experts) or an
+    MoE family moekit lacks. A multimodal wrapper is judged by its language model's config."""
+    from moekit.models.architecture import adapter_of, supported_types, text_config
+
+    try:
+        adapter_of(config)
         return
-    file = path / "config.json"
-    if not any(isinstance(getattr(config, k, None), int) and getattr(config, k) > 1 for k in EXPERT_COUNT_KEYS):
-        raise UserError(f"{file}: {config.model_type!r} is not a supported MoE family: it is a dense model (no routed "
-                        f"experts), and moekit works on Mixture-of-Experts checkpoints ({', '.join(supported)})")
-    raise UserError(f"{file}: model type {config.model_type!r} is not a supported MoE family; supported: "
-                    f"{', '.join(supported)}")
+    except UserError:
+        pass
+    file, text, supported = path / "config.json", text_config(config), ", ".join(supported_types())
+    if not any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1 for k in EXPERT_COUNT_KEYS):
+        raise UserError(f"{file}: {text.model_type!r} is not a supported MoE family: it is a dense model (no routed "
+                        f"experts), and moekit works on Mixture-of-Experts checkpoints ({supported})")
+    raise UserError(f"{file}: model type {text.model_type!r} is not a supported MoE family; supported: {supported}")
 
 
 def skeleton(path: Path, config, build) -> nn.Module:
-    """Steps 2-4 for `moekit.models.load`: build() the model on the meta device (a supported MoE family, buildable,
-    with MoE layers) and check the weights' shapes against it, when there are weight files; returns it."""
+    """Steps 2-4 for `moekit.models.load`, once refuse_unsupported passed: build() the model on the meta device
+    (buildable, with MoE layers) and check the weights' shapes against it, when there are weight files; returns it."""
     import moekit.models
 
-    refuse_unsupported(path, config, moekit.models.supported())
     headers = weight_headers(path, required=False)  # a config-only folder gives shapes (info, a built store's run)
     check_layer_count(path, config, headers)
     model = build_meta(path, build)
@@ -220,7 +226,9 @@ def check_layer_count(path: Path, config, headers: dict[str, Tensor] | None) -> 
     """Before anything is built from it: a layer count far beyond what the weights hold (or, without weights, beyond
     any released model), since building 10^9 layers, even on the meta device, would not end. Modest differences are
     check_shapes' to report (some families count sublayers: LongCat-Flash's num_hidden_layers is twice its layers)."""
-    layers = getattr(config, "num_hidden_layers", None)
+    from moekit.models.architecture import text_config
+
+    layers = getattr(text_config(config), "num_hidden_layers", None)
     if not isinstance(layers, int):
         return  # transformers' own config validation and the build report it
     stored = {int(m.group(1)) for key in headers or () if (m := _LAYER_KEY.search(key))}
@@ -344,6 +352,24 @@ def _state_key(path: Path) -> tuple:
             st = f.stat()
             stats.append((f.name, st.st_size, st.st_mtime_ns))
     return (str(path.resolve()), tuple(stats))
+
+
+def check_routing(routing, view) -> None:
+    """A routing policy (moekit.routing.Routing, or None) against the model, on its meta-device view: the layers,
+    expert ids and K it names (each policy's own bind checks; they read no weights). skip=auto calibrates on the
+    loaded model later; here only that the model routes to more than one expert."""
+    if routing is None:
+        return
+    from moekit.routing.policies import Policy, Skip
+
+    for policy in routing.fresh().policies:  # a copy: per-request state stays unbound
+        if isinstance(policy, Skip) and policy.beta is None and not policy.betas:
+            if view.top_k < 2:
+                raise UserError(f"{policy.spec()} drops experts after the first, but the model routes each token to "
+                                f"one expert")
+            Policy.bind(policy, view)  # its layers
+        else:
+            policy.bind(view)
 
 
 def load_tokenizer(path):

@@ -73,7 +73,6 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
     progress() is called once per MoE layer written. skeleton: the checkpoint's meta-device view, if the caller has
     one (it is only read)."""
     from accelerate.hooks import remove_hook_from_submodules
-    from transformers import AutoModelForCausalLM
 
     path, directory = Path(path), Path(directory)
     skeleton = skeleton or moekit.models.load(path, meta=True)  # one-line error for unsupported/dense models
@@ -87,7 +86,7 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
     try:
         try:
             with _quiet_loading(), _heap_returns_memory():
-                model = AutoModelForCausalLM.from_pretrained(
+                model = moekit.models.model_class(skeleton.model_config).from_pretrained(
                     path, dtype="auto", device_map=_device_map(skeleton), offload_folder=str(offload),
                     experts_implementation="eager")
         except Exception as err:  # noqa: BLE001 (sorted below)
@@ -101,7 +100,9 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
         hooks = {name: getattr(view.model.get_submodule(name), "_hf_hook", None) for name in _expert_modules(view)}
 
         def offloaded(module_name: str, tensor_name: str) -> torch.Tensor:  # accelerate's weights_map: file-backed
-            return hooks[module_name].weights_map[tensor_name]
+            # a module inside an experts module (MuseSpark's post_expert_norm) is offloaded with it
+            owner = next(n for n in hooks if module_name == n or module_name.startswith(n + "."))
+            return hooks[owner].weights_map[f"{module_name[len(owner) + 1:]}.{tensor_name}".lstrip(".")]
 
         def fused():
             for name, layer in _expert_modules(view).items():

@@ -141,7 +141,8 @@ class LayerRuntime:
         flat = ids.T.reshape(-1)  # [K*T], slot-major: eager walks torch.where(expert_mask[e]) over [K, T]
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
         counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
-        experts = [e for e, c in enumerate(counts) if c]
+        # ids >= E are dropped slots (a routing policy's variable K, moekit/routing): no read, no cache access
+        experts = [e for e, c in enumerate(counts[:self.layer.num_experts]) if c]
         groups, start = {}, 0
         for e in experts:
             sel = order[start:start + counts[e]]
@@ -152,7 +153,7 @@ class LayerRuntime:
         if self.eam is not None:
             if self.position == 0 and T > 1:  # a prefill: a new request (a one-token prompt continues the last one)
                 self.eam.reset()
-            self.eam.observe(self.position, ids_np)
+            self.eam.observe(self.position, ids_np[ids_np < self.layer.num_experts])
         for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
             self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
         resident = self._begin_step(ids_np, weights, experts)
@@ -211,6 +212,9 @@ class LayerRuntime:
         if self.record:
             self.stats.routing.append(ids_np.copy())
             self.stats.routing_weights.append(w_np.copy())
+        if ids_np is not None and self.policy_wants_weights and (ids_np >= self.layer.num_experts).any():
+            w_np = np.where(ids_np < self.layer.num_experts, w_np, 0.0)  # dropped slots: the token's first expert,
+            ids_np = np.where(ids_np < self.layer.num_experts, ids_np, ids_np[:, :1])  # weight 0 (no new entry)
         self.policy.begin_step(ids_np, w_np if self.policy_wants_weights else None)
         if self.predicted is not None:
             self.stats.predicted += len(self.predicted)
@@ -315,6 +319,8 @@ class LayerRuntime:
         (MoE-Infinity, eam.py): the stored request whose EAM best matches this request's so far names them."""
         if self.eam is not None:
             self.predicted = self.eam.predict(self.position)
+        elif not self.layer.prefetchable:  # hash-routed / stateful (Zaya) routers, latent experts: x does not tell
+            return
         else:
             _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
             self.predicted = set(torch.unique(pred).tolist())
@@ -371,6 +377,7 @@ class OffloadedModel:
         act = sum(rt.stats.actual for rt in self.layers)
         ok = sum(rt.stats.correct for rt in self.layers)
         looked = tot["hits"] + tot["misses"]
+        tot["page_cache_bytes"] = self.layers[0].store.page_cache_bytes if self.layers else 0  # of bytes_read
         tot.update(hit_rate=tot["hits"] / looked if looked else float("nan"),
                    prefetch_precision=ok / pred if pred else float("nan"),
                    prefetch_recall=ok / act if act else float("nan"))

@@ -60,6 +60,9 @@ def manifest_problem(m: dict) -> str | None:
     top_k = m.get("top_k")
     if not ((top_k is None and kind == schema.KIND_COUNTS) or (_int(top_k, 1) and top_k <= m["num_experts"])):
         return f"top_k {top_k!r} is not between 1 and num_experts"
+    problem = _routing_problem(m) or _layer_kinds_problem(m)
+    if problem:
+        return problem
     if not isinstance(chunks, list) or not all(_chunk_entry(c) for c in chunks):
         return "chunks is not a list of {file: chunk-NNNNN.parquet, tokens, sequences}"
     if not (_int(m.get("tokens")) or (m.get("tokens") is None and kind == schema.KIND_COUNTS)):
@@ -75,6 +78,33 @@ def manifest_problem(m: dict) -> str | None:
     return None
 
 
+def _routing_problem(m: dict) -> str | None:
+    """A policy trace (manifest "routing"): its widest K and the sentinel id of dropped slots, which the ids' dtype must
+    hold (the sentinel is the router's logits width: E, or E + zero experts)."""
+    routing, E = m.get("routing"), m["num_experts"]
+    if routing is not None:
+        if not isinstance(routing, dict) or not isinstance(routing.get("spec"), str):
+            return "routing is not an object with the policy's spec"
+        if not _int(routing.get("sentinel"), E) or routing["sentinel"] > np.iinfo(np.uint16).max:
+            return f"routing sentinel {routing.get('sentinel')!r} is not an id >= num_experts"
+        if not _int(routing.get("max_k"), 1) or routing["max_k"] > routing["sentinel"]:
+            return f"routing max_k {routing.get('max_k')!r} is not between 1 and the router's width"
+    largest = routing["sentinel"] if routing is not None else E - 1
+    dtype = m.get("ids_dtype")
+    if dtype is not None and (dtype not in ("uint8", "uint16") or np.iinfo(dtype).max < largest):
+        return f"ids_dtype {dtype!r} is not an unsigned type that holds expert id {largest}"
+    return None
+
+
+def _layer_kinds_problem(m: dict) -> str | None:
+    """Encoder-decoder and loop traces name each layer's kind ("encoder", "decoder", "decoder pass 2", ...)."""
+    kinds = m.get("layer_kinds")
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != len(m["layers"])
+                              or not all(isinstance(k, str) for k in kinds)):
+        return "layer_kinds is not a list of one name per layer"
+    return None
+
+
 def _chunk_entry(c) -> bool:
     return (isinstance(c, dict) and isinstance(c.get("file"), str) and re.fullmatch(r"chunk-\d{5,}\.parquet", c["file"])
             is not None and _int(c.get("tokens")) and _int(c.get("sequences")))
@@ -86,14 +116,22 @@ class Trace:
         self.manifest = read_manifest(folder)
         self.kind: str = self.manifest["kind"]
         self.layers: list[int] = list(self.manifest["layers"])  # decoder-layer indices of the MoE layers
+        # "encoder" / "decoder" (encoder-decoder models), "decoder pass 2" (a loop layer's second run); traces written
+        # before layer kinds were recorded are all decoders
+        kinds = self.manifest.get("layer_kinds") or ["decoder"] * len(self.layers)
+        self.layer_kinds: dict[int, str] = dict(zip(self.layers, kinds))
         self.num_experts: int = self.manifest["num_experts"]
         self.top_k: int = self.manifest["top_k"]
+        # selections stored per token (K, or a policy's widest); None: an aggregate trace imported without --top-k
+        self.width: int | None = schema.ids_width(self.manifest) if self.top_k is not None else None
+        # a policy trace's dropped slots hold this id (weight 0); None: every slot is a selected expert
+        self.sentinel: int | None = (self.manifest.get("routing") or {}).get("sentinel")
         self.domain_names: list[str] = list(self.manifest.get("domain_names", []))
         self.completed: bool = bool(self.manifest.get("completed"))
         if self.kind == schema.KIND_COUNTS:
             self._files = [_open_parquet(folder / schema.COUNTS_FILE, schema.counts_schema())]
         else:  # footers, schemas and row counts checked now: fail early, name the file
-            expected = schema.token_schema(self.layers, self.top_k, self.num_experts, bool(self.manifest.get("logits")))
+            expected = self._schema(bool(self.manifest.get("logits")))
             self._files = [_open_parquet(folder / c["file"], expected, c["tokens"]) for c in self.manifest["chunks"]]
 
     def __repr__(self) -> str:
@@ -126,19 +164,26 @@ class Trace:
 
     # ---- routing, per MoE layer (decoder index)
     def ids(self, layer: int) -> np.ndarray:
-        """[T, K] expert ids (uint8, or uint16 when E > 256), ordered by weight descending."""
-        ids = self._fixed_lists(schema.ids_col(self._layer(layer)), self.top_k)
-        if ids.size and int(ids.max()) >= self.num_experts:
-            raise UserError(f"{self.folder}: layer {layer} routes to expert {int(ids.max())}, but the manifest says "
+        """[T, K] expert ids (uint8, or uint16 when E > 256), ordered by weight descending. A policy trace stores
+        [T, width] with `sentinel` in the slots its policy dropped (the sentinel may repeat within a token)."""
+        ids = self._fixed_lists(schema.ids_col(self._layer(layer)), self.width)
+        real = ids if self.sentinel is None else np.where(ids == self.sentinel, 0, ids)
+        if real.size and int(real.max()) >= self.num_experts:
+            raise UserError(f"{self.folder}: layer {layer} routes to expert {int(real.max())}, but the manifest says "
                             f"{self.num_experts} experts: the trace is damaged; record it again")
-        if ids.shape[1] > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
-            raise UserError(f"{self.folder}: layer {layer} selects one expert twice for a token: the trace is "
-                            f"damaged; record it again")
+        if ids.shape[1] > 1:
+            ordered = np.sort(ids, axis=1)
+            repeated = np.diff(ordered, axis=1) == 0
+            if self.sentinel is not None:
+                repeated &= ordered[:, 1:] != self.sentinel
+            if repeated.any():
+                raise UserError(f"{self.folder}: layer {layer} selects one expert twice for a token: the trace is "
+                                f"damaged; record it again")
         return ids
 
     def weights(self, layer: int) -> np.ndarray:
         """[T, K] float32 routing weights as the model used them (NaN where the source had none: SGLang per_token)."""
-        return self._fixed_lists(schema.weights_col(self._layer(layer)), self.top_k).astype(np.float32, copy=False)
+        return self._fixed_lists(schema.weights_col(self._layer(layer)), self.width).astype(np.float32, copy=False)
 
     def logits(self, layer: int) -> np.ndarray:
         """[T, E] float16 router logits (traces recorded with --logits)."""
@@ -157,7 +202,8 @@ class Trace:
             out = np.zeros((len(self.layers), self.num_experts), np.int64)
             out[rows, expert] = table["count"].to_numpy()
             return out
-        return np.stack([np.bincount(self.ids(l).reshape(-1), minlength=self.num_experts) for l in self.layers])
+        return np.stack([np.bincount(self.ids(l).reshape(-1), minlength=self.num_experts)[:self.num_experts]
+                         for l in self.layers])  # a policy trace's sentinel (id E) is no expert
 
     @cached_property
     def activation_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -201,8 +247,13 @@ class Trace:
 
     def _empty(self, name: str) -> np.ndarray:
         """A column of a trace without chunks: no rows, the schema's dtype (an empty trace reads like any other)."""
-        field = schema.token_schema(self.layers, self.top_k, self.num_experts, True).field(name).type
+        field = self._schema(True).field(name).type
         return np.zeros(0, (field.value_type if pa.types.is_fixed_size_list(field) else field).to_pandas_dtype())
+
+    def _schema(self, logits: bool) -> pa.Schema:
+        """The columns the manifest promises: `width` selections per token, ids of the manifest's dtype."""
+        return schema.token_schema(self.layers, self.width, self.num_experts, logits,
+                                   id_dtype=np.dtype(self.manifest.get("ids_dtype") or schema.ids_dtype(self.num_experts)))
 
     def _domain_codes(self, f: pq.ParquetFile) -> np.ndarray:
         col = self._read(f, ["domain"])["domain"].combine_chunks()  # dictionary array: this chunk's own dictionary

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,7 +21,7 @@ from torch import nn
 
 from moekit.errors import UserError
 from moekit.files import check_out, disk_errors
-from moekit.models.validate import open_checkpoint
+from moekit.models.validate import check_routing, open_checkpoint
 from moekit.trace import schema, store
 from moekit.trace.capture import RouterCapture
 from moekit.trace.data import Sequence, Source, encoder, resolve_data, sequences
@@ -58,27 +58,44 @@ def record(
     resume: bool = False,
     dtype=None,
     on_tokens: Callable[[int], None] | None = None,
+    routing=None,
+    calib: list[str] | None = None,
     _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
 ) -> dict:
     """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest.
-    Everything cheap is checked before the weights are read: the data files, --out, the checkpoint and its tokenizer."""
+    Everything cheap is checked before the weights are read: the data files, --out, the checkpoint and its tokenizer.
+    routing: a moekit.routing.Routing the model runs under; the trace records what it selected (manifest "routing":
+    its spec, the widest K, the sentinel id of dropped slots); `calib` is its calibration data (skip=auto)."""
     sources = data if data and isinstance(data[0], Source) else resolve_data(data)
     out = Path(out)
     _check_out(out, resume)
+    if calib:
+        resolve_data(calib)  # the routing's calibration data (skip=auto), before the weights too
     if tokenizer is None and not isinstance(model, (str, Path)):
         raise ValueError("tracing an in-memory model needs tokenizer=...")
     if isinstance(model, (str, Path)):
-        tokenizer = tokenizer or open_checkpoint(model, tokenizer=True, dtype=dtype).tokenizer
+        checked = open_checkpoint(model, tokenizer=tokenizer is None, dtype=dtype)
+        check_routing(routing, checked.view)  # its layers and experts, before the weights
+        tokenizer = tokenizer or checked.tokenizer
     view, model_name = _view(model, dtype)
     encode = encoder(tokenizer)
-    manifest = _prepare(out, new_manifest(view, model_name, sources, options), resume)
+    fresh = new_manifest(view, model_name, sources, options)
+    if routing is not None:  # a moekit.routing.Routing (duck-typed: the trace stage does not import plans)
+        routing.prepare(view, tokenizer, calib, per_prompt=False)
+        fresh["routing"] = routing.trace_manifest(view)
+        fresh["ids_dtype"] = schema.ids_dtype(fresh["routing"]["sentinel"] + 1).name
+    manifest = _prepare(out, fresh, resume)
     if manifest["completed"]:
         return manifest
     stream = sequences(sources, encode, options.seq_len, options.max_tokens)
     done = len(manifest["chunks"])
     stream = islice(stream, done * options.chunk_sequences, None)  # completed chunks: skip their sequences
-    pa_schema = schema.token_schema(manifest["layers"], manifest["top_k"], manifest["num_experts"], options.logits)
-    with RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats) as cap:
+    width = schema.ids_width(manifest)
+    pa_schema = schema.token_schema(manifest["layers"], width, manifest["num_experts"], options.logits,
+                                    id_dtype=np.dtype(manifest["ids_dtype"]))
+    applied = routing.applied(view) if routing is not None else nullcontext()
+    with applied, RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
+                                width=width, id_dtype=np.dtype(manifest["ids_dtype"])) as cap:
         for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
                 return manifest
@@ -115,7 +132,9 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "data": [s.describe() for s in sources],
         "options": {**asdict(options), "chunk_sequences": options.chunk_sequences},
         "seq_len": options.seq_len,
-        "layers": [layer.index for layer in view.layers],
+        "layers": [index for index, *_ in view.trace_layers()],
+        "layer_kinds": [kind for *_, kind in view.trace_layers()],  # added compatibly: traces without it are decoders
+        "num_hidden_layers": view.num_layers,  # dense layers included (SGLang's placement map has a row for each)
         "top_k": view.top_k,
         "num_experts": view.num_experts,
         "ids_dtype": schema.ids_dtype(view.num_experts).name,
@@ -130,7 +149,8 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
 
 
 # what must match for a resumed run to continue an earlier one
-RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts")
+RESUME_KEYS = ("schema_version", "model_type", "config_hash", "data", "options", "layers", "top_k", "num_experts",
+               "routing")
 
 
 def config_hash(config) -> str:
@@ -204,12 +224,14 @@ def _drop_damaged_chunks(out: Path, manifest: dict, check) -> None:
 
 
 def _trace_chunk(view, cap: RouterCapture, chunk: list[Sequence], options, domain_names, on_tokens) -> store.ChunkArrays:
-    meta, per_layer = [], {layer.index: [] for layer in view.layers}
+    meta, per_layer = [], {index: [] for index, *_ in view.trace_layers()}
     for start in range(0, len(chunk), options.batch_size):
         batch = chunk[start:start + options.batch_size]
         input_ids, keep = _pad(batch)  # [B, S], [B*S]
+        # an encoder attends both ways: it is told where the padding is (a causal decoder never sees it)
+        mask = {"attention_mask": keep.view(input_ids.shape).long()} if view.seq2seq else {}
         with torch.inference_mode():
-            _base(view.model)(input_ids=input_ids, use_cache=False)
+            view.forward(input_ids, head=False, use_cache=False, **mask)
         for index, arrays in cap.take(keep).items():
             per_layer[index].append(arrays)
         meta.append(_token_meta(batch, domain_names))
@@ -264,11 +286,6 @@ def _add_chunk(manifest: dict, i: int, chunk: list[Sequence]) -> None:
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while batch := list(islice(it, n)):
         yield batch
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head: the trace needs only the routers, not the vocabulary projection."""
-    return getattr(model, "model", None) or model.base_model
 
 
 def _view(model, dtype):

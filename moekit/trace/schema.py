@@ -8,7 +8,13 @@ A trace is a folder:
 Token rows: seq_id int64, position int32, token_id int32, domain string (dictionary-encoded), then per MoE layer with
 decoder index l: ids_L{l} fixed_size_list<uint8 | uint16>[K] and weights_L{l} fixed_size_list<float32>[K], ordered by
 weight descending, and with --logits logits_L{l} fixed_size_list<float16>[E]. Ids are uint8 when E <= 256.
-Weights stay float32 so a trace reproduces the router bit for bit (tests/trace/test_capture.py).
+Weights stay float32 so a trace reproduces the router bit for bit (tests/trace/test_capture.py). A weight of 0 marks a
+selection no expert computed: dropped over an expert's capacity (Switch, NLLB-MoE) or a skip expert (Zaya, whose
+router reports it as expert 0).
+
+The manifest's `layer_kinds` (one per entry of `layers`, added compatibly within version 1: older traces have none and
+read as all "decoder") says which stack a layer is in: "encoder" or "decoder" for encoder-decoder models, and
+"decoder pass 2", ... for the further runs of a loop layer (Inkling2-Loop), traced under indices after the last layer.
 """
 
 from __future__ import annotations
@@ -50,8 +56,14 @@ def logits_col(layer: int) -> str:
     return f"logits_L{layer}"
 
 
-def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool) -> pa.Schema:
-    ids_type = pa.from_numpy_dtype(ids_dtype(num_experts))
+def ids_width(manifest: dict) -> int:
+    """Selections stored per token: the model's top-k, or under a routing policy its widest K (manifest "routing";
+    narrower tokens are padded with the sentinel id, weight 0)."""
+    return int((manifest.get("routing") or {}).get("max_k", manifest["top_k"]))
+
+
+def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool, id_dtype=None) -> pa.Schema:
+    ids_type = pa.from_numpy_dtype(id_dtype if id_dtype is not None else ids_dtype(num_experts))
     fields = [
         pa.field("seq_id", pa.int64()),
         pa.field("position", pa.int32()),

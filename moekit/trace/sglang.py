@@ -126,6 +126,7 @@ def _import_per_token(data: dict, dump: Path, out: Path, domain: str, chunk_toke
     if num_experts > np.iinfo(np.uint16).max + 1:
         raise _malformed(dump, f"{num_experts} experts, more than a trace stores (65536)")
     manifest = _manifest(dump, "sglang_per_token", layers, top_k, num_experts, [domain])
+    manifest["num_hidden_layers"] = int(ids_all[0].shape[0])  # SGLang records every layer, dense ones as -1
     pa_schema = schema.token_schema(layers, top_k, num_experts, logits=False)
     pending, seq0 = [], 0
     for r, ids in zip(records, ids_all):
@@ -204,13 +205,28 @@ def _flush(out: Path, manifest: dict, pending: list, pa_schema, layers, num_expe
     pending.clear()
 
 
-def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
-    import pyarrow as pa
+def read_logical_count(dump: Path) -> np.ndarray:
+    """The `logical_count` of an SGLang `stat` dump, summed over its buffered steps: [num_hidden_layers, E] int64 (dense
+    layers are rows of zeros). SGLang's own `init_by_eplb` accepts [L, E] or [X, L, E] and sums over X the same way."""
+    data = _load(Path(dump))
+    if not isinstance(data, dict) or "logical_count" not in data:
+        raise UserError(f"{dump} is not an SGLang `stat` dump (no `logical_count`): record with "
+                        f"--expert-distribution-recorder-mode stat, or import a per_token dump with "
+                        f"`moekit trace-import-sglang`")
+    return _logical_count(data, Path(dump))
 
+
+def _logical_count(data: dict, dump: Path) -> np.ndarray:
     counts = _int_tensor(data["logical_count"], (2, 3), dump, "logical_count [steps, layers, experts]", 0)
     counts = counts.to(torch.int64)
     counts = counts.sum(dim=0) if counts.dim() == 3 else counts  # [steps, Lall, E] -> [Lall, E]
-    counts = counts.numpy()
+    return counts.numpy()
+
+
+def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
+    import pyarrow as pa
+
+    counts = _logical_count(data, dump)
     layers = np.flatnonzero(counts.sum(axis=1) > 0).tolist()  # dense layers count nothing
     if not layers:
         raise UserError(f"{dump} counts no expert selection in any layer: record some traffic between start and dump")
@@ -222,7 +238,7 @@ def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
                       "count": pa.array(counts[layers].reshape(-1), pa.int64())}, schema=schema.counts_schema())
     store.write_table_atomic(out / schema.COUNTS_FILE, table)
     manifest = _manifest(dump, "sglang_stat", layers, top_k, E, [])
-    manifest.update(kind=schema.KIND_COUNTS, completed=True,
+    manifest.update(kind=schema.KIND_COUNTS, completed=True, num_hidden_layers=counts.shape[0],
                     tokens=int(counts[layers[0]].sum() // top_k) if top_k and layers else None)
     store.write_manifest(out, manifest)
     return manifest

@@ -58,7 +58,7 @@ def test_stat_dump(tmp_path):
     torch.save(dict(rank=0, logical_count=counts, average_utilization_rate_over_window=None), tmp_path / "s.pt")
     import_sglang(tmp_path / "s.pt", tmp_path / "t", top_k=K)
     t = moekit.trace.open(tmp_path / "t")
-    assert t.kind == "counts" and t.layers == [1, 2, 3]
+    assert t.kind == "counts" and t.layers == [1, 2, 3] and t.manifest["num_hidden_layers"] == L_ALL
     assert np.array_equal(t.counts(), counts.sum(0)[1:].numpy())
     with pytest.raises(UserError, match="aggregate"):
         t.ids(1)
