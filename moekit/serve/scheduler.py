@@ -5,7 +5,8 @@ apart): one token for each sequence that is decoding, then chunks of the prompts
 up to `max_step_tokens` (chunked prefill with decodes first, vLLM's policy: a long prompt delays running sequences by
 one chunk at most, never by its whole length). Every MoE layer therefore sees all of the step's tokens at once, and an
 expert read from the store serves every token routed to it: batching turns offloading from latency-bound into
-throughput (SERVING.md §2: B tokens touch E(1-(1-k/E)^B) distinct experts, fewer reads per token as B grows).
+throughput (under uniform routing B tokens touch E(1-(1-k/E)^B) distinct experts, so reads per token fall as B
+grows; docs/serving.md).
 
 Admission is first come, first served. A sequence is admitted when fewer than `max_batch` run and its reservation
 (prompt + max_tokens tokens of KV) fits in `max_kv_tokens`, so KV memory is bounded by construction and nothing is ever
