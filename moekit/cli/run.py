@@ -37,17 +37,29 @@ def run(
     from transformers import LogitsProcessorList, TextStreamer
 
     import moekit.runtime as rt
+    from moekit.models.validate import check_routing
     from moekit.routing.scmoe import generate as scmoe_generate
     from moekit.routing.scmoe import parse_contrast
     from moekit.runtime.sampling import SamplerLogitsProcessor, SamplingParams
 
+    if not prompt:
+        raise UserError("--prompt is empty: give the text to continue, e.g. --prompt \"def fibonacci(n):\"")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # checked before loading
     contrast = parse_contrast(scmoe)
     if contrast is not None and not params.greedy:
         raise UserError("--scmoe decodes greedily (SCMoE's plausibility-masked argmax): leave out --temperature")
-    om = rt.open_offloaded(model, runtime, progress=progress_bar)
+    checked = rt.check_offloaded(model, runtime)  # the checkpoint, budget and routing: before a weight is read
+    if contrast is not None:
+        check_routing(contrast.weak(), checked.skeleton)
+    om = rt.open_offloaded(model, runtime, progress=progress_bar, checked=checked)
     tok, view = om.tokenizer, om.view
-    ids = torch.tensor([prompt_ids(tok, prompt, chat)], device=runtime.resolved_device())
+    try:  # what needs the tokenizer's output (a template, tokens at all) comes after the load: close it first
+        ids = torch.tensor([prompt_ids(tok, prompt, chat)], dtype=torch.long, device=runtime.resolved_device())
+        if ids.shape[1] == 0:
+            raise UserError(f"--prompt {prompt!r} gives no tokens with {model}'s tokenizer: give some text")
+    except UserError:
+        om.close()
+        raise
     streamer = None if json_out else TextStreamer(tok, skip_prompt=chat, skip_special_tokens=True)
     sampler = LogitsProcessorList([] if params.greedy else [SamplerLogitsProcessor(params)])
     routing = om.routing_policy.for_prompt(prompt) if om.routing_policy is not None else None  # C3PO: the prompt

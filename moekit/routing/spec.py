@@ -65,11 +65,11 @@ def steering_document(entries: list[dict], meta: dict) -> dict:
 
 
 def write_steering(path: Path, entries: list[dict], meta: dict) -> None:
-    from moekit.trace.store import write_atomic_bytes
+    from moekit.files import write_json
 
     doc = steering_document(entries, meta)
     policies_from_steering(doc, path)  # never write a file that would not read back
-    write_atomic_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    write_json(path, doc)
 
 
 def read_steering(path: Path) -> list[P.Policy]:

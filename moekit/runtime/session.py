@@ -21,7 +21,7 @@ import torch
 from moekit.compress.quantize import BITS as LOWBIT_WIDTHS
 from moekit.errors import UserError
 from moekit.runtime import policies
-from moekit.runtime.engine import OffloadedModel, offload, parse_bytes
+from moekit.runtime.engine import OffloadedModel, check_budget, check_eam, offload, parse_bytes
 
 # progress(description, total) -> a context manager yielding tick(n=1); the CLI passes its progress bar
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
@@ -100,42 +100,26 @@ def default_store_dir(model: Path) -> Path:
     return root / f"{model.resolve().name}-{h.hexdigest()[:12]}"
 
 
-def load_tokenizer(model: Path):
-    """The checkpoint's tokenizer, or one line saying it has none (generation needs one)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{model} has no usable tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__}):"
-                        f" save one into the checkpoint folder (tokenizer.save_pretrained({str(model)!r}))") from None
-
-
 def _no_progress(description: str, total: int):
     return contextlib.nullcontext(lambda n=1: None)
 
 
 def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Progress = _no_progress,
-                   tokenizer: bool = True, skeleton=None) -> OffloadedModel:
+                   tokenizer: bool = True, checked: Checked | None = None) -> OffloadedModel:
     """Open the checkpoint folder `model` for offloaded generation: build its expert store on first use (one layer at a
     time, never holding all experts in RAM), load the resident weights from the store, put the routed experts behind
     the budget; budget None ("all") loads the whole model in memory instead (no store, no cache: `_in_memory`).
-    Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). skeleton: the config skeleton
-    (`moekit.models.load(model, meta=True)`) when the caller built it already for its own checks."""
-    import moekit.models
+    Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). checked: what `check_offloaded`
+    returned, when the caller ran the checks already (a server, before it binds its port)."""
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
     model, options = Path(model), options or RuntimeOptions()
-    skeleton = skeleton or moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
-    skeleton.require("run / serve", causal=True)
-    routing = options.parsed_routing()
-    if routing is not None:
-        routing.check(skeleton)  # a policy the model cannot take: one line, before the store is built
-    tok = load_tokenizer(model) if tokenizer else None
+    checked = checked or check_offloaded(model, options, tokenizer=tokenizer)  # a bad MODEL fails here, in one line
+    skeleton, tok = checked.skeleton, checked.tokenizer if tokenizer else None
     if options.budget is None:
         return _in_memory(model, options, tok)
-    store = options.store or default_store_dir(model)
-    if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
+    store = checked.store
+    if not checked.built:  # first run: unfuse the experts into the store, one layer at a time
         with progress(f"building the expert store {store}", len(skeleton.layers)) as tick:
             build_store_from_checkpoint(model, store, progress=tick, skeleton=skeleton)
     if options.lowbit is not None:
@@ -144,22 +128,57 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
         if not (lowbit_dir(store, options.lowbit) / "manifest.json").is_file():
             with progress(f"building {options.lowbit}-bit copies of the experts", len(skeleton.layers)) as tick:
                 build_lowbit(store, options.lowbit, progress=tick)
+    view = load_from_store(model, store, skeleton=skeleton)  # resident weights only: the experts stay in the store
+    device = options.resolved_device()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
+    prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or checked.eams is not None)
+    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
+                 drop_cache=not options.page_cache,
+                 fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
+                 lowbit_threshold=options.lowbit_threshold, eam=checked.eams)
+    om.tokenizer, om.options, om.store_dir = tok, options, store
+    _attach_routing(om, options)
+    return om
+
+
+@dataclass
+class Checked:
+    """What `check_offloaded` found: the checkpoint's meta-device view, its tokenizer, the store folder (and whether
+    it is built), the activation-matrix collection of --eam-trace."""
+
+    skeleton: object
+    tokenizer: object | None
+    store: Path | None
+    built: bool
+    eams: object | None = None
+
+
+def check_offloaded(model, options: RuntimeOptions, *, tokenizer: bool = True) -> Checked:
+    """Every check `open_offloaded` makes before it reads a weight or builds anything, in one line each: the store
+    folder, the checkpoint (validate.open_checkpoint: config, headers, shapes, MoE layers, tokenizer; a config-only
+    folder once its store is built), a causal LM, the budget against the experts' size, the --eam-trace against the
+    model, the routing policy against its layers and experts."""
+    from moekit.models.validate import check_routing, open_checkpoint
+
+    model, store, built = Path(model), None, False
+    if options.budget is not None:
+        store = options.store or default_store_dir(model)
+        if store.exists() and not store.is_dir():
+            raise UserError(f"--store {store} is a file: give a folder for the expert store")
+        built = (store / "manifest.json").is_file()  # then the checkpoint's weights are not read again (nor needed)
+    checkpoint = open_checkpoint(model, tokenizer=tokenizer, weights=not built)
+    skeleton = checkpoint.view
+    skeleton.require("run / serve", causal=True)
+    if options.budget is not None:
+        check_budget(skeleton, options.budget, skeleton.bytes_per_expert())  # before a store is built, not after
     eams = None
     if options.eam_trace is not None:
         from moekit.runtime.eam import collection_from_trace
 
         eams = collection_from_trace(options.eam_trace)
-    view = load_from_store(model, store, skeleton=skeleton)  # resident weights only: the experts stay in the store
-    device = options.resolved_device()
-    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
-    prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or eams is not None)
-    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
-                 drop_cache=not options.page_cache,
-                 fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
-                 lowbit_threshold=options.lowbit_threshold, eam=eams)
-    om.tokenizer, om.options, om.store_dir = tok, options, store
-    _attach_routing(om, options)
-    return om
+        check_eam(eams, skeleton)
+    check_routing(options.parsed_routing(), skeleton)
+    return Checked(skeleton, checkpoint.tokenizer, store, built, eams)
 
 
 def _attach_routing(om: OffloadedModel, options: RuntimeOptions) -> None:

@@ -77,14 +77,29 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def sampling_defaults(model: Path) -> dict:
-    """The model's own sampling defaults (generation_config.json with do_sample), as vLLM applies them; {} if none."""
+    """The model's own sampling defaults (generation_config.json with do_sample), as vLLM applies them; {} if none.
+    A file that is not JSON, or whose values no request could use, is one line before the server starts."""
+    from moekit.runtime.sampling import SamplingParams
+
     path = model / "generation_config.json"
     if not path.is_file():
         return {}
-    cfg = json.loads(path.read_text())
-    if not cfg.get("do_sample"):
+    fix = "restore the checkpoint's original file, or delete it"
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(cfg, dict) or not cfg.get("do_sample"):
         return {}
-    return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+    values = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (key == "top_k" and value != int(value)):
+            raise UserError(f"{path}: {key} {value!r} is not a number; {fix}")
+    try:
+        SamplingParams(**values)
+    except UserError as err:
+        raise UserError(f"{path}: {err}; {fix}") from None
+    return values
 
 
 def context_length(skeleton, tokenizer, cap: int | None) -> int:
@@ -100,25 +115,25 @@ def serve(model, runtime, options: ServeOptions, *, announce=print) -> None:
     """Serve `model` until interrupted. `runtime`: moekit.runtime.RuntimeOptions. announce(line): startup lines."""
     import uvicorn
 
-    import moekit.models
-    from moekit.runtime.session import load_tokenizer
+    from moekit.runtime.session import check_offloaded
 
     model = Path(model)
-    skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, before anything is bound
-    tokenizer = load_tokenizer(model)
-    max_len = context_length(skeleton, tokenizer, options.max_model_len)
+    checked = check_offloaded(model, runtime)  # every check before a weight is read or the port bound: one line each
+    tokenizer = checked.tokenizer
+    max_len = context_length(checked.skeleton, tokenizer, options.max_model_len)
+    defaults = sampling_defaults(model)
     name = options.served_name or model.resolve().name
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     state = ServerState(served_name=name, root=str(model), max_model_len=max_len, tokenizer=tokenizer,
                         metrics=ServerMetrics(name, max_len), api_key=options.api_key, limits=options.limits,
-                        sampling_defaults=sampling_defaults(model))
+                        sampling_defaults=defaults)
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             limit_concurrency=max(256, 2 * (options.engine.max_queue + options.engine.max_batch)))
     server = uvicorn.Server(config)
     url_host = f"[{host}]" if ":" in host else host
     announce(f"moekit serve: {name} on http://{url_host}:{port} (loading; /health answers 503 until ready)")
-    loader = threading.Thread(target=_load, args=(model, runtime, skeleton, tokenizer, max_len, options, state,
+    loader = threading.Thread(target=_load, args=(model, runtime, checked, tokenizer, max_len, options, state,
                                                   server, announce), name="moekit-load", daemon=True)
     loader.start()
     try:
@@ -132,11 +147,11 @@ def serve(model, runtime, options: ServeOptions, *, announce=print) -> None:
         raise UserError(state.load_error)
 
 
-def _load(model, runtime, skeleton, tokenizer, max_len, options, state, server, announce) -> None:
+def _load(model, runtime, checked, tokenizer, max_len, options, state, server, announce) -> None:
     from moekit.runtime.session import open_offloaded
 
     try:
-        om = open_offloaded(model, runtime, skeleton=skeleton, tokenizer=False)
+        om = open_offloaded(model, runtime, checked=checked, tokenizer=False)
         om.tokenizer = tokenizer
         eos = _eos_ids(om.model, tokenizer)
         engine = Engine(om.model, tokenizer, options.engine, max_len=max_len, eos_ids=eos, hooks=state.metrics,
