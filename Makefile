@@ -59,7 +59,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev,bench]'
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev,bench,c3po]'
 	{ echo "# moekit's locked environment: written by \`make lock\`, installed by \`make setup\` (pip install -r)."; \
 	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'), $$(date -u +%F)"; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^moekit'; } > $(LOCK).tmp

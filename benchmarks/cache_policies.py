@@ -1,5 +1,5 @@
-"""Expert-cache policies compared (ALGORITHMS.md §6): hit rate at 1x, 2x and 4x top-k per layer for lru, lfu, lfru,
-score, predictive and belady, in three parts, each one command:
+"""Expert-cache policies compared (counting: docs/conventions.md §Hit-rate conventions): hit rate at 1x, 2x and 4x
+top-k per layer for lru, lfu, lfru, score, predictive and belady, in three parts, each one command:
 
     .venv/bin/python benchmarks/cache_policies.py                      # demo + synthetic + offload
     .venv/bin/python benchmarks/cache_policies.py --parts demo --predictor demo/predictor.safetensors

@@ -1,7 +1,21 @@
 """Offloaded decoding: moekit's runtime vs accelerate's CPU/disk offload, same model, budget and prompts, same run.
 
-    .venv/bin/python benchmarks/offload.py                   # synthetic Qwen3-MoE-like model (+ demo/model if present)
+    .venv/bin/python benchmarks/offload.py                   # demo/model (if present) + synthetic Qwen3-MoE-like model
     .venv/bin/python benchmarks/offload.py --model demo/model --no-synthetic
+    .venv/bin/python benchmarks/offload.py --decode greedy   # greedy decoding: flagged where the tokens loop
+
+Workload. Each prompt is decoded --new-tokens steps with a KV cache; by default tokens are sampled (temperature
+--temperature, a generator seeded per prompt, so both systems, whose logits are bit-identical, draw the same tokens).
+Every generated sequence goes through the loop check of benchmarks/_workload.py (distinct bigrams, longest periodic
+suffix): greedy decoding loops on random weights (and on some prompts of the small demo model), its routing then
+repeats, and a cache hit rate measured on it is not one users see. The routing itself is checked too: a random-weight
+model's routers pick nearly the same experts for every token whatever the tokens (`routing_reuse`: the share of a
+token's experts the previous token also used). A row failing either check is printed as DEGENERATE and the script exits
+with status 3 after printing everything. The synthetic model's routing source is --synthetic-routing (`own`: its own
+random routers, which the check flags; a routing policy that replays a recorded trace plugs in through ROUTING_SOURCES).
+moekit and accelerate run --repeats times, interleaved (the order alternates each repeat, so a drift of the shared
+disk's bandwidth hits both alike); tokens/s and the ratio of each repeat's pair are reported as median and range, with
+the machine's load average before each repeat.
 
 Budget: 25% of the routed experts' bytes. moekit keeps that many experts per layer in RAM (the budget split evenly over
 the MoE layers); accelerate keeps whole layers' fused experts in RAM up to the same bytes (its unit is the module) and
@@ -9,7 +23,7 @@ maps the rest to `offload_folder` on disk; non-expert weights are resident in bo
 Disk reads are real in both: the moekit store reader drops the pages it read (POSIX_FADV_DONTNEED after every expert
 read), and after every accelerate step the benchmark drops its offload files' pages the same way, so neither is served
 from the OS page cache. Bytes read from storage are measured (read_bytes of /proc/self/io) as well as counted.
-Physical bound: tokens/s <= disk bandwidth / moekit's missed expert bytes per token (ALGORITHMS.md §6), with the disk
+Physical bound: tokens/s <= disk bandwidth / moekit's missed expert bytes per token (docs/conventions.md), with the disk
 bandwidth measured in this run by cold positioned reads of the store files in expert-sized blocks.
 Prints a table per model and ends with one JSON line.
 """
@@ -21,6 +35,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,8 +45,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import moekit.models
-import moekit.runtime as rt
+import moekit.models  # noqa: E402
+import moekit.runtime as rt  # noqa: E402
+from _workload import repetition, routing_reuse  # noqa: E402  (benchmarks/_workload.py)
+
+# --synthetic-routing: name -> a function(model) that makes the loaded model's routers follow the source (None: its own
+# routers). Applied to both systems' models after loading, before decoding.
+ROUTING_SOURCES = {"own": None}
 
 SYNTH = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 64, "num_experts_per_tok": 8,
          "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
@@ -128,19 +148,33 @@ def expert_compute_s(path: Path, threads: int, reps: int = 20) -> float:
     return sorted(times)[reps // 2]
 
 
-def decode(model, prompt: torch.Tensor, new_tokens: int, snapshot=lambda: None, after_step=lambda: None):
-    """Greedy decode -> (tokens [new_tokens], seconds of the decode steps after the first token, snapshot() taken right
+class Sampler:
+    """Next token from the last position's logits [1, V]: argmax (temperature 0) or a draw from softmax(logits / T)
+    with a generator seeded once per prompt, so two systems with equal logits draw equal tokens."""
+
+    def __init__(self, temperature: float, seed: int):
+        self.temperature, self.gen = temperature, torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(-1, keepdim=True)  # [1, 1]
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.gen)  # [1, 1]
+
+
+def decode(model, prompt: torch.Tensor, new_tokens: int, sampler, snapshot=lambda: None, after_step=lambda: None):
+    """Decode -> (tokens [new_tokens], seconds of the decode steps after the first token, snapshot() taken right
     after the first token, for decode-only accounting)."""
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        tok = sampler(out.logits[:, -1])  # [1, 1]
         toks, past = [tok], out.past_key_values
         after_step()
         first = snapshot()
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(tok, past_key_values=past, use_cache=True)
-            tok, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            tok, past = sampler(out.logits[:, -1]), out.past_key_values
             toks.append(tok)
             after_step()
         return torch.cat(toks, dim=1)[0], time.perf_counter() - t0, first
@@ -158,8 +192,12 @@ def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (1, 16), generator=g) for _ in texts]
 
 
+def samplers(args, n: int) -> list[Sampler]:
+    return [Sampler(args.temperature if args.decode == "sample" else 0.0, args.seed + i) for i in range(n)]
+
+
 def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: int, prefetch: bool, policy: str,
-               io_threads: int, lowbit: int | None = None, lowbit_threshold: float = 0.1):
+               io_threads: int, sample, lowbit: int | None = None, lowbit_threshold: float = 0.1, routing=None):
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
     from moekit.runtime.store import SCHEMA_VERSION
 
@@ -174,11 +212,17 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
 
         build_lowbit(store_dir, lowbit)
     om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=True, io_threads=io_threads,
-                    lowbit=lowbit, lowbit_threshold=lowbit_threshold)
+                    lowbit=lowbit, lowbit_threshold=lowbit_threshold, record=True)  # routing for the reuse check
+    if routing is not None:
+        routing(view.model)
     om.layers[0].store.drop_page_cache()
-    outs, secs, steps, bytes_counted, io, missed = [], 0.0, 0, 0, 0, 0
-    for p in prompts:
-        toks, s, (first, io0) = decode(view.model, p, new_tokens, snapshot=lambda: (om.totals(), read_bytes()))
+    outs, secs, steps, bytes_counted, io, missed, reuse = [], 0.0, 0, 0, 0, 0, []
+    for p, sampler in zip(prompts, sample):
+        n_steps = len(om.layers[0].stats.routing)
+        toks, s, (first, io0) = decode(view.model, p, new_tokens, sampler,
+                                       snapshot=lambda: (om.totals(), read_bytes()))
+        decode_steps = [[ids for ids in layer.stats.routing[n_steps + 1:]] for layer in om.layers]  # after the prefill
+        reuse.append(routing_reuse(decode_steps, view.num_experts))
         after = om.totals()
         outs.append(toks)
         secs, steps = secs + s, steps + new_tokens - 1
@@ -192,12 +236,13 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
            "experts_per_layer": om.capacity, "budget": budget, "expert_bytes": expert_bytes,
            "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
            "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps,
-           "lowbit_reads": t["lowbit_reads"]}
+           "lowbit_reads": t["lowbit_reads"], "routing_reuse": reuse}
     om.close()
     return res, outs, store_dir  # the model is freed when this frame goes; main() collects between runs
 
 
-def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int, layers: int, prompts, new_tokens):
+def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int, layers: int, prompts, new_tokens,
+                   sample, routing=None):
     from transformers import AutoModelForCausalLM
 
     offload = work / "accelerate-offload"
@@ -220,12 +265,14 @@ def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int,
                 device_map[f"model.layers.{i}.{name}"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(offload),
                                                  dtype="auto", experts_implementation="eager")
+    if routing is not None:
+        routing(model)
     files = sorted(offload.rglob("*")) + sorted(path.glob("*.safetensors"))
     files = [f for f in files if f.is_file()]
     drop_pages(files)
     outs, secs, steps, io = [], 0.0, 0, 0
-    for p in prompts:
-        toks, s, io0 = decode(model, p, new_tokens, snapshot=read_bytes, after_step=lambda: drop_pages(files))
+    for p, sampler in zip(prompts, sample):
+        toks, s, io0 = decode(model, p, new_tokens, sampler, snapshot=read_bytes, after_step=lambda: drop_pages(files))
         outs.append(toks)
         secs, steps = secs + s, steps + new_tokens - 1
         io += read_bytes() - io0
@@ -238,37 +285,65 @@ def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int,
     return res, outs
 
 
-def bench(path: Path, work: Path, args) -> dict:
+def spread(values: list[float]) -> dict:
+    """Median and range of repeated measurements."""
+    v = sorted(values)
+    return {"median": float(statistics.median(v)), "min": v[0], "max": v[-1], "runs": list(values)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle for an even count): its other columns go with it."""
+    return sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2]
+
+
+def bench(path: Path, work: Path, args, routing_name: str | None = None) -> dict:
     prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
-    variants = {}
-    for prefetch in ([True, False] if args.prefetch is None else [args.prefetch]):
-        gc.collect()  # the previous variant's model
-        variants[prefetch] = run_moekit(path, work, args.budget, prompts, args.new_tokens, prefetch, args.policy,
-                                        args.io_threads)
-    best = max(variants, key=lambda k: variants[k][0]["tok_s"])
-    mk, mk_out, store_dir = variants[best]
-    mk["prefetch"] = best
-    if len(variants) > 1:
-        mk["tok_s_other_prefetch_setting"] = variants[not best][0]["tok_s"]
+    routing = ROUTING_SOURCES[routing_name] if routing_name else None
+    mk_runs, acc_runs, ratios, loads, bws, same = [], [], [], [], [], []
+    mk = None
+    for r in range(args.repeats):
+        loads.append(os.getloadavg()[0])
+        order = ["moekit", "accelerate"] if r % 2 == 0 else ["accelerate", "moekit"]
+        for system in order if args.accelerate else ["moekit"]:
+            gc.collect()  # the previous run's model
+            if system == "moekit":
+                mk, mk_out, store_dir = run_moekit(path, work, args.budget, prompts, args.new_tokens, args.prefetch,
+                                                   args.policy, args.io_threads, samplers(args, len(prompts)),
+                                                   routing=routing)
+                mk_runs.append(mk)
+            else:
+                layer_bytes = mk["expert_bytes"] * mk["num_experts"]
+                acc, acc_out = run_accelerate(path, work, mk["budget"], layer_bytes, mk["layers"], prompts,
+                                              args.new_tokens, samplers(args, len(prompts)), routing)
+                acc_runs.append(acc)
+            bws.append(disk_bandwidth(store_dir, args.io_threads))  # after every run: the disk is shared
+        if args.accelerate:
+            ratios.append(mk_runs[-1]["tok_s"] / acc_runs[-1]["tok_s"])  # the pair of this repeat
+            same.append(all(torch.equal(a, b) for a, b in zip(mk_out, acc_out)))
+    loop = [repetition(t.tolist()) for t in mk_out]
+    reuse = mk_runs[-1]["routing_reuse"]  # routing is the same in every repeat (bit-exact, same seeds)
+    mk = {**median_run(mk_runs), "prefetch": args.prefetch, "tok_s_spread": spread([m["tok_s"] for m in mk_runs]),
+          "hit_rate_spread": spread([m["hit_rate"] for m in mk_runs])}
+    row = {"model": str(path), "routing": routing_name or "own",
+           "experts": f"{mk['layers']} layers x {mk['num_experts']} experts, top-{mk['top_k']}",
+           "expert_mb": mk["expert_bytes"] / 1e6, "experts_gb": mk["total_expert_bytes"] / 1e9,
+           "budget_mb": mk["budget"] / 1e6, "moekit": mk, "repeats": args.repeats, "load_average_1min": loads,
+           "decode": args.decode, "temperature": args.temperature if args.decode == "sample" else 0.0,
+           "loop_check": loop, "routing_reuse": reuse,
+           "degenerate": any(x["looping"] for x in loop) or any(x["static"] for x in reuse)}
     if args.lowbit is not None:  # HOBBIT: low-weight misses as low-bit copies (changes the output: agreement printed)
         gc.collect()
-        low, low_out, _ = run_moekit(path, work, args.budget, prompts, args.new_tokens, best, args.policy,
-                                     args.io_threads, args.lowbit, args.lowbit_threshold)
+        low, low_out, _ = run_moekit(path, work, args.budget, prompts, args.new_tokens, args.prefetch, args.policy,
+                                     args.io_threads, samplers(args, len(prompts)), args.lowbit,
+                                     args.lowbit_threshold, routing)
         low.update(lowbit_bits=args.lowbit, lowbit_threshold=args.lowbit_threshold)
         low["same_tokens_fraction"] = sum(int((a == b).sum()) for a, b in zip(low_out, mk_out)) / sum(
             a.numel() for a in mk_out)
         mk["lowbit"] = low
-    bws = [disk_bandwidth(store_dir, args.io_threads)]  # measured again after accelerate: the disk is shared
-    row = {"model": str(path), "experts": f"{mk['layers']} layers x {mk['num_experts']} experts, top-{mk['top_k']}",
-           "expert_mb": mk["expert_bytes"] / 1e6, "experts_gb": mk["total_expert_bytes"] / 1e9,
-           "budget_mb": mk["budget"] / 1e6, "moekit": mk}
     if args.accelerate:
-        layer_bytes = mk["expert_bytes"] * mk["num_experts"]
-        acc, acc_out = run_accelerate(path, work, mk["budget"], layer_bytes, mk["layers"], prompts, args.new_tokens)
-        row["accelerate"] = acc
-        row["ratio"] = mk["tok_s"] / acc["tok_s"]
-        row["same_tokens"] = all(torch.equal(a, b) for a, b in zip(mk_out, acc_out))
-        bws.append(disk_bandwidth(store_dir, args.io_threads))
+        row["accelerate"] = {**median_run(acc_runs), "tok_s_spread": spread([a["tok_s"] for a in acc_runs])}
+        row["ratio"] = spread(ratios)
+        row["same_tokens"] = all(same)
     row["disk_measurements_gbs"] = [{k: v / 1e9 for k, v in m.items()} for m in bws]
     bw = max(v for m in bws for v in m.values())
     row["disk_gbs"] = bw / 1e9
@@ -292,48 +367,90 @@ def bench(path: Path, work: Path, args) -> dict:
 def print_row(row: dict) -> None:
     mk, acc = row["moekit"], row.get("accelerate")
     print(f"\n{row['model']}: {row['experts']}, expert {row['expert_mb']:.2f} MB, experts {row['experts_gb']:.2f} GB, "
-          f"budget {row['budget_mb']:.0f} MB (25%), disk {row['disk_gbs']:.2f} GB/s (best measured, cold: "
-          f"{row['disk_measurements_gbs']})")
-    print(f"{'system':<12}{'tok/s':>9}{'missed MB/tok':>15}{'read MB/tok':>13}{'disk MB/tok':>13}{'hit rate':>10}"
-          f"{'of bound':>10}")
-    print(f"{'moekit':<12}{mk['tok_s']:>9.3f}{mk['missed_bytes_per_token'] / 1e6:>15.1f}"
-          f"{mk['bytes_per_token'] / 1e6:>13.1f}{mk['io_bytes_per_token'] / 1e6:>13.1f}"
-          f"{mk['hit_rate']:>10.3f}{row['fraction_of_bound']:>10.2f}")
+          f"budget {row['budget_mb']:.0f} MB (25%), disk {row['disk_gbs']:.2f} GB/s (best measured, cold)")
+    print(f"workload: {row['decode']} decoding (temperature {row['temperature']:g}), routing {row['routing']}, "
+          f"{row['repeats']} interleaved repeats, load average "
+          f"{', '.join(f'{x:.1f}' for x in row['load_average_1min'])}")
+    for i, (c, u) in enumerate(zip(row["loop_check"], row["routing_reuse"])):
+        print(f"  prompt {i}: distinct-2 {c['distinct_2']:.2f}, longest periodic suffix {c['cycle_tokens']} of "
+              f"{c['tokens']} tokens (period {c['cycle_period']}){'  LOOPING' if c['looping'] else ''}; experts "
+              f"kept from the previous token {u['mean']:.2f} (per layer {' '.join(f'{x:.2f}' for x in u['per_layer'])}"
+              f"; chance {u['chance']:.2f}){'  STATIC ROUTING' if u['static'] else ''}")
+    print(f"{'system':<12}{'tok/s median':>13}{'range':>17}{'missed MB/tok':>15}{'read MB/tok':>13}{'disk MB/tok':>13}"
+          f"{'hit rate':>10}")
+    t = mk["tok_s_spread"]
+    print(f"{'moekit':<12}{t['median']:>13.3f}{t['min']:>8.3f}-{t['max']:<8.3f}"
+          f"{mk['missed_bytes_per_token'] / 1e6:>15.1f}{mk['bytes_per_token'] / 1e6:>13.1f}"
+          f"{mk['io_bytes_per_token'] / 1e6:>13.1f}{mk['hit_rate']:>10.3f}")
     if acc:
-        print(f"{'accelerate':<12}{acc['tok_s']:>9.3f}{acc['bytes_per_token'] / 1e6:>15.1f}"
-              f"{acc['bytes_per_token'] / 1e6:>13.1f}{acc['io_bytes_per_token'] / 1e6:>13.1f}{'-':>10}{'-':>10}")
-        print(f"ratio moekit/accelerate: {row['ratio']:.1f}x; same greedy tokens: {row['same_tokens']}")
+        t = acc["tok_s_spread"]
+        print(f"{'accelerate':<12}{t['median']:>13.3f}{t['min']:>8.3f}-{t['max']:<8.3f}"
+              f"{acc['bytes_per_token'] / 1e6:>15.1f}{acc['bytes_per_token'] / 1e6:>13.1f}"
+              f"{acc['io_bytes_per_token'] / 1e6:>13.1f}{'-':>10}")
+        r = row["ratio"]
+        print(f"ratio moekit/accelerate (each repeat's pair): median {r['median']:.2f}x, range {r['min']:.2f}-"
+              f"{r['max']:.2f}x; same tokens: {row['same_tokens']}")
     if "lowbit" in mk:
         low = mk["lowbit"]
         print(f"moekit + {low['lowbit_bits']}-bit misses below weight {low['lowbit_threshold']}: {low['tok_s']:.3f} "
               f"tok/s, read {low['bytes_per_token'] / 1e6:.1f} MB/tok, {low['lowbit_reads']} low-bit reads, "
-              f"greedy tokens equal to the exact run: {low['same_tokens_fraction']:.2f}")
-    other = mk.get("tok_s_other_prefetch_setting")
-    print(f"moekit prefetch {'on' if mk['prefetch'] else 'off'}" +
-          (f" (prefetch {'off' if mk['prefetch'] else 'on'}: {other:.3f} tok/s)" if other is not None else ""))
-    print(f"full bound {row['full_bound_tok_s']:.2f} tok/s = 1 / max(missed bytes / disk bandwidth, layers x top-k x "
-          f"{row['expert_compute_ms']:.2f} ms expert compute): moekit reaches "
-          f"{row['fraction_of_full_bound']:.2f} of it")
-    print(f"bound {row['bound_tok_s']:.2f} tok/s = disk bandwidth / moekit missed bytes per token; prefetch precision "
-          f"{mk['prefetch_precision']:.2f}, recall {mk['prefetch_recall']:.2f}; wait {mk['wait_s']:.1f} s, "
-          f"compute {mk['compute_s']:.1f} s")
-    print(f"random-read bound {row['random_bound_tok_s']:.2f} tok/s (disk's best random-expert bandwidth, 4 threads): "
-          f"moekit reaches {row['fraction_of_random_bound']:.2f} of it")
+              f"tokens equal to the exact run: {low['same_tokens_fraction']:.2f}")
+    print(f"moekit prefetch {'on' if mk['prefetch'] else 'off'}; full bound {row['full_bound_tok_s']:.2f} tok/s = "
+          f"1 / max(missed bytes / disk bandwidth, layers x top-k x {row['expert_compute_ms']:.2f} ms expert compute): "
+          f"moekit (median run) reaches {row['fraction_of_full_bound']:.2f} of it")
+    print(f"bound {row['bound_tok_s']:.2f} tok/s = disk bandwidth / moekit missed bytes per token: "
+          f"{row['fraction_of_bound']:.2f} of it; random-read bound {row['random_bound_tok_s']:.2f} tok/s (disk's best "
+          f"random-expert bandwidth, 4 threads): {row['fraction_of_random_bound']:.2f}; median run: wait "
+          f"{mk['wait_s']:.1f} s, compute {mk['compute_s']:.1f} s")
+    if row["degenerate"]:
+        print("DEGENERATE WORKLOAD: the generated tokens loop or the routing barely changes from token to token "
+              "(above), so a cache hits far more often than users see. Do not quote this row.")
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(f"\n{'model':<44}{'decode':>8}{'routing':>9}{'hit rate':>10}{'ratio median':>14}{'range':>14}  workload")
+    for row in rows:
+        r = row.get("ratio")
+        ratio = (f"{r['median']:>13.2f}x{r['min']:>8.2f}-{r['max']:.2f}x" if r else f"{'-':>14}{'-':>14}")
+        name = Path(row["model"])
+        name = name.relative_to(ROOT) if name.is_relative_to(ROOT) else name.name
+        print(f"{str(name):<44}{row['decode']:>8}{row['routing']:>9}{row['moekit']['hit_rate']:>10.3f}"
+              f"{ratio}  {verdict(row)}")
+
+
+def verdict(row: dict) -> str:
+    why = [w for w, bad in (("tokens loop", any(c["looping"] for c in row["loop_check"])),
+                            ("static routing", any(u["static"] for u in row["routing_reuse"]))) if bad]
+    return f"DEGENERATE ({', '.join(why)})" if why else "ok (no loop, routing varies)"
+
+
+def routing_source(spec: str) -> str:
+    if spec not in ROUTING_SOURCES:
+        raise argparse.ArgumentTypeError(f"{spec!r}: known: {', '.join(ROUTING_SOURCES)} (a routing policy that "
+                                         f"replays a recorded trace arrives with the routing-policies work)")
+    return spec
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, action="append", help="checkpoint(s); default: demo/model if present")
     ap.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--synthetic-routing", default="own", type=routing_source,
+                    help=f"where the synthetic model's routing comes from: {', '.join(ROUTING_SOURCES)}")
     ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic model")
     ap.add_argument("--budget", type=float, default=0.25, help="fraction of the routed experts' bytes")
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--decode", choices=["sample", "greedy"], default="sample",
+                    help="sample (default: what chat users run) or greedy (loops on small and random models)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--decode sample)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (+1 per prompt)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved moekit / accelerate repeats per model")
     ap.add_argument("--policy", default="lru")
-    ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
-                    help="default: run moekit both ways and report the faster (both in the JSON)")
+    ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False,
+                    help="moekit's pre-gating prefetch (default off: `moekit run`'s default on the CPU)")
     ap.add_argument("--accelerate", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--lowbit", type=int, default=None, help="also run moekit with HOBBIT low-bit misses of BITS")
+    ap.add_argument("--lowbit", type=int, default=None, help="also run moekit once with HOBBIT low-bit misses of BITS")
     ap.add_argument("--lowbit-threshold", type=float, default=0.1)
     ap.add_argument("--io-threads", type=int, default=4, help="moekit's expert-reading threads")
     ap.add_argument("--threads", type=int, default=1,
@@ -341,20 +458,27 @@ def main() -> None:
                          "machine OpenMP barriers stall for whole scheduler slices; measured 69 ms per index_add_)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moekit-bench")
     args = ap.parse_args()
+    if args.repeats < 1 or args.new_tokens < 2 or args.temperature <= 0:
+        ap.error("--repeats >= 1, --new-tokens >= 2 and --temperature > 0 are needed")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    models = list(args.model or ([ROOT / "demo/model"] if (ROOT / "demo/model/config.json").is_file() else []))
+    models = [(m, None) for m in args.model or ([ROOT / "demo/model"] if (ROOT / "demo/model/config.json").is_file()
+                                               else [])]
     if args.synthetic:
-        models.append(synthetic_checkpoint(args.work / f"synthetic-qwen3moe-{args.layers}l", args.layers))
+        models.append((synthetic_checkpoint(args.work / f"synthetic-qwen3moe-{args.layers}l", args.layers),
+                       args.synthetic_routing))
     rows = []
-    for path in models:
-        rows.append(bench(path, args.work, args))
+    for path, routing in models:
+        rows.append(bench(path, args.work, args, routing))
         print_row(rows[-1])
+    print_summary(rows)
     print(json.dumps({"benchmark": "offload", "budget_fraction": args.budget, "new_tokens": args.new_tokens,
                       "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch,
-                      "io_threads": args.io_threads,
-                      "threads": args.threads, "rows": rows},
-                      default=float))
+                      "decode": args.decode, "temperature": args.temperature, "seed": args.seed,
+                      "repeats": args.repeats, "io_threads": args.io_threads, "threads": args.threads,
+                      "degenerate": any(r["degenerate"] for r in rows), "rows": rows}, default=float))
+    if any(r["degenerate"] for r in rows):
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Next-layer expert prediction on the demo model: pre-gating against activation-matrix matching (ALGORITHMS.md §6)
-and the learned routing predictor (moekit/runtime/predictor.py), precision and recall on the same held-out tokens,
-next to a calibration-frequency baseline measured in the same run, and each predictor's cost against the layer's own.
+"""Next-layer expert prediction on the demo model: pre-gating (Pre-gated MoE, arXiv 2308.12066) against
+activation-matrix matching (MoE-Infinity, arXiv 2401.14361) and the learned routing predictor
+(moekit/runtime/predictor.py; ExpertFlow, arXiv 2410.17954), precision and recall on the same held-out tokens, next to
+a calibration-frequency baseline measured in the same run, and each predictor's cost against the layer's own.
 
     .venv/bin/python benchmarks/prediction.py [--model demo/model] [--max-tokens 1024] [--windows 16]
                                               [--predictor P | --predictor-tokens 42000]

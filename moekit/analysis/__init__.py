@@ -1,4 +1,4 @@
-"""Routing analysis: pure functions from trace arrays to tables (ALGORITHMS.md §1).
+"""Routing analysis: pure functions from trace arrays to tables (definitions: docs/conventions.md §Routing statistics).
 
 Inputs follow the trace contract: per MoE layer ids [T, K] (weight-descending), weights [T, K], logits [T, E] optional;
 per token seq_id, position, token_id, domain [T]. No torch, no file I/O.

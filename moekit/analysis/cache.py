@@ -15,12 +15,12 @@ capacity comes out of one pass of the priority-stack kernel in _stack.py):
           moe-lrc code (src/50_chr_calc.py, calc_beladi).
   opt     the offline optimum under these conventions: after each token keep the C experts, among the cached ones and
           the token's, used soonest in later tokens (MIN with bypass, a token's experts requested together).
-Deviation from "Belady is the ceiling" (ALGORITHMS.md §1): under these conventions a token's hits are judged before it,
-and a policy may evict an expert it has just inserted while inserting the next one of the same token, i.e. not keep
-it; LFU and SCH then sometimes beat plain MIN (never for K = 1; LRU never for C >= K, since it keeps the whole token).
-`opt` is the true ceiling (the tests check it against an exhaustive search over all cache trajectories) and is the one
-to plot as such; plain MIN is kept because it is the paper's.
-Slow literal simulations (_reference.py) are the references; `cache_hit_rate_reference` runs them.
+Deviation from "Belady is the ceiling" (docs/conventions.md §Hit-rate conventions): under these conventions a token's
+hits are judged before it, and a policy may evict an expert it has just inserted while inserting the next one of the
+same token, i.e. not keep it; LFU and SCH then sometimes beat plain MIN (never for K = 1; LRU never for C >= K, since it
+keeps the whole token). `opt` is the true ceiling (the tests check it against an exhaustive search over all cache
+trajectories) and is the one to plot as such; plain MIN is kept because it is the paper's. Slow literal simulations
+(_reference.py) are the references; `cache_hit_rate_reference` runs them.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def _pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def coactivation(ids, n_experts: int) -> np.ndarray:
-    """C_ij = number of tokens whose top-k contains both i and j, [E, E] int64 (STUN, arXiv 2409.06211; ALGORITHMS.md
-    §1). Symmetric; the diagonal C_ii is expert i's token count."""
+    """C_ij = number of tokens whose top-k contains both i and j, [E, E] int64 (STUN, arXiv 2409.06211).
+    Symmetric; the diagonal C_ii is expert i's token count."""
     ids = check_ids(ids, n_experts)
     return _pair_counts(ids, ids, n_experts)
 

@@ -23,19 +23,20 @@ _LN2 = float(np.log(2.0))
 
 
 def expert_counts(ids, n_experts: int) -> np.ndarray:
-    """Number of tokens that selected each expert, [E] int64 (the load of ALGORITHMS.md §1)."""
+    """Number of tokens that selected each expert, [E] int64 (the load of docs/conventions.md §Routing statistics)."""
     ids = check_ids(ids, n_experts)
     return np.bincount(ids.ravel(), minlength=n_experts).astype(np.int64)
 
 
 def expert_frequency(ids, n_experts: int) -> np.ndarray:
-    """f_e = count(e in K_t) / sum of counts, [E] (ALGORITHMS.md §1). Sums to 1; uniform routing gives 1/E."""
+    """f_e = count(e in K_t) / sum of counts, [E] (docs/conventions.md §Routing statistics). Sums to 1; uniform routing
+    gives 1/E."""
     counts = expert_counts(ids, n_experts)
     return counts / max(int(counts.sum()), 1)
 
 
 def soft_usage(logits) -> np.ndarray:
-    """Mean gate probability mean_t softmax(s_t)_e, [E] (ALGORITHMS.md §1)."""
+    """Mean gate probability mean_t softmax(s_t)_e, [E] (docs/conventions.md §Routing statistics)."""
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape [T, E] with T >= 1, got {logits.shape}")
@@ -43,10 +44,17 @@ def soft_usage(logits) -> np.ndarray:
 
 
 def _renormalised_topk(weights, ids) -> np.ndarray:
+    """Top-k weights divided by their per-token sum, [T, K]. A token whose every selection has weight 0 (all dropped
+    over an expert's capacity, Switch / NLLB-MoE, or sent to Zaya's skip expert) spreads its mass evenly over the
+    experts it recorded: the router's choice, without a weight to say by how much."""
     w = check_weights(weights, ids)
     total = w.sum(axis=1, keepdims=True)  # [T, 1]
-    if (total <= 0).any():
-        raise ValueError("every token needs a positive total top-k weight to renormalise")
+    if (total < 0).any():
+        raise ValueError("top-k weights must be >= 0 to renormalise")
+    unweighted = (total == 0)[:, 0]
+    if unweighted.any():
+        w = w.copy()
+        w[unweighted], total = 1.0, np.where(total == 0, w.shape[1], total)
     return w / total  # [T, K]
 
 
@@ -78,7 +86,7 @@ class LoadBalance:
 
 def load_balance_loss(ids, n_experts: int, seq_id, weights=None, logits=None) -> LoadBalance:
     """LBL = E * sum_i f_i * P_i, f_i = selection frequency (sums to 1), P_i = mean gate probability (arXiv 2501.11873,
-    Eq. 1 with ALGORITHMS.md §1's normalisation: perfectly balanced routing gives 1.0).
+    Eq. 1 with the normalisation of docs/conventions.md §Routing statistics: perfectly balanced routing gives 1.0).
 
     Global: f and P over all tokens (global-batch balancing). Sequence: f and P within each sequence, LBL per sequence,
     then the mean (what micro-batch balancing with one sequence per micro-batch optimises). P uses softmax(logits) when
@@ -176,7 +184,8 @@ def _seq_maxvio(seq_counts) -> float:
 
 
 def token_entropy(ids, n_experts: int, weights=None, logits=None) -> tuple[np.ndarray, str]:
-    """Routing entropy of each token in bits, [T], and its source (ALGORITHMS.md §1, routing entropy per token).
+    """Routing entropy of each token in bits, [T], and its source (docs/conventions.md §Routing statistics, routing
+    entropy per token).
 
     From logits: H(softmax(s_t)) over all E experts (max log2 E). Without logits: H of the renormalised top-k weights
     (max log2 K), a different, smaller quantity; the source string says which.
@@ -202,7 +211,8 @@ def _softmax_entropy(logits) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_entropy(frequency) -> float:
-    """Entropy in bits of the layer's expert frequency distribution f (ALGORITHMS.md §1); log2 E = perfectly even."""
+    """Entropy in bits of the layer's expert frequency distribution f (docs/conventions.md §Routing statistics); log2 E
+    = perfectly even."""
     f = np.asarray(frequency, dtype=np.float64)
     if f.ndim != 1 or f.size == 0 or (f < 0).any():
         raise ValueError("frequency must be a non-negative vector [E]")

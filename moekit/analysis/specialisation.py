@@ -21,8 +21,8 @@ def _check_domain(domain, n_tokens: int, n_domains: int) -> np.ndarray:
 
 
 def domain_counts(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
-    """N[d, e] = number of top-k selections of expert e by tokens of domain d, [D, E] int64 (ALGORITHMS.md §1,
-    domain specialisation)."""
+    """N[d, e] = number of top-k selections of expert e by tokens of domain d, [D, E] int64 (docs/conventions.md
+    §Routing statistics, domain specialisation)."""
     ids = check_ids(ids, n_experts)
     domain = _check_domain(domain, ids.shape[0], n_domains).astype(np.int64)
     keys = domain[:, None] * n_experts + ids  # [T, K]
@@ -30,8 +30,8 @@ def domain_counts(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
 
 
 def domain_usage(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
-    """Per-domain expert frequency, [D, E]: each row sums to 1 (ALGORITHMS.md §1, domain specialisation). Domains with
-    no tokens get a NaN row."""
+    """Per-domain expert frequency, [D, E]: each row sums to 1 (docs/conventions.md §Routing statistics, domain
+    specialisation). Domains with no tokens get a NaN row."""
     counts = domain_counts(ids, domain, n_domains, n_experts).astype(np.float64)
     rows = counts.sum(axis=1, keepdims=True)  # [D, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -39,8 +39,8 @@ def domain_usage(ids, domain, n_domains: int, n_experts: int) -> np.ndarray:
 
 
 def domain_jsd(usage) -> np.ndarray:
-    """Jensen-Shannon divergence in bits between every pair of domain usage vectors, [D, D], in [0, 1] (ALGORITHMS.md
-    §1: divergence of per-domain frequency vectors between domains).
+    """Jensen-Shannon divergence in bits between every pair of domain usage vectors, [D, D], in [0, 1]
+    (docs/conventions.md §Routing statistics: divergence of per-domain frequency vectors between domains).
 
     scipy's `jensenshannon` returns the JS *distance* (the square root); this returns its square, the divergence.
     NaN rows (domains without tokens) give NaN.
@@ -53,8 +53,8 @@ def domain_jsd(usage) -> np.ndarray:
 
 
 def domain_nmi(ids, domain, n_domains: int, n_experts: int) -> float:
-    """Normalised mutual information I(domain; expert) / H(domain), in [0, 1] (ALGORITHMS.md §1, domain specialisation;
-    normalised by H(domain) as the brief specifies, so it reads "share of the domain's uncertainty the experts remove").
+    """Normalised mutual information I(domain; expert) / H(domain), in [0, 1] (docs/conventions.md §Routing statistics,
+    domain specialisation; normalised by H(domain), so it reads "share of the domain's uncertainty the experts remove").
 
     Every top-k selection is one observation (domain of its token, selected expert), so a token counts K times. 1 means
     the selected experts determine the domain; 0 means routing ignores the domain. NaN with a single domain (H = 0).
@@ -83,7 +83,7 @@ class TokenExpertNPMI:
 
 
 def token_expert_npmi(ids, token_id, n_experts: int, top_n: int = 10, min_count: int = 10) -> TokenExpertNPMI:
-    """nPMI between token ids and experts (RICE, arXiv 2505.14681, Eq. for nPMI; ALGORITHMS.md §1):
+    """nPMI between token ids and experts (RICE, arXiv 2505.14681, Eq. for nPMI):
     nPMI(x, e) = log2[p(x, e) / (p(x) p(e))] / (-log2 p(x, e)).
 
     Probabilities are over top-k selections (N = T * K): p(x, e) = n(x, e) / N, p(e) = n(e) / N, and p(x) = n(x) / T

@@ -20,10 +20,10 @@ def super_experts(output_max, layer_fraction: float = 0.75, percentile: float = 
                   relative: float = 0.1) -> list[SuperExpert]:
     """Super experts from per-layer, per-expert max |output| of the down projection, output_max [L, E].
 
-    arXiv 2507.23279 as ALGORITHMS.md §1 states it: keep the first 75% of layers (floor(0.75 * L), at least one); a
-    super expert has output_max above the 99.5th percentile of all kept experts' values (numpy's default linear
-    interpolation) AND above max(output_max) / 10. Our reading: both comparisons strict, both thresholds taken over the
-    kept layers only. Returns rows sorted by value, largest first.
+    arXiv 2507.23279 as docs/conventions.md §Routing statistics states it: keep the first 75% of layers (floor(0.75 *
+    L), at least one); a super expert has output_max above the 99.5th percentile of all kept experts' values (numpy's
+    default linear interpolation) AND above max(output_max) / 10. Our reading: both comparisons strict, both thresholds
+    taken over the kept layers only. Returns rows sorted by value, largest first.
     """
     out = np.asarray(output_max, dtype=np.float64)
     if out.ndim != 2 or out.size == 0:

@@ -25,7 +25,9 @@ def info(
         return
     table = Table(title=f"{model}", show_header=False)
     rows = [
-        ("architecture", f"{summary['architecture']} ({summary['model_type']})"),
+        ("architecture", f"{summary['architecture']} ({summary['model_type']}"
+                         + (f", MoE language model {summary['moe_family']})" if summary["moe_family"] !=
+                            summary["model_type"] else ")")),
         ("layers", f"{summary['layers']} ({len(summary['moe_layers'])} MoE, {len(summary['dense_layers'])} dense)"),
         ("experts per layer", str(summary["experts_per_layer"])),
         ("top-k", str(summary["top_k"])),

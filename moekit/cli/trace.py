@@ -10,7 +10,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from moekit.cli import app, console, print_json
+from moekit.cli import app, console, parse_dtype, print_json
+from moekit.cli.experts import CALIB_HELP, ROUTING_HELP, STEER_HELP
 
 
 @app.command()
@@ -32,16 +33,23 @@ def trace(
                                              "forecasts (`moekit predictor train`), for `simulate --policy predictive`"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted trace in --out"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: checkpoint's)"),
+    routing: Optional[str] = typer.Option(None, "--routing", help=ROUTING_HELP + "; the trace records its choice"),
+    steer: Optional[Path] = typer.Option(None, "--steer", help=STEER_HELP),
+    calib: Optional[list[str]] = typer.Option(None, "--calib", help=CALIB_HELP),
     json_out: bool = typer.Option(False, "--json", help="print the final summary as one JSON line"),
 ) -> None:
     """Record which experts every token is routed to, per MoE layer, into versioned Parquet chunks."""
+    from moekit.routing import parse
+    from moekit.routing.calibrate import batch_routing
     from moekit.trace import TraceOptions, record
 
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
                            logits=logits, activation_stats=activation_stats, skip_tokens=skip_tokens)
+    torch_dtype = parse_dtype(dtype)
+    policy = batch_routing(parse(routing, steer))  # a bad spec fails before the weights are read
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
-        manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance,
-                          predictor=predictor)
+        manifest = record(model, data, out, options=options, resume=resume, dtype=torch_dtype, on_tokens=advance,
+                          routing=policy, calib=calib or None, predictor=predictor)
     _report(summary(out, manifest), json_out)
 
 
@@ -64,10 +72,11 @@ def trace_info(
     folder: Path = typer.Argument(..., help="a trace folder"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
-    """Check a trace folder (manifest, every chunk's footer and schema version) and summarise it."""
+    """Check a trace folder (manifest, every chunk's schema and every page's checksum) and summarise it."""
     import moekit.trace
 
     t = moekit.trace.open(folder)
+    t.verify()
     _report({**summary(folder, t.manifest), "model": t.manifest["model"], "domains": ",".join(t.domain_names)},
             json_out)
 
@@ -81,6 +90,7 @@ def summary(out: Path, manifest: dict) -> dict:
         "sequences": manifest["sequences"], "chunks": len(manifest["chunks"]), "layers": len(manifest["layers"]),
         "top_k": manifest["top_k"], "num_experts": manifest["num_experts"], "bytes": size,
         "bytes_per_selected_expert": round(size / selections, 3) if selections else None,
+        **({"routing": manifest["routing"]["spec"]} if manifest.get("routing") else {}),
     }
 
 
@@ -101,20 +111,23 @@ class _Rate(ProgressColumn):
 
 
 class _progress:
-    """A rich progress bar fed with token counts; a no-op when disabled (not a TTY, or --json)."""
+    """A rich progress bar fed with token counts, drawn from the first tokens on (so nothing is drawn while the
+    arguments and the checkpoint are checked); a no-op when disabled (not a TTY, or --json)."""
 
     def __init__(self, enabled: bool, total: int | None):
-        self.enabled, self.total = enabled, total
+        self.enabled, self.total, self.bar = enabled, total, None
 
     def __enter__(self):
-        if not self.enabled:
-            return None
-        self.bar = Progress(TextColumn("tracing"), BarColumn(), TextColumn("{task.completed:,} tokens"), _Rate(),
-                            TimeElapsedColumn(), console=console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("trace", total=self.total)
-        return lambda n: self.bar.advance(task, n)
+        return self.advance if self.enabled else None
+
+    def advance(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn("tracing"), BarColumn(), TextColumn("{task.completed:,} tokens"), _Rate(),
+                                TimeElapsedColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("trace", total=self.total)
+        self.bar.advance(self.task, n)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()

@@ -29,7 +29,7 @@ def collect(view: MoEView, batches: Iterable[torch.Tensor], max_tokens: int | No
     try:
         with torch.no_grad():
             for ids in batches:
-                view.model(ids.to(view.model.device))
+                view.forward(ids.to(view.model.device))
                 cal.tokens += ids.numel()
                 if max_tokens is not None and cal.tokens >= max_tokens:
                     break

@@ -1,8 +1,8 @@
 """Held-out evaluation of a checkpoint: perplexity and next-token accuracy per domain.
 
-The protocol of ALGORITHMS.md §8 on the demo model: each domain's held-out documents are cut into non-overlapping
-windows (moekit.trace.data.sequences: a window never crosses a document; the eos token ends each document, as in
-training); within a window every position after the first predicts the next token. Per domain:
+The protocol of docs/conventions.md §Evaluation protocol on the demo model: each domain's held-out documents are cut
+into non-overlapping windows (moekit.trace.data.sequences: a window never crosses a document; the eos token ends each
+document, as in training); within a window every position after the first predicts the next token. Per domain:
   perplexity = exp(mean NLL over every predicted token of every window), accuracy = share of argmax hits.
 "overall" pools the tokens of all domains (so bigger domains weigh more); "macro" averages the domains' mean NLL.
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
+from moekit.models.validate import open_checkpoint
 
 DEFAULT_SEQ_LEN = 256
 DEFAULT_MAX_TOKENS = 16384  # per domain: ~45 s for the 8 demo domains on 2 CPU cores (benchmarks/compression.py)
@@ -53,17 +54,11 @@ def load_for_eval(path: Path, dtype: torch.dtype | None = torch.float32) -> tupl
 def _load_hf(path: Path, dtype) -> tuple[nn.Module, object]:
     import moekit.models
 
+    checked = open_checkpoint(path, tokenizer=True)  # every check before the weights are read
+    checked.view.require("eval", causal=True)
     view = moekit.models.load(path, dtype=dtype)  # eager experts: the fastest on CPU at these batch sizes
-    return view.model.eval(), load_tokenizer(path)
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    # a wrapper scores text through its language model (Llama 4's own forward cannot take text alone)
+    return moekit.models.language_model(view.model).eval(), checked.tokenizer
 
 
 # ---------------------------------------------------------------- data
@@ -156,19 +151,53 @@ def evaluate(model: nn.Module, windows: dict[str, list[np.ndarray]], batch_size:
     return result
 
 
+def check_evaluation(path: Path, data: list[str], seq_len: int, max_tokens: int | None, batch_size: int,
+                     routings=(), calib: list[str] | None = None) -> list:
+    """What `moekit eval` checks before a weight is read: the data, the options, the calibration data, and every
+    routing policy given (moekit.routing.Routing or None) against the model's layers and experts on its meta-device
+    view. Returns the data sources."""
+    import moekit.models
+    from moekit.models.validate import check_routing
+    from moekit.trace.data import resolve_data
+
+    sources = resolve_data(data)
+    at_least("--seq-len", seq_len)
+    at_least("--batch-size", batch_size)
+    if max_tokens is not None:
+        at_least("--max-tokens", max_tokens, 0)
+    if calib:
+        resolve_data(calib)
+    routings = [r for r in routings if r is not None]
+    if routings:
+        meta = moekit.models.load(path, meta=True)
+        for routing in routings:
+            check_routing(routing, meta)
+    return sources
+
+
 def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
                   max_tokens: int | None = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH,
-                  progress_factory=None) -> dict:
-    """load_for_eval + tokenised --data + evaluate, as the CLI runs it."""
-    from moekit.trace.data import encoder, resolve_data
+                  progress_factory=None, routing=None, calib: list[str] | None = None) -> dict:
+    """load_for_eval + tokenised --data + evaluate, as the CLI runs it; under a moekit.routing.Routing if given
+    (calibrated on `calib` when it needs it: skip=auto)."""
+    from contextlib import nullcontext
 
-    sources = resolve_data(data)  # bad --data fails before the weights are read
+    import moekit.models
+    from moekit.trace.data import encoder
+
+    sources = check_evaluation(path, data, seq_len, max_tokens, batch_size, [routing], calib)
     model, tokenizer = load_for_eval(path)
     windows = domain_windows(sources, encoder(tokenizer), seq_len, max_tokens)
     total = sum(len(w) for ws in windows.values() for w in ws)
-    if progress_factory is None:
-        result = evaluate(model, windows, batch_size)
-    else:
-        with progress_factory(total) as advance:
-            result = evaluate(model, windows, batch_size, advance)
-    return {"model": str(path), "seq_len": seq_len, "max_tokens_per_source": max_tokens, **result.to_dict()}
+    context = nullcontext()
+    if routing is not None:  # a moekit.routing.Routing (duck-typed)
+        view = moekit.models.load(model)
+        context = routing.prepare(view, tokenizer, calib, per_prompt=False).applied(view)
+    with context:
+        if progress_factory is None:
+            result = evaluate(model, windows, batch_size)
+        else:
+            with progress_factory(total) as advance:
+                result = evaluate(model, windows, batch_size, advance)
+    extra = {"routing": routing.spec()} if routing is not None else {}
+    return {"model": str(path), "seq_len": seq_len, "max_tokens_per_source": max_tokens, **extra, **result.to_dict()}

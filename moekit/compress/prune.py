@@ -1,4 +1,4 @@
-"""Expert pruning (ALGORITHMS.md §2): keep N of the E routed experts of every MoE layer.
+"""Expert pruning (methods, formulas, papers: docs/compression.md): keep N of the E routed experts of every MoE layer.
 
 A method turns calibration statistics (MoE-block inputs X, outputs Z, and for EASY-EP the residual stream h) into a
 `Plan`: per MoE layer the kept expert ids (ascending) and a score per expert (higher = more worth keeping).
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit.compress.calib import Calibration, collect
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
 from moekit.registry import Registry
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.reference import expert_mlp
@@ -115,11 +115,13 @@ def top_n_plan(name: str, view: MoEView, scores: Mapping[int, torch.Tensor], n: 
     )
 
 
-def routing(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [T, E] float32, weights [T, K], ids [T, K]) as the layer routes MoE-block inputs x [T, H]."""
-    logits = layer.router_logits(x.to(layer.router.weight.dtype)).float()  # the router's own dtype, as in the model
-    bias = layer.correction_bias
-    weights, ids = route(logits, layer.rule, None if bias is None else bias.float())
+def routing(layer: MoELayer, x: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """(logits [T, E] float32, weights [T, K], ids [T, K]) as the layer routes MoE-block inputs x [T, H]: windows of
+    seq_len tokens (capacity-limited routers count their capacity per window)."""
+    logits = layer.router_logits(x.to(layer.router_linear.weight.dtype)).float()  # the router's dtype, as in the model
+    sequences = x.shape[0] // seq_len if seq_len and layer.rule.drops_tokens else 1
+    weights, ids = layer.route_logits(logits, sequences=sequences)
     return logits, weights, ids
 
 
@@ -147,15 +149,15 @@ def plan_random(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=No
     return top_n_plan("random", view, scores, n)
 
 
-def frequency_scores(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """[E] how often each expert is among a calibration token's selected K (ALGORITHMS.md §2, frequency baseline)."""
-    _, _, ids = routing(layer, x)
+def frequency_scores(layer: MoELayer, x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    """[E] how often each expert is among a calibration token's selected K (frequency baseline, docs/compression.md)."""
+    _, _, ids = routing(layer, x, seq_len)
     return torch.bincount(ids.reshape(-1), minlength=layer.num_experts).float()
 
 
 def plan_frequency(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=None) -> Plan:
     """Keep the N most frequently selected experts on the calibration text."""
-    scores = _per_layer(view, lambda layer: frequency_scores(layer, stats.cal.x[layer.index]), tick)
+    scores = _per_layer(view, lambda layer: frequency_scores(layer, stats.cal.x[layer.index], stats.sample_len), tick)
     return top_n_plan("frequency", view, scores, n)
 
 
@@ -181,7 +183,7 @@ def plan_tcess(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=Non
     correction bias included) where PreMoe's code takes a plain top-k of the logits; for softmax routers they agree."""
 
     def score(layer: MoELayer) -> torch.Tensor:
-        logits, _, ids = routing(layer, stats.cal.x[layer.index])
+        logits, _, ids = routing(layer, stats.cal.x[layer.index], stats.sample_len)
         signal = logits if opts.tcess_signal == "logit" else torch.softmax(logits, dim=-1)
         return tcess_scores(signal, ids, opts.tcess_r)
 
@@ -209,18 +211,25 @@ def easy_ep_scores(gates: torch.Tensor, ids: torch.Tensor, out_norms: torch.Tens
 def routed_outputs(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor,
                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(routed output y [T, H], ||E_e(x_t)|| [T, K] of each selection), float32, looping over experts like the
-    reference MoE (moekit.ops.reference)."""
-    x = x.float()
+    reference MoE (moekit.ops.reference); experts working in a latent space see and give it (MoELayer.expert_input)."""
+    x = _expert_input(layer, x)
     y, norms = torch.zeros_like(x), torch.zeros(ids.shape)
     for e in range(layer.num_experts):
         tok, slot = torch.where(ids == e)
         if tok.numel() == 0:
             continue
         w, g = expert_weights(layer, e), weights[tok, slot, None].float()  # g [t, 1]
-        out = expert_mlp(x[tok], w, layer.activation)  # [t, H]
+        out = expert_mlp(x[tok], w, layer.activation, layer.expert_norm)  # [t, H]
         norms[tok, slot] = out.norm(dim=-1)
-        y.index_add_(0, tok, expert_mlp(x[tok] * g, w, layer.activation) if layer.rule.weight_on_input else out * g)
-    return y, norms
+        y.index_add_(0, tok, expert_mlp(x[tok] * g, w, layer.activation, layer.expert_norm)
+                     if layer.rule.weight_on_input else out * g)
+    return layer.expert_output(y.to(layer.expert_params()[0].dtype)).float(), norms
+
+
+def _expert_input(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts compute on for block inputs x, float32 (a latent projection runs in the model
+    dtype)."""
+    return layer.expert_input(x.to(layer.expert_params()[0].dtype)).float() if layer.adapter.expert_in else x.float()
 
 
 def plan_easy_ep(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=None) -> Plan:
@@ -230,7 +239,7 @@ def plan_easy_ep(view: MoEView, stats: Stats, n: int, opts: PruneOptions, tick=N
 
     def score(layer: MoELayer) -> torch.Tensor:
         x = stats.cal.x[layer.index]
-        _, weights, ids = routing(layer, x)
+        _, weights, ids = routing(layer, x, stats.sample_len)
         y, norms = routed_outputs(layer, x, weights, ids)
         return easy_ep_scores(weights, ids, norms, stats.h[layer.index], y, layer.num_experts)
 
@@ -266,22 +275,28 @@ class NaeeLayer:
 
     def __init__(self, layer: MoELayer, x: torch.Tensor, z: torch.Tensor, sample_len: int | None):
         self.layer, self.rule = layer, layer.rule
-        self.logits, _, _ = routing(layer, x)  # [T, E]
+        self.logits, _, _ = routing(layer, x, sample_len)  # [T, E (+ extra router rows)]
         bias = layer.correction_bias
         self.bias = None if bias is None else bias.float()
+        self.sequences = x.shape[0] // sample_len if sample_len and layer.rule.drops_tokens else 1
         self.x = x.float()
-        shared = layer.shared_forward(x.to(layer.router.weight.dtype)).float()
+        shared = layer.shared_forward(x.to(layer.router_linear.weight.dtype)).float()
         self.target = (z.float() - shared).double()  # [T, H] Z minus the shared experts: what the routed ones must give
         self.sample_len = sample_len or x.shape[0]
         # every expert on every token, once: a candidate set then costs a gather, not an expert pass
         self.outputs = None if layer.rule.weight_on_input else torch.stack(
-            [expert_mlp(self.x, expert_weights(layer, e), layer.activation) for e in range(layer.num_experts)]
+            [expert_mlp(xe, expert_weights(layer, e), layer.activation, layer.expert_norm)
+             for xe in [_expert_input(layer, x)] for e in range(layer.num_experts)]
         )  # [E, T, H]
 
     def loss(self, keep: list[int]) -> float:
         idx = torch.as_tensor(keep)
-        weights, local = route(self.logits[:, idx], self.rule, None if self.bias is None else self.bias[idx])
-        ids = idx[local]  # [T, K] global expert ids
+        E = self.layer.num_experts
+        columns = torch.cat([idx, torch.arange(E, self.logits.shape[1])])  # extra rows (skip, shared, zero) stay
+        bias = None if self.bias is None else self.bias[columns if self.bias.shape[0] > E else idx]
+        weights, local = route(self.logits[:, columns], self.rule, bias, scale=self.layer.router_scale,
+                               sequences=self.sequences)
+        ids = columns[local]  # [T, K] global expert ids
         return self._distance(weights, ids)
 
     def loss_without(self, e: int) -> float:
@@ -289,7 +304,7 @@ class NaeeLayer:
         scores (a single drop would unbalance router groups)."""
         logits = self.logits.clone()
         logits[:, e] = float("-inf")
-        weights, ids = route(logits, self.rule, self.bias)
+        weights, ids = route(logits, self.rule, self.bias, scale=self.layer.router_scale, sequences=self.sequences)
         return self._distance(weights, ids)
 
     def _distance(self, weights: torch.Tensor, ids: torch.Tensor) -> float:
@@ -298,9 +313,17 @@ class NaeeLayer:
             routed = routed_outputs(self.layer, self.x, weights, ids)[0].double()
         else:
             picked = self.outputs[ids, torch.arange(ids.shape[0])[:, None]]  # [T, K, H]
-            routed = torch.bmm(weights.float()[:, None, :], picked).squeeze(1).double()  # [T, H]; a K-term sum
+            routed = torch.bmm(weights.float()[:, None, :], picked).squeeze(1)  # [T, H]; a K-term sum
+            routed = layer_output(self.layer, routed).double()
         diff = self.target - routed
         return sum(torch.linalg.norm(chunk).item() for chunk in torch.split(diff, self.sample_len))
+
+
+def layer_output(layer: MoELayer, routed: torch.Tensor) -> torch.Tensor:
+    """A routed sum from the experts' (latent) space into the block's hidden space, float32."""
+    if not layer.adapter.expert_out:
+        return routed
+    return layer.expert_output(routed.to(layer.expert_params()[0].dtype)).float()
 
 
 def naee_exact(loss: Callable[[list[int]], float], candidates) -> tuple[list[int], float]:
@@ -363,10 +386,8 @@ register(Method("naee", plan_naee, summary="NAEE reconstruction-loss enumeration
 def check_residual_identity(view: MoEView) -> None:
     """EASY-EP's h is read as (decoder-layer output) - (MoE-block output): exact when the layer adds the block's output
     straight to the residual (every pre-norm family). Families that normalise the block output first are refused."""
-    from moekit.models import decoder_layers
-
     for layer in view.layers:
-        decoder = decoder_layers(view.model)[layer.index]
+        decoder = view.decoder_layers[layer.index]
         norms = [name for name in POST_BLOCK_NORMS if hasattr(decoder, name)]
         if norms:
             raise UserError(f"easy-ep needs the residual stream before the MoE block; this {view.model_type} layer "
@@ -380,11 +401,9 @@ def collect_stats(view: MoEView, batches, max_tokens: int | None, residual: bool
     post-attention norm in pre-norm layers, shared experts not included."""
     if not residual:
         return Stats(collect(view, batches, max_tokens), sample_len=sample_len)
-    from moekit.models import decoder_layers
-
     check_residual_identity(view)
     outs: dict[int, list[torch.Tensor]] = {}
-    decoders = decoder_layers(view.model)
+    decoders = view.decoder_layers
     handles = [decoders[m.index].register_forward_hook(_keep_output(m.index, outs)) for m in view.layers]
     try:
         cal = collect(view, batches, max_tokens)
@@ -461,21 +480,24 @@ def prune_checkpoint(model_path: Path, keep: str, method: str, calib: list[str],
     import moekit.models
     from moekit.compress.checkpoint import save_checkpoint
     from moekit.compress.calibdata import calib_windows
-    from moekit.compress.evaluate import batches, load_tokenizer
+    from moekit.compress.evaluate import batches
+    from moekit.files import check_out
+    from moekit.models.validate import open_checkpoint
     from moekit.trace.data import resolve_data
 
     spec, opts = get_method(method), opts or PruneOptions()
-    if Path(out).exists():
-        raise UserError(f"{out} already exists: choose another --out or remove it")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    check_out(out)
+    at_least("--max-tokens", max_tokens)
+    at_least("--seq-len", seq_len)
     sources = resolve_data(calib)
-    meta = moekit.models.load(model_path, meta=True)
+    checked = open_checkpoint(model_path, tokenizer=True)
+    meta = checked.view
+    meta.require("prune", resize=True, routing=method != "random")
     n = resolve_keep(keep, meta.num_experts, meta.top_k, meta.layers[0].rule.n_group)
-    view = moekit.models.load(model_path)
     if spec.needs_residual:
-        check_residual_identity(view)
-    windows = calib_windows(load_tokenizer(model_path), sources, seq_len=seq_len, max_tokens=max_tokens)
+        check_residual_identity(meta)  # structure only: the meta view tells
+    windows = calib_windows(checked.tokenizer, sources, seq_len=seq_len, max_tokens=max_tokens)
+    view = moekit.models.load(model_path)
     calib_batches = list(batches([w for ws in windows.values() for w in ws]))
     E, before = view.num_experts, model_bytes(view.model)
     with _progress(progress_factory, "calibrating", len(calib_batches)) as tick:

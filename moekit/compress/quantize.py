@@ -1,5 +1,5 @@
-"""Mixed-precision expert quantisation (ALGORITHMS.md §4): group-wise round-to-nearest at 2/3/4/8 bits per expert, with
-bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
+"""Mixed-precision expert quantisation (docs/quantization.md): group-wise round-to-nearest at 2/3/4/8 bits per expert,
+with bit widths chosen uniformly (`rtn`) or by MC-MoE's pre-loading mixed-precision quantisation (`pmq`).
 
 Quantiser: asymmetric round-to-nearest with one scale and one integer zero point per group of `group_size` consecutive
 weights along the input dimension (the last dim of the canonical [out, in] matrices gate/up [I, H] and down [H, I]).
@@ -141,15 +141,17 @@ def expert_losses(layer: MoELayer, x: torch.Tensor, weights: torch.Tensor, ids: 
     if tok.numel() == 0:
         return [0.0] * len(bits)
     g = weights[tok, slot, None].to(x.dtype)  # [t, 1]
+    if layer.adapter.expert_in:  # experts in a latent space: their projected input (losses in that space)
+        x = layer.expert_input(x.to(layer.expert_params()[0].dtype)).float()
     xe = x[tok] * g if layer.rule.weight_on_input else x[tok]  # [t, H]
     scale = 1.0 if layer.rule.weight_on_input else g
     w = layer.get_expert(e)
     with torch.no_grad():
-        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation)  # [t, H]
+        y = expert_mlp(xe, {k: v.float() for k, v in w.items()}, layer.activation, layer.expert_norm)  # [t, H]
         out = []
         for b in bits:
             wb = dequantize_expert({k: v.float() for k, v in w.items()}, quantize_expert(w, b, group_size))
-            out.append(((expert_mlp(xe, wb, layer.activation) - y) * scale).double().norm().item())
+            out.append(((expert_mlp(xe, wb, layer.activation, layer.expert_norm) - y) * scale).double().norm().item())
     return out
 
 
@@ -194,11 +196,25 @@ def pmq_cost(n: torch.Tensor, w: torch.Tensor, losses: np.ndarray, alpha: float 
 # ---------------------------------------------------------------- plans: decoder layer -> width per expert
 
 
+def check_bits(avg_bits: float, method: str) -> None:
+    """--avg-bits against --method, before any weight is read: rtn takes one of BITS, pmq any budget >= the smallest
+    width; 16 and more keep the experts as they are."""
+    if method not in ("rtn", "pmq"):
+        raise UserError(f"unknown --method {method!r}; known: rtn, pmq")
+    if not math.isfinite(avg_bits):
+        raise UserError(f"--avg-bits must be a number of bits such as 4 or 2.5, got {avg_bits}")
+    if avg_bits >= DENSE:
+        return
+    if method == "rtn" and (avg_bits not in BITS or int(avg_bits) != avg_bits):
+        raise UserError(f"--method rtn needs --avg-bits in {', '.join(map(str, (*BITS, DENSE)))}, got {avg_bits:g} "
+                        f"(other budgets, e.g. 2.5, need --method pmq)")
+    if avg_bits < min(BITS):
+        raise UserError(f"--avg-bits {avg_bits:g} is below the smallest width {min(BITS)}")
+
+
 def rtn_plan(view: MoEView, bits: float) -> dict[int, list[int]]:
     """Every expert at `bits` (one of BITS, or 16: pass-through)."""
-    if bits not in (*BITS, DENSE) or int(bits) != bits:
-        raise UserError(f"--method rtn needs --avg-bits in {', '.join(map(str, (*BITS, DENSE)))}, got {bits:g} "
-                        f"(other budgets, e.g. 2.5, need --method pmq)")
+    check_bits(bits, "rtn")
     return {m.index: [int(bits)] * m.num_experts for m in view.layers}
 
 
@@ -349,17 +365,17 @@ def quantize(view: MoEView, avg_bits: float, *, method: str = "rtn", group_size:
     """Choose widths (rtn: all `avg_bits`; pmq: the integer program; 16: pass-through), quantise in place, and return
     the report and the sidecar to write with the checkpoint."""
     check_group_size(group_size)
+    check_bits(avg_bits, method)
+    view.require("quantize", causal=True, routing=method == "pmq" and avg_bits < DENSE)
     details = None
     if avg_bits >= DENSE:
         plan = rtn_plan(view, DENSE)  # nothing to choose: every expert stays as it is
     elif method == "rtn":
         plan = rtn_plan(view, avg_bits)
-    elif method == "pmq":
+    else:  # pmq (check_bits knows no other)
         if cal is None:
             raise UserError("--method pmq needs calibration data: pass --calib DATA")
         plan, details = pmq_plan(view, cal, avg_bits, group_size, progress=progress)
-    else:
-        raise UserError(f"unknown --method {method!r}; known: rtn, pmq")
     bytes_ = packed_bytes(view, plan, group_size)
     sidecar = apply_plan(view, plan, group_size)
     widths = [b for bs in plan.values() for b in bs]

@@ -83,7 +83,7 @@ register(
 register(
     Adapter(
         "gpt_oss", topk_then_softmax, expert_count_keys=("num_local_experts",), router="router",
-        activation=lambda config: swiglu_oai(config.swiglu_alpha, config.swiglu_limit),
+        activation=lambda config, experts: swiglu_oai(config.swiglu_alpha, config.swiglu_limit),
         notes="experts stored transposed with interleaved gate/up columns and biases",
     )
 )

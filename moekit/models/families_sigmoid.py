@@ -138,7 +138,7 @@ register(
 register(
     Adapter("lfm2_moe", lfm2_moe, expert_count_keys=("num_experts",), block="feed_forward",
             correction_bias="expert_bias", correction_bias_on_block=True,
-            activation=lambda config: glu("silu"))  # Lfm2MoeExperts hard-codes F.silu; the config has no hidden_act
+            activation=lambda config, experts: glu("silu"))  # Lfm2MoeExperts hard-codes F.silu: no hidden_act
 )
 register(
     Adapter("afmoe", afmoe, expert_count_keys=("num_experts",), router="router", router_linear="gate",
@@ -153,7 +153,8 @@ register(
     Adapter("minimax_m3_vl_text", sigmoid_bias_topk_renorm, expert_count_keys=("num_local_experts",),
             shared="shared_experts", correction_bias="e_score_correction_bias",
             routed_scale_key="routed_scaling_factor", notes="text model of MiniMax-M3-VL",
-            activation=lambda config: swiglu_oai(config.swiglu_alpha, config.swiglu_limit))  # GPT-OSS's clamped SwiGLU
+            # GPT-OSS's clamped SwiGLU
+            activation=lambda config, experts: swiglu_oai(config.swiglu_alpha, config.swiglu_limit))
 )
 register(
     Adapter("hy_v3", hy_v3, expert_count_keys=("num_experts",), shared="shared_experts",
@@ -181,5 +182,5 @@ register(
 register(
     Adapter("inkling2_text", inkling2, expert_count_keys=("n_routed_experts",),
             correction_bias="e_score_correction_bias", router_fp32=True, notes="text model of Inkling-2",
-            activation=lambda config: softcapped_swiglu(config.mlp_gate_softcap, config.mlp_up_softcap))
+            activation=lambda config, experts: softcapped_swiglu(config.mlp_gate_softcap, config.mlp_up_softcap))
 )

@@ -21,6 +21,7 @@ class ExpertLayout:
     interleaved: bool = False  # gate/up columns interleaved g0, u0, g1, u1, ... (GPT-OSS) instead of [gate; up]
     has_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
     has_gate: bool = True  # False: up_proj only, act(up)
+    single_neuron: bool = False  # experts of one neuron, rows of two [E, H] embeddings (Doge CDMoE, PEER)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Adapter:
     shared: str | None = None  # shared expert MLP, added to every token's output
     shared_gate: str | None = None  # Linear(H, 1) whose sigmoid scales the shared expert (Qwen2-MoE)
     shared_on_layer: bool = False  # `shared` is a decoder-layer attribute, fed the block's input (GraniteMoeShared)
+    shared_block_mlp: bool = False  # the block's own gate_proj / up_proj / down_proj are its shared expert (Doge)
     shared_mix_key: str | None = None  # config key: "sum" (default) or "average" of routed and shared (Cohere2-MoE)
     post_norm: str | None = None  # MoE-block attribute of a norm the block applies to its output (AXK1)
     identity_experts_key: str | None = None  # config key: zero-compute experts after the routed ones (LongCat-Flash)
@@ -45,9 +47,47 @@ class Adapter:
     router_fp32: bool = False  # router linear computed in float32 whatever the model dtype
     router_softcap_key: str | None = None  # config key of the router logit soft-cap: cap * tanh(logits / cap) (Laguna)
     layout: ExpertLayout | None = None  # None: read the flags use_experts_implementation sets on the experts module
-    activation: Callable | None = None  # (config) -> gated activation; None: act(gate) * up with config.hidden_act
-    router_output: str = "logits_weights_ids"  # what the router returns; "scores_logits" for Llama 4
+    activation: Callable | None = None  # (config, experts module) -> activation; None: act(gate) * up, hidden_act
+    router_output: str = "logits_weights_ids"  # what the router returns: one of ROUTER_OUTPUTS
+    # --- experts stored other than as transformers' fused `experts` module (paths relative to the MoE block)
+    fused: tuple[tuple[str, str], ...] = ()  # fused tensor name -> path under the experts module (JetMoE, Doge)
+    per_expert: tuple[tuple[str, str], ...] = ()  # one module per expert, `expert_{e}`: canonical name -> path
+    # --- what the block does around the routed experts
+    expert_in: tuple[str, ...] = ()  # block modules applied, in order, to the experts' input (latent projections)
+    expert_out: tuple[str, ...] = ()  # ... and to the routed sum (NemotronH, MuseSpark)
+    output_bias: str | None = None  # block parameter [H] added to the block output (JetMoE)
+    router_logit_scale_key: str | None = None  # config key of a factor on the router logits (MuseSpark)
+    router_scale: str | None = None  # router parameter multiplying the final weights (Inkling global_scale)
+    hash_table: str | None = None  # router buffer [V, K]: token id -> experts, for rule.hashed layers (DeepSeek-V4)
+    router_state: bool = False  # the router also takes the previous MoE layer's router state (Zaya)
+    token_dropout_key: str | None = None  # config key p: the block scales expert outputs by 1 - p at inference (NLLB)
+    stacks: tuple[tuple[str, str, str], ...] = ()  # (kind, layers path, MoE-block path): encoder-decoder models
+    loop_keys: tuple[str, str, str] | None = None  # config keys (first, end, passes) of layers run several times
+    fixed_count: str = ""  # why the expert count cannot change (no prune / merge), "" when it can
+    fixed_routing: str = ""  # why inference routing policies cannot apply (moekit/routing), "" when they can
     notes: str = ""
+
+    def __post_init__(self):
+        if self.router_output not in ROUTER_OUTPUTS:
+            raise ValueError(f"{self.model_type}: unknown router_output {self.router_output!r}")
+        if self.fused and self.per_expert:
+            raise ValueError(f"{self.model_type}: experts are either fused tensors or one module each, not both")
+
+    @property
+    def seq2seq(self) -> bool:
+        return bool(self.stacks)
+
+
+# router_output values: how a family's router module reports its routing (MoELayer.parse_router_output reads them)
+ROUTER_OUTPUTS = (
+    "logits_weights_ids",  # (logits [T, E], weights [T, K], ids [T, K]): transformers' MoE router contract
+    "scores_logits",  # Llama 4: (dense scores [T, E] zero off the top-k, logits)
+    "with_extra",  # (logits, weights, ids, something else): Inkling's shared gammas, Zaya's router state
+    "logits",  # the router is a Linear: its logits; the block routes them inline (Doge)
+    "sorted_dispatch",  # JetMoE: (flat positions sorted by expert, token index, gates, expert sizes, logits)
+    "capacity_mask",  # Switch: (one-hot dispatch [.., E] zeroed over capacity, top-1 probability [.., 1], logits)
+    "dense_gates",  # NLLB-MoE: (top-1 one-hot [T, E], combine weights [T, E] zero off the kept top-2, logits)
+)
 
 
 _ADAPTERS: Registry = Registry("adapter", unknown="model type {name!r} is not a supported MoE family; supported: {known}")

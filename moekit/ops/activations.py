@@ -1,4 +1,5 @@
-"""Gated activations of expert MLPs: act(gate) * up, GPT-OSS's clamped SwiGLU, Inkling2's soft-capped SwiGLU."""
+"""Expert activations: act(gate) * up, GPT-OSS's and DeepSeek-V4's clamped SwiGLUs, Inkling2's soft-capped SwiGLU, and
+act(up) for experts without a gate (NemotronH, Switch, NLLB-MoE, Doge)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,33 @@ def glu(name: str) -> GatedActivation:
     """act(gate) * up with a transformers activation name (silu for SwiGLU, gelu for GeGLU, ...)."""
     act = ACT2FN[name]
     return lambda gate, up: act(gate) * up
+
+
+def plain(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """act(up) for experts without a gate projection (relu2 in NemotronH, relu in Switch / NLLB-MoE)."""
+    return ACT2FN[name]
+
+
+def clamped_glu(name: str, limit: float) -> GatedActivation:
+    """DeepSeek-V4 / Step-3.5: gate clamped above at `limit` (before the activation), up clamped to [-limit, limit],
+    act(gate) * up (DeepseekV4Experts._apply_gate)."""
+    act = ACT2FN[name]
+
+    def fn(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return act(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+    return fn
+
+
+def clamped_after_glu(name: str, limit: float) -> GatedActivation:
+    """Step-3.5: act(gate) clamped above at `limit` (after the activation), up clamped to [-limit, limit]
+    (Step3p7Experts._apply_gate; limit inf: plain act(gate) * up)."""
+    act = ACT2FN[name]
+
+    def fn(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return act(gate).clamp(max=limit) * up.clamp(min=-limit, max=limit)
+
+    return fn
 
 
 def swiglu_oai(alpha: float, limit: float) -> GatedActivation:

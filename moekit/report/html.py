@@ -1,20 +1,20 @@
 """One self-contained HTML file from the routing-analysis results (moekit.analysis.run.analyze_arrays).
 
 Figures are PNGs embedded as base64 data URIs, styles are inline: the file opens offline and can be mailed as is.
-Written atomically (temporary file in the target folder, then os.replace), so a reader never sees half a report.
+Written atomically (moekit.files: temporary file in the target folder, then os.replace), so a reader never sees half
+a report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from moekit import files
 from moekit.report import figures
 
 CSS = """
@@ -40,19 +40,8 @@ def render_report(results: dict, out_path, title: str = "moekit routing analysis
     body = "\n".join(part for part in _sections(results) if part)
     doc = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_e(title)}</title>\n"
            f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{_e(title)}</h1>\n{body}\n</body>\n</html>\n")
-    _write_atomic(out_path, doc)
+    files.write_bytes(out_path, doc.encode())
     return out_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _e(x) -> str:
@@ -113,6 +102,8 @@ def _sections(res: dict):
                   "and can fall below LFU or SCH here.")
     yield _cache_table(cache, loc, names)
     yield _super_expert_section(res.get("super_experts"))
+    if res.get("placement"):
+        yield _placement_section(res["placement"], names)
     if res.get("npmi"):
         yield _npmi_section(res["npmi"], names)
     yield _conventions(res.get("conventions", {}))
@@ -169,6 +160,43 @@ def _super_expert_section(rows) -> str:
                                                          for r in rows], table_id="table-super-experts")
     return head + table + ('<p class="note">First 75% of layers; max |down_proj output| above the 99.5th percentile '
                            "of all experts and above max / 10 (arXiv 2507.23279).</p>")
+
+
+PLACEMENT_ROWS = (("vLLM balancedness (sum mean / sum max)", "vllm_balancedness", 4),
+                  ("SGLang balancedness (mean of per-layer mean / max)", "sglang_balancedness", 4),
+                  ("max / mean GPU load", "max_over_mean", 4),
+                  ("cross-GPU transitions (ExFlow; inter-node x 2)", "cross_gpu_transitions", 4),
+                  ("cross-node transitions", "cross_node_fraction", 4),
+                  ("dispatch GPUs per token and layer", "dispatch_gpus_per_token_layer", 3),
+                  ("dispatch bytes per token", "dispatch_bytes_per_token", 0),
+                  ("nodes per token and layer", "nodes_per_token", 3),
+                  ("estimated MoE step (ms)", "moe_step_ms", 4))
+
+
+def _placement_section(pl: dict, names) -> str:
+    """Expert placement (`moekit analyze --placement PLAN`): the plan against the engines' default placement."""
+    plan, default, topo = pl["plan"], pl["default"], pl["topology"]
+    rows = [[_e(label), _num(plan.get(key), digits), _num(default.get(key), digits)]
+            for label, key, digits in PLACEMENT_ROWS if plan.get(key) is not None]
+    parts = ["<h2>Expert placement</h2>",
+             (f'<p>{_e(plan["method"])} ({_e(plan["solver"])}) on {topo["gpus"]} GPUs, {topo["nodes"]} node(s), '
+              f'{topo["redundant"]} redundant experts, scored on this trace, against the engines\' default '
+              f"(contiguous) placement.</p>"),
+             _table(["metric", "plan", "default"], rows, table_id="table-placement")]
+    loads = [[np.asarray(r["gpu_load"]) / max(np.mean(r["gpu_load"]), 1e-12) for r in s["layers"]]
+             for s in (plan, default)]
+    layer_names = [names[i] if i < len(names) else str(r["layer"]) for i, r in enumerate(plan["layers"])]
+    parts.append(_figure("fig-placement-load", figures.matrix_grid(
+        loads, [f"plan: {plan['method']}", "default placement"], "GPU", "MoE layer", "GPU load / mean",
+        ylabels=layer_names, cmap="viridis"),
+        "Token-expert assignments per GPU and MoE layer, divided by the layer's mean (1 = perfectly balanced); "
+        "replicas share their expert's load equally."))
+    per_layer = [[_e(n), _num(a["max_over_mean"]), _num(b["max_over_mean"]), _num(a.get("dispatch_gpus")),
+                  _num(b.get("dispatch_gpus"))] for n, a, b in zip(layer_names, plan["layers"], default["layers"])]
+    parts.append(_table(["layer", "max/mean plan", "max/mean default", "dispatch GPUs plan", "dispatch GPUs default"],
+                        per_layer, table_id="table-placement-layers"))
+    conv = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in pl.get("conventions", {}).items())
+    return "\n".join(parts) + (f'\n<ul class="note">{conv}</ul>' if conv else "")
 
 
 def _npmi_section(npmi: list, names) -> str:

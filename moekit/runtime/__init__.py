@@ -6,14 +6,15 @@
 
     om = moekit.runtime.open_offloaded("ckpt/", RuntimeOptions(budget="512MB"))  # from a checkpoint: what run/serve use
 
-Spec: ALGORITHMS.md §6; conventions of hit rates: §1 (a running system: cold misses count as misses). docs/runtime.md.
+Definitions: docs/conventions.md (§Physical bound; §Hit-rate conventions: a running system, cold misses count as
+misses). docs/runtime.md.
 """
 
 from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offload, parse_bytes
 from moekit.runtime.policies import available as available_policies
 from moekit.runtime.policies import make as make_policy
 from moekit.runtime.policies import register
-from moekit.runtime.session import RuntimeOptions, default_store_dir, open_offloaded
+from moekit.runtime.session import RuntimeOptions, check_offloaded, default_store_dir, open_offloaded
 from moekit.runtime.store import ExpertStore, build_store
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
            "RuntimeOptions",
            "available_policies",
            "build_store",
+           "check_offloaded",
            "default_store_dir",
            "format_bytes",
            "make_policy",

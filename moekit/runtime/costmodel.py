@@ -4,7 +4,8 @@ and the copy engine + GPU work in parallel, so a step's latency is
 
     max( sum_{e on CPU} cpu_time(e),  sum_{e on GPU} (transfer_time + gpu_time(e)) )
 
-and the placement minimises it (ALGORITHMS.md §6: min over placements of max(cpu_time, transfer_time + gpu_time)).
+and the placement minimises it (docs/conventions.md §Placement of missed experts: min over placements of
+max(cpu_time, transfer_time + gpu_time)).
 Exact by enumeration up to 12 misses; beyond that, the best split of the misses sorted by CPU cost (experts with the
 fewest tokens go to the CPU first: their CPU time is small, their transfer cost fixed). Pure functions: tested on
 CPU; only the engine's use of them needs a GPU.

@@ -1,4 +1,4 @@
-"""Expert prediction by activation-matrix matching (MoE-Infinity, Xue et al., arXiv 2401.14361, §4; ALGORITHMS.md §6).
+"""Expert prediction by activation-matrix matching (MoE-Infinity, Xue et al., arXiv 2401.14361, §4).
 
 An Expert Activation Matrix (EAM) of a request is M [L, E], M[l, e] = tokens of the request routed to expert e at MoE
 layer position l. The collection [N, L, E] holds the EAMs of past requests (one per trace sequence). While a request

@@ -144,7 +144,8 @@ class LayerRuntime:
         flat = ids.T.reshape(-1)  # [K*T], slot-major: eager walks torch.where(expert_mask[e]) over [K, T]
         order = torch.argsort(flat, stable=True)  # [K*T] grouped by expert, eager's order inside a group
         counts = torch.bincount(flat, minlength=self.layer.num_experts).tolist()  # [E], the one host sync
-        experts = [e for e, c in enumerate(counts) if c]
+        # ids >= E are dropped slots (a routing policy's variable K, moekit/routing): no read, no cache access
+        experts = [e for e, c in enumerate(counts[:self.layer.num_experts]) if c]
         groups, start = {}, 0
         for e in experts:
             sel = order[start:start + counts[e]]
@@ -155,7 +156,7 @@ class LayerRuntime:
         if self.eam is not None:
             if self.position == 0 and T > 1:  # a prefill: a new request (a one-token prompt continues the last one)
                 self.eam.reset()
-            self.eam.observe(self.position, ids_np)
+            self.eam.observe(self.position, ids_np[ids_np < self.layer.num_experts])
         for e in [e for e in self.pending if counts[e] == 0]:  # mispredicted: free the I/O queue for demand reads
             self.pending.pop(e).cancel()  # (one already being read finishes and is dropped)
         predicted_next = self._predict(x, ids, weights)  # the routing predictor: forecast to the policy
@@ -215,6 +216,9 @@ class LayerRuntime:
         if self.record:
             self.stats.routing.append(ids_np.copy())
             self.stats.routing_weights.append(w_np.copy())
+        if ids_np is not None and self.policy_wants_weights and (ids_np >= self.layer.num_experts).any():
+            w_np = np.where(ids_np < self.layer.num_experts, w_np, 0.0)  # dropped slots: the token's first expert,
+            ids_np = np.where(ids_np < self.layer.num_experts, ids_np, ids_np[:, :1])  # weight 0 (no new entry)
         self.policy.begin_step(ids_np, w_np if self.policy_wants_weights else None)
         if self.predicted is not None:
             self.stats.predicted += len(self.predicted)
@@ -338,6 +342,8 @@ class LayerRuntime:
             self.predicted = self.eam.predict(self.position)
         elif predicted is not None:
             self.predicted = predicted
+        elif not self.layer.prefetchable:  # hash-routed / stateful (Zaya) routers, latent experts: x does not tell
+            return
         else:
             _, pred = route(self.layer.router_logits(x), self.layer.rule, self.layer.correction_bias)  # [T, K]
             self.predicted = set(torch.unique(pred).tolist())
@@ -394,6 +400,7 @@ class OffloadedModel:
         act = sum(rt.stats.actual for rt in self.layers)
         ok = sum(rt.stats.correct for rt in self.layers)
         looked = tot["hits"] + tot["misses"]
+        tot["page_cache_bytes"] = self.layers[0].store.page_cache_bytes if self.layers else 0  # of bytes_read
         tot.update(hit_rate=tot["hits"] / looked if looked else float("nan"),
                    prefetch_precision=ok / pred if pred else float("nan"),
                    prefetch_recall=ok / act if act else float("nan"))
@@ -417,6 +424,26 @@ class OffloadedModel:
 def min_budget(view, expert_bytes: int) -> int:
     """The smallest budget: top-k experts resident in every MoE layer."""
     return len(view.layers) * view.top_k * expert_bytes
+
+
+def check_budget(view, budget: int, expert_bytes: int) -> int:
+    """Experts per MoE layer the budget holds (at most E); one line naming the minimum when it holds fewer than top-k.
+    Needs only shapes: open_offloaded calls it on the meta skeleton, before any store is built."""
+    capacity = min(budget // (len(view.layers) * expert_bytes), view.num_experts)
+    if capacity < view.top_k:
+        need = min_budget(view, expert_bytes)
+        raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
+                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
+                        f"minimum budget {format_bytes(need)} "
+                        f"({need} bytes = {len(view.layers)} x {view.top_k} x {expert_bytes})")
+    return capacity
+
+
+def check_eam(eam, view) -> None:
+    """An EAM collection [N, L, E] must come from a trace of this model (its MoE layers and experts)."""
+    if tuple(eam.shape[1:]) != (len(view.layers), view.num_experts):
+        raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
+                        f"model has {len(view.layers)} x {view.num_experts}: record the trace with this model")
 
 
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
@@ -445,13 +472,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if store.manifest["layers"] != [m.index for m in view.layers]:
         raise UserError(f"{store_dir} was built from another model (MoE layers {store.manifest['layers']})")
     budget = parse_bytes(budget)
-    capacity = min(budget // (len(view.layers) * store.expert_bytes), view.num_experts)
-    if capacity < view.top_k:
-        need = min_budget(view, store.expert_bytes)
-        raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
-                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
-                        f"minimum budget {format_bytes(need)} "
-                        f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
+    capacity = check_budget(view, budget, store.expert_bytes)
     dev = torch.device(device)
     if io_threads < 1:
         raise UserError(f"io_threads must be >= 1, got {io_threads}")
@@ -463,9 +484,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if eam is not None:
         from moekit.runtime.eam import ActivationMatrixPredictor
 
-        if tuple(eam.shape[1:]) != (len(layers), view.num_experts):
-            raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
-                            f"model has {len(layers)} x {view.num_experts}: record the trace with this model")
+        check_eam(eam, view)
         matcher = ActivationMatrixPredictor(eam, view.top_k)
         for pos, rt in enumerate(layers):
             rt.eam, rt.position = matcher, pos

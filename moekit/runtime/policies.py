@@ -6,8 +6,9 @@ Protocol, once per step (a forward call of the layer: one token in decode):
   hits, evicted = policy.access(experts)   # experts = sorted(set(ids)), the order the runtime computes in
 `access` judges every expert against the cache as it was before the step, then admits the misses in order; a victim is
 never one of the step's own experts unless the step needs more experts than the capacity (prefill).
-Counting follows a running system (ALGORITHMS.md §1, the simulator's convention): cold misses are misses, no free fill.
-Belady needs the future and exists for the simulator only. `predictive` also takes, between the two calls,
+Counting follows a running system (docs/conventions.md §Hit-rate conventions, the simulator's too): cold misses are
+misses, no free fill. Belady needs the future and exists for the simulator only. `predictive` also takes, between the
+two calls,
   policy.forecast(next_use)                # [E] predicted next use per expert (predictor.py), or None
 """
 

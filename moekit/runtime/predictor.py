@@ -160,6 +160,9 @@ class RoutingPredictor:
     def check(self, view) -> None:
         """UserError unless this predictor was trained for the model of `view`."""
         s = self.spec
+        if getattr(view, "seq2seq", False) or len(view.trace_layers()) != len(view.layers):
+            raise UserError(f"{view.model_type}: the routing predictor covers decoder-only models whose MoE layers run "
+                            f"once per token (no encoder stack, no loop layers)")
         have = (view.model_type, tuple(m.index for m in view.layers), view.num_experts, view.top_k,
                 view.config.hidden_size)
         want = (s.model_type, s.layers, s.num_experts, s.top_k, s.hidden_size)

@@ -1,7 +1,8 @@
 """What-if simulator: replay a routing trace through the runtime's own cache-policy objects (policies.py), per MoE
-layer, as one continuous token stream, counting cold misses as misses (a running system's view, ALGORITHMS.md §1; the
-analysis report's SCH-convention curves differ on purpose). One step = one token (decode) unless `step_sizes` groups
-tokens the way the runtime's calls did (prefill), which makes the simulator's counters equal the runtime's exactly.
+layer, as one continuous token stream, counting cold misses as misses (a running system's view, docs/conventions.md
+§Hit-rate conventions; the analysis report's SCH-convention curves differ on purpose). One step = one token (decode)
+unless `step_sizes` groups tokens the way the runtime's calls did (prefill), which makes the simulator's counters equal
+the runtime's exactly.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ def _steps(ids: np.ndarray, step_sizes) -> list[tuple[int, int]]:
 
 
 def replay_layer(ids, policy: str, capacity: int, weights=None, step_sizes=None,
-                 forecasts=None) -> policies.CachePolicy:
+                 num_experts: int | None = None, forecasts=None) -> policies.CachePolicy:
     """Feed one layer's routing ids [T, K] (and weights [T, K] for `score`, forecasts [T, E] for `predictive`: a step
-    uses its last token's row, as the runtime does) to a fresh policy; returns it (counters)."""
+    uses its last token's row, as the runtime does) to a fresh policy; returns it (counters).
+    Ids >= num_experts are slots a routing policy dropped (variable K, weight 0): looked up by nobody, as in the
+    runtime."""
     ids = np.asarray(ids, dtype=np.int64)
     spans = _steps(ids, step_sizes)
-    uniq = [sorted(set(ids[a:b].reshape(-1).tolist())) for a, b in spans]  # the runtime's ascending lookup order
+    real = ids < num_experts if num_experts is not None else np.ones(ids.shape, bool)
+    uniq = [sorted(set(ids[a:b][real[a:b]].tolist())) for a, b in spans]  # the runtime's ascending lookup order
+    if weights is not None and not real.all():
+        weights = np.where(real, weights, 0.0)
+        ids = np.where(real, ids, ids[:, :1])  # as the runtime hands them to a weight-aware policy
     kwargs = {"steps": uniq} if policy == "belady" else {}
     cache = policies.make(policy, capacity, **kwargs)
     for (a, b), experts in zip(spans, uniq):
@@ -48,7 +55,7 @@ def oracle_forecasts(ids, num_experts: int, step_sizes=None, horizon: int | None
     `horizon` steps: later uses are inf too, all equal (the policy's ties go to LFRU)."""
     ids = np.asarray(ids, dtype=np.int64)
     spans = _steps(ids, step_sizes)
-    steps = [sorted(set(ids[a:b].reshape(-1).tolist())) for a, b in spans]
+    steps = [sorted(set(ids[a:b][ids[a:b] < num_experts].tolist())) for a, b in spans]  # dropped slots: no lookup
     out = np.empty((ids.shape[0], num_experts))
     nxt = np.full(num_experts, np.inf)  # flattened position of each expert's next lookup after the current step
     nxt_step = np.full(num_experts, np.inf)
@@ -101,7 +108,7 @@ def simulate(ids_per_layer, *, num_experts: int, top_k: int, expert_bytes: int, 
             for li, ids in enumerate(ids_per_layer):
                 w = None if weights_per_layer is None else weights_per_layer[li]
                 fc = None if forecasts_per_layer is None or name != "predictive" else forecasts_per_layer[li]
-                c = replay_layer(ids, name, cap, w, step_sizes, fc)
+                c = replay_layer(ids, name, cap, w, step_sizes, num_experts, forecasts=fc)
                 hits, misses = hits + c.hits, misses + c.misses
             results.append(SimResult(name, cap, float(mult), hits, misses, tokens, expert_bytes))
     return results

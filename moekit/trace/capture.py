@@ -16,24 +16,32 @@ from moekit.trace.schema import ids_dtype
 class RouterCapture:
     """Context manager: hooks on the routers (and, for activation stats, the experts) of every MoE layer of a view."""
 
-    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False, inputs: bool = False):
+    def __init__(self, view, *, logits: bool = False, activation_stats: bool = False, width: int | None = None,
+                 id_dtype=None, inputs: bool = False):
+        """width: selections kept per token (a routing policy's widest K; narrower tokens padded with the sentinel id,
+        E + zero experts, and weight 0). None: the model's top-k. inputs: keep each experts call's input too (the
+        routing predictor's input, what the offloaded runtime's experts call receives)."""
         self.view, self.logits, self.activation_stats, self.inputs = view, logits, activation_stats, inputs
-        self.ids_dtype = ids_dtype(view.num_experts)
-        self._seen: dict[int, tuple] = {}  # decoder layer -> (weights [T, K], ids [T, K], logits [T, E] | None)
-        self._inputs: dict[int, torch.Tensor] = {}  # decoder layer -> the experts module's input [T, H] (inputs=True)
+        self.ids_dtype = id_dtype if id_dtype is not None else ids_dtype(view.num_experts)
+        self.width = width
+        self.runs = view.trace_layers()  # (trace index, layer, pass, kind): a loop layer's passes are traced apart
+        self._index = {(m.index, p): i for i, m, p, _ in self.runs}
+        self._slot = {i: slot for slot, (i, *_) in enumerate(self.runs)}
+        self._seen: dict[int, tuple] = {}  # trace index -> (weights [T, K], ids [T, K], logits [T, E] | None)
+        self._inputs: dict[int, torch.Tensor] = {}  # trace index -> the experts module's input [T, H] (inputs=True)
+        self._calls: dict[int, int] = {}  # decoder layer -> router calls in this forward (its pass)
         self._handles = []
-        L, E = len(view.layers), view.num_experts
+        L, E = len(self.runs), view.num_experts
         self.act_in = np.zeros((L, E), np.float32)  # running max |input| of each expert's down projection
         self.act_out = np.zeros((L, E), np.float32)  # running max |output| of it
 
     def __enter__(self):
-        for slot, layer in enumerate(self.view.layers):
+        for layer in self.view.layers:
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer)))
             if self.activation_stats:
-                self._handles.append(layer.experts.register_forward_hook(self._experts_hook(slot, layer)))
-            if self.inputs:  # what the offloaded runtime's experts call receives (the routing predictor's input)
-                self._handles.append(layer.experts.register_forward_pre_hook(
-                    lambda m, args, i=layer.index: self._inputs.__setitem__(i, args[0].detach())))
+                self._handles.append(layer.experts.register_forward_hook(self._experts_hook(layer)))
+            if self.inputs:
+                self._handles.append(layer.experts.register_forward_pre_hook(self._inputs_hook(layer)))
         return self
 
     def __exit__(self, *exc):
@@ -43,16 +51,30 @@ class RouterCapture:
 
     def _router_hook(self, layer):
         def hook(module, args, out):
+            run = self._calls.get(layer.index, 0)  # the pass of a loop layer
+            self._calls[layer.index] = run + 1
             logits, weights, ids = layer.parse_router_output(out)
-            self._seen[layer.index] = (weights.detach(), ids.detach(), logits.detach() if self.logits else None)
+            self._seen[self._index[layer.index, run]] = (weights.detach(), ids.detach(),
+                                                         logits.detach() if self.logits else None)
 
         return hook
 
-    def _experts_hook(self, slot, layer):
+    def _run_index(self, layer) -> int:
+        return self._index[layer.index, self._calls[layer.index] - 1]  # the router ran first in the same block
+
+    def _inputs_hook(self, layer):
+        def hook(module, args):
+            self._inputs[self._run_index(layer)] = args[0].detach()
+
+        return hook
+
+    def _experts_hook(self, layer):
         def hook(module, args, out):
             x = args[0]  # every supported family passes the expert input positionally
-            ids = self._seen[layer.index][1]  # the router ran first in the same block: [T, K]
+            index = self._run_index(layer)
+            ids = self._seen[index][1]  # [T, K]
             down_in, down_out = expert_down_maxima(layer, x.detach(), ids, self.view.num_experts)
+            slot = self._slot[index]
             np.maximum(self.act_in[slot], down_in, out=self.act_in[slot])
             np.maximum(self.act_out[slot], down_out, out=self.act_out[slot])
 
@@ -65,20 +87,27 @@ class RouterCapture:
         return maxima
 
     def take_inputs(self, keep: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per decoder layer: the experts' input [t, H] of the tokens where keep [T] is true (inputs=True). Clears it."""
-        return {layer.index: self._inputs.pop(layer.index).reshape(keep.shape[0], -1)[keep] for layer in self.view.layers}
+        """Per trace index: the experts' input [t, H] of the tokens where keep [T] is true (inputs=True). Clears it;
+        call it before take (which resets the pass counters)."""
+        return {i: self._inputs.pop(i).reshape(keep.shape[0], -1)[keep] for i, *_ in self.runs}
 
     def take(self, keep: torch.Tensor) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Per decoder layer: (ids [t, K], weights [t, K] float32, logits [t, E] float16 | None) of the tokens where
         keep [T] is true, selections ordered by weight descending. Clears what the hooks saw."""
-        missing = [layer.index for layer in self.view.layers if layer.index not in self._seen]
+        missing = [i for i, *_ in self.runs if i not in self._seen]
         assert not missing, f"router hooks did not fire for layers {missing}"
+        self._calls.clear()
         out = {}
-        for layer in self.view.layers:
-            weights, ids, logits = self._seen.pop(layer.index)
+        for index, layer, *_ in self.runs:
+            weights, ids, logits = self._seen.pop(index)
             weights, ids = sort_by_weight(weights[keep].float(), ids[keep])  # [t, K]
+            if self.width is not None and ids.shape[1] != self.width:
+                assert ids.shape[1] < self.width, f"layer {layer.index} selected {ids.shape[1]} > {self.width} experts"
+                pad = self.width - ids.shape[1]
+                ids = torch.nn.functional.pad(ids, (0, pad), value=layer.num_experts + layer.identity_experts)
+                weights = torch.nn.functional.pad(weights, (0, pad))
             lg = logits[keep].to(torch.float16).numpy() if logits is not None else None  # [t, E]
-            out[layer.index] = (ids.numpy().astype(self.ids_dtype), weights.numpy(), lg)
+            out[index] = (ids.numpy().astype(self.ids_dtype), weights.numpy(), lg)
         return out
 
 

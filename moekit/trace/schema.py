@@ -10,7 +10,14 @@ decoder index l: ids_L{l} fixed_size_list<uint8 | uint16>[K] and weights_L{l} fi
 weight descending, with --logits logits_L{l} fixed_size_list<float16>[E], and with --predictor forecast_L{l}
 fixed_size_list<float16>[E] (the routing predictor's cache forecast, moekit/runtime/predictor.py: what the `predictive`
 policy reads). Ids are uint8 when E <= 256. Weights stay float32 so a trace reproduces the router bit for bit
-(tests/trace/test_capture.py).
+(tests/trace/test_capture.py). A weight of 0 marks a selection no expert computed: dropped over an expert's capacity
+(Switch, NLLB-MoE) or a skip expert (Zaya, whose router reports it as expert 0).
+
+The manifest's `layer_kinds` (one per entry of `layers`, added compatibly within version 1: older traces have none and
+read as all "decoder") says which stack a layer is in: "encoder" or "decoder" for encoder-decoder models, and
+"decoder pass 2", ... for the further runs of a loop layer (Inkling2-Loop), traced under indices after the last layer;
+`layer_of` (also added compatibly) the decoder layer each entry ran, and `hash_routed` the decoder layers whose
+experts come from a token-id table (DeepSeek-V4's first layers) rather than the router's scores.
 
 Versioning: an optional column announced by a manifest key (logits, forecasts: "predictor") does not change the
 version: older traces lack it and read as before, older readers select columns by name and never see it. Anything an
@@ -60,8 +67,15 @@ def forecast_col(layer: int) -> str:
     return f"forecast_L{layer}"
 
 
-def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool, forecasts: bool = False) -> pa.Schema:
-    ids_type = pa.from_numpy_dtype(ids_dtype(num_experts))
+def ids_width(manifest: dict) -> int:
+    """Selections stored per token: the model's top-k, or under a routing policy its widest K (manifest "routing";
+    narrower tokens are padded with the sentinel id, weight 0)."""
+    return int((manifest.get("routing") or {}).get("max_k", manifest["top_k"]))
+
+
+def token_schema(layers: list[int], top_k: int, num_experts: int, logits: bool, id_dtype=None,
+                 forecasts: bool = False) -> pa.Schema:
+    ids_type = pa.from_numpy_dtype(id_dtype if id_dtype is not None else ids_dtype(num_experts))
     fields = [
         pa.field("seq_id", pa.int64()),
         pa.field("position", pa.int32()),

@@ -109,7 +109,7 @@ def test_summarise_layer_matches_parts():
     lambda: load_balance_loss(IDS, 4, SEQ),  # neither logits nor weights
     lambda: load_balance_loss(IDS, 4, SEQ, weights=np.ones((4, 3))),
     lambda: load_balance_loss(IDS, 4, SEQ, logits=np.zeros((4, 5))),
-    lambda: load_balance_loss(IDS, 4, SEQ, weights=np.zeros((4, 2))),
+    lambda: load_balance_loss(IDS, 4, SEQ, weights=-np.ones((4, 2))),
     lambda: load_balance_loss(IDS, 4, SEQ, logits=np.full((4, 4), np.nan)),
     lambda: load_balance_loss(IDS, 4, np.array([0, 1, 0, 1]), weights=WEIGHTS),
     lambda: max_violation([]),
@@ -133,3 +133,11 @@ def test_blockwise_gate_sums_equal_dense():
     np.testing.assert_allclose(stats.p_sum, p.sum(axis=0))
     np.testing.assert_allclose(stats.p_seq, [p[:4].sum(0), p[4:5].sum(0), p[5:].sum(0)])
     np.testing.assert_allclose(stats.token_entropy, -(p * np.log2(p)).sum(axis=1))
+
+
+def test_a_token_whose_selections_were_all_dropped_counts_evenly():
+    """Capacity drops (Switch, NLLB-MoE) and Zaya's skip expert leave a token with weight 0 on every slot: gate_probs
+    spreads it over the experts it recorded instead of refusing the trace."""
+    ids = np.array([[0, 1], [2, 3]])
+    probs, source = gate_probs(ids, 4, weights=np.array([[0.75, 0.25], [0.0, 0.0]]))
+    assert source == "topk_weights" and np.allclose(probs, [[0.75, 0.25, 0, 0], [0, 0, 0.5, 0.5]])

@@ -52,6 +52,36 @@ def test_ablate_random_experts_reports_perplexity_change(traced, capsys):
     res = json.loads(out)
     assert len(res["zeroed"]) == 4 and len({tuple(p) for p in res["zeroed"]}) == 4
     assert res["before"]["overall"]["perplexity"] != res["after"]["overall"]["perplexity"]
+    # both numbers equal an independent evaluation: plain transformers, the chosen experts' slices of the fused
+    # tensors zeroed by hand, pooled next-token NLL on the same 256-token windows
+    before, after = (_perplexity_by_hand(model, txt, zeroed) for zeroed in ([], res["zeroed"]))
+    assert res["before"]["overall"]["perplexity"] == pytest.approx(before, rel=1e-5)
+    assert res["after"]["overall"]["perplexity"] == pytest.approx(after, rel=1e-5)
+
+
+def _perplexity_by_hand(model_dir, txt, zeroed) -> float:
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.compress.evaluate import domain_windows
+    from moekit.trace.data import encoder, resolve_data
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for layer, e in zeroed:
+            for p in model.model.layers[layer].mlp.experts.parameters():  # fused [E, ...] tensors
+                p[e] = 0
+    windows = domain_windows(resolve_data([str(txt)]), encoder(AutoTokenizer.from_pretrained(model_dir)), 256, 8192)
+    nll = count = 0.0
+    with torch.no_grad():
+        for w in (w for ws in windows.values() for w in ws):
+            ids = torch.as_tensor(w, dtype=torch.long)[None]  # [1, S]
+            logits = model(ids).logits[0, :-1]  # [S-1, V]
+            nll += torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
 
 
 def test_zeroed_expert_outputs_zero():

@@ -4,6 +4,7 @@ import moekit.models
 from moekit.compress.calib import collect
 from moekit.ops.reference import reference_moe_forward
 from tests.conftest import tiny_model
+from tests.helpers import assert_close
 
 
 def test_collect_keeps_block_inputs_and_outputs():
@@ -15,4 +16,4 @@ def test_collect_keeps_block_inputs_and_outputs():
         assert cal.x[layer.index].shape == (40, 32) == cal.z[layer.index].shape
         with torch.no_grad():
             ref = reference_moe_forward(layer, cal.x[layer.index])
-        assert (ref - cal.z[layer.index]).abs().max() < 1e-5
+        assert_close(ref, cal.z[layer.index], f"layer {layer.index}: reference block on X vs recorded Z")  # |Z| ~ 1e-3

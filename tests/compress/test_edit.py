@@ -1,26 +1,27 @@
 """Structural expert edits: keeping every expert is the identity; a pruned model saves and reloads with plain
-AutoModelForCausalLM.from_pretrained with the same logits as the in-memory result."""
+from_pretrained of its class (AutoModelForCausalLM for causal LMs; a wrapper's own class, its towers untouched) with the
+same logits as the in-memory result."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import moekit.models
 from moekit.compress.checkpoint import save_checkpoint
 from moekit.compress.edit import keep_experts
 from moekit.errors import UserError
 from tests.conftest import tiny_model
+from tests.helpers import logits as _logits
+from tests.helpers import reload
+from tests.helpers import token_ids as _ids
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _ids(model):
-    return torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+def _resizable(view):
+    if view.adapter.fixed_count:
+        with pytest.raises(UserError, match="cannot"):
+            keep_experts(view, {m.index: list(range(m.num_experts)) for m in view.layers})
+        pytest.skip(f"{view.model_type}: {view.adapter.fixed_count} (refused in one line)")
 
 
 def test_keeping_every_expert_reproduces_logits_exactly(family):
@@ -28,6 +29,7 @@ def test_keeping_every_expert_reproduces_logits_exactly(family):
     ids = _ids(model)
     before = _logits(model, ids)
     view = moekit.models.load(model)
+    _resizable(view)
     keep_experts(view, {m.index: list(range(m.num_experts)) for m in view.layers})
     assert torch.equal(_logits(model, ids), before)
 
@@ -35,6 +37,7 @@ def test_keeping_every_expert_reproduces_logits_exactly(family):
 def test_pruned_checkpoint_reloads_with_same_logits(family, tmp_path):
     model = tiny_model(family)
     view = moekit.models.load(model)
+    _resizable(view)
     n = max(view.top_k, view.layers[0].rule.n_group, view.num_experts // 2)
     n -= n % view.layers[0].rule.n_group
     keep = {m.index: sorted(torch.randperm(m.num_experts, generator=torch.Generator().manual_seed(m.index))[:n].tolist())
@@ -43,9 +46,9 @@ def test_pruned_checkpoint_reloads_with_same_logits(family, tmp_path):
     ids = _ids(model)
     expected = _logits(model, ids)
     out = save_checkpoint(model, tmp_path / "pruned", report={"method": "test"})
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager")
-    assert moekit.models.load(reloaded).num_experts == n
-    assert torch.equal(_logits(reloaded.eval(), ids), expected)
+    reloaded = reload(out)
+    assert type(reloaded) is type(model) and moekit.models.load(reloaded).num_experts == n
+    assert torch.equal(_logits(reloaded, ids), expected)
     assert (out / "compression.json").is_file()
     assert not list(tmp_path.glob(".pruned.tmp-*"))
 

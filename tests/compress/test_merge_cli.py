@@ -49,8 +49,23 @@ def test_merge_writes_a_checkpoint_with_g_experts(checkpoint, tmp_path, capsys, 
     assert len(report["groups_per_layer"]["0"]) == 8
     model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
     assert model.config.num_experts == 8 and (out / "tokenizer.json").is_file()
+    # the saved checkpoint is what the Python API computes from the same calibration, and it is not the input model
+    expected, original = _merged_in_memory(checkpoint, method, router), tiny_model("qwen3_moe")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+        got = model(ids).logits
+        assert torch.equal(got, expected(ids)) and not torch.allclose(got, original(ids).logits)
+
+
+def _merged_in_memory(checkpoint, method, router):
+    import moekit.models
+    from moekit.compress import merge as merging
+    from moekit.compress.calibdata import calibrate, token_batches
+
+    view = moekit.models.load(tiny_model("qwen3_moe"))
+    batches = token_batches(char_tokenizer(), [str(checkpoint / "calib.txt")], seq_len=256, max_tokens=8192)
+    merging.merge(view, calibrate(view, batches), 8, method=method, router=router)
+    return lambda ids: view.model(ids).logits
 
 
 @pytest.mark.parametrize("args, message", [

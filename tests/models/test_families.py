@@ -1,6 +1,8 @@
 """Proof of the MoE view for every supported family on tiny random models (float32, CPU):
 (a) the routing rule reproduces the HF router's expert ids and weights exactly,
-(b) the reference forward reproduces the HF MoE block output (atol 1e-5),
+(b) the reference forward reproduces the HF MoE block output: max |difference| <= 1e-6 x max |output| (relative:
+    block outputs of the tiny models range from 1e-4 to 2, and an absolute 1e-5 let a reference 10% wrong pass on the
+    smallest; the worst observed is 1.7e-7, gpt_oss, float32 rounding),
 (c) per-expert get then set round-trips bit-exactly."""
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ import pytest
 import torch
 
 import moekit.models
-from moekit.ops.reference import reference_moe_forward
+from moekit.ops.reference import reference_block_call, reference_moe_forward
 from moekit.ops.routing import canonical_order, route
-from tests.conftest import TINY, tiny_model
+from tests.conftest import HF_BLOCK_BUGS, TINY, tiny_model
+from tests.helpers import assert_close
 
 
-def _capture(view, module_of, input_ids, layers=None):
-    """Run the HF model once, recording (input, output) of one module per MoE layer."""
+def _capture(view, module_of, input_ids, layers=None, calls=False):
+    """Run the HF model once, recording (input, output) of one module per MoE layer ((args, kwargs, output) with
+    calls=True)."""
     seen, handles = {}, []
     for layer in view.layers if layers is None else layers:
-        hook = lambda mod, args, out, i=layer.index: seen.__setitem__(i, (args[0], out))  # noqa: E731
-        handles.append(module_of(layer).register_forward_hook(hook))
+        def hook(mod, args, kwargs, out, i=layer.index):
+            seen[i] = (args, kwargs, out) if calls else (args[0], out)
+
+        handles.append(module_of(layer).register_forward_hook(hook, with_kwargs=True))
     with torch.no_grad():
-        view.model(input_ids)
+        view.forward(input_ids)
     for h in handles:
         h.remove()
     return seen
@@ -32,11 +38,6 @@ def _capture(view, module_of, input_ids, layers=None):
 def _inputs(view, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, view.config.vocab_size, (2, 24), generator=g)
-
-
-def assert_close(actual, expected, atol, what):
-    diff = (actual - expected).abs()
-    assert diff.max() <= atol, f"{what}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol {atol})"
 
 
 def test_every_required_family_is_registered():
@@ -48,12 +49,13 @@ def test_every_required_family_is_registered():
 
 def test_routing_rule_matches_hf_router_exactly(family):
     view = moekit.models.load(tiny_model(family))
-    seen = _capture(view, lambda layer: layer.router, _inputs(view))
+    seen = _capture(view, lambda layer: layer.router, _inputs(view), calls=True)
     for layer in view.layers:
-        x, out = seen[layer.index]
+        args, kwargs, out = seen[layer.index]
         logits, hf_weights, hf_ids = layer.parse_router_output(out)
-        assert torch.equal(layer.router_logits(x.reshape(-1, x.shape[-1])), logits), f"layer {layer.index} logits"
-        weights, ids = route(logits, layer.rule, layer.correction_bias)
+        ours, weights, ids = layer.route_call(args, kwargs)  # the router's own inputs, moekit's rule
+        hf_logits = logits.reshape(ours.shape[0], -1)  # Inkling's router returns its routed experts' columns only
+        assert torch.equal(ours[:, : hf_logits.shape[-1]], hf_logits), f"layer {layer.index} logits"
         assert ids.shape == hf_ids.shape == (logits.shape[0], layer.rule.top_k)
         w_ours, id_ours = canonical_order(weights, ids)
         w_hf, id_hf = canonical_order(hf_weights.float(), hf_ids)
@@ -63,20 +65,22 @@ def test_routing_rule_matches_hf_router_exactly(family):
         assert (weights[:, :-1] >= weights[:, 1:]).all(), "route() orders selections by weight"
 
 
-def test_reference_forward_matches_hf_block(family):
+def test_reference_forward_matches_hf_block(family, request):
+    if family in HF_BLOCK_BUGS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=HF_BLOCK_BUGS[family]))
     view = moekit.models.load(tiny_model(family))
-    seen = _capture(view, lambda layer: layer.block, _inputs(view))
+    seen = _capture(view, lambda layer: layer.block, _inputs(view), calls=True)
     # GraniteMoeShared: the decoder layer adds its shared MLP (same input) to the block's output
     outer = [m for m in view.layers if m.adapter.shared_on_layer and m.shared is not None]
     seen_shared = _capture(view, lambda layer: layer.shared, _inputs(view), outer)
     for layer in view.layers:
-        x, out = seen[layer.index]
+        args, kwargs, out = seen[layer.index]
         out = out[0] if isinstance(out, tuple) else out  # Llama 4's block also returns router logits
         if layer.index in seen_shared:
             out = out + seen_shared[layer.index][1]
         with torch.no_grad():
-            ours = reference_moe_forward(layer, x)
-        assert_close(ours.reshape(out.shape), out, 1e-5, f"{family} layer {layer.index} MoE block")
+            ours = reference_block_call(layer, args, kwargs)
+        assert_close(ours.reshape(out.shape), out, f"{family} layer {layer.index} MoE block")
 
 
 def test_expert_get_set_round_trips_bit_exactly(family):
@@ -85,12 +89,13 @@ def test_expert_get_set_round_trips_bit_exactly(family):
     before = [p.detach().clone() for p in layer.expert_params()]
     e = layer.num_experts - 1
     w = layer.get_expert(e)
+    first = {k: v.clone() for k, v in layer.get_expert(0).items()}  # snapshot: get_expert may return views
     layer.set_expert(e, w)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.expert_params()))
     # set really writes: a modified expert reads back modified, and only that expert changes
     layer.set_expert(e, {k: v + 1 for k, v in w.items()})
     assert all(torch.equal(layer.get_expert(e)[k], w[k] + 1) for k in w)
-    assert all(torch.equal(layer.get_expert(0)[k], v) for k, v in view.layers[-1].get_expert(0).items())
+    assert all(torch.equal(layer.get_expert(0)[k], v) for k, v in first.items()), "set_expert(last) changed expert 0"
     layer.set_expert(e, w)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.expert_params()))
 
@@ -98,7 +103,7 @@ def test_expert_get_set_round_trips_bit_exactly(family):
 def test_canonical_shapes(family):
     view = moekit.models.load(tiny_model(family))
     layer = view.layers[0]
-    H, I = view.config.hidden_size, layer.intermediate_size
+    H, I = layer.expert_input(torch.zeros(1, view.config.hidden_size)).shape[-1], layer.intermediate_size  # latent H
     w = layer.get_expert(0)
     assert w["down"].shape == (H, I) and w["up"].shape == (I, H)
     assert layer.num_experts >= 8
@@ -142,4 +147,4 @@ def test_identity_experts_follow_longcat_block():
         _, ids = route(layer.router_logits(x.reshape(-1, x.shape[-1])), layer.rule, layer.correction_bias)
         assert (ids >= layer.num_experts).any() and (ids < layer.num_experts).any()
         with torch.no_grad():
-            assert_close(reference_moe_forward(layer, x), out, 1e-5, f"longcat_flash layer {layer.index} MoE block")
+            assert_close(reference_moe_forward(layer, x), out, f"longcat_flash layer {layer.index} MoE block")

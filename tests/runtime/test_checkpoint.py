@@ -16,6 +16,13 @@ from tests.conftest import tiny_model
 from tests.runtime.helpers import prompt_ids
 
 
+# Families whose experts bypass transformers' experts interface (Llama 4 weights the expert input, LongCat-Flash has
+# zero-compute experts, Step-3.5 / JetMoE / Doge / the encoder-decoders keep their experts in modules of their own): the
+# runtime refuses them, and they are the only ones skipped below. Exactly these: a transformers rename of the
+# interface's attributes must fail this test, not skip every family.
+REFUSED = {"llama4_text", "longcat_flash", "step3p5", "jetmoe", "doge", "switch_transformers", "nllb-moe"}
+
+
 def _offloadable(view) -> bool:
     return all(hasattr(m.experts, "is_transposed") and not m.rule.weight_on_input for m in view.layers)
 
@@ -23,8 +30,12 @@ def _offloadable(view) -> bool:
 def test_store_from_checkpoint_equals_in_memory_store_and_runs_exactly(family, tmp_path):
     ref = tiny_model(family)
     view = moekit.models.load(ref)
-    if not _offloadable(view):
+    if family in REFUSED:
+        assert not _offloadable(view), f"{family} goes through the experts interface now: drop it from REFUSED"
+        with pytest.raises(UserError, match="not supported"):
+            rt.offload(view, tmp_path, "1GB")
         pytest.skip(f"{family}: its experts bypass transformers' experts interface, the runtime refuses it")
+    assert _offloadable(view), f"{family}: experts without transformers' experts interface (is_transposed missing?)"
     ref.save_pretrained(tmp_path / "ckpt")
     rt.build_store(view, tmp_path / "memory")
     build_store_from_checkpoint(tmp_path / "ckpt", tmp_path / "store")
@@ -40,9 +51,9 @@ def test_store_from_checkpoint_equals_in_memory_store_and_runs_exactly(family, t
         f.unlink()  # a run must not need the checkpoint's weights any more
     lazy = load_from_store(tmp_path / "ckpt", tmp_path / "store")
     om = rt.offload(lazy, tmp_path / "store", "1GB", prefetch=False)
-    x = prompt_ids(ref.config.vocab_size, 11)
+    x = prompt_ids(lazy.config.vocab_size, 11)
     with torch.no_grad():
-        assert torch.equal(lazy.model(x).logits, ref(x).logits), family
+        assert torch.equal(lazy.forward(x).logits, view.forward(x).logits), family
     om.close()
 
 

@@ -123,14 +123,23 @@ def test_simulator_counts_cold_misses():
 
 
 def test_run_lowbit_builds_copies_once_and_reads_them(ckpt, tmp_path, capsys, monkeypatch):
+    import moekit.runtime.lowbit as lowbit
+
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    builds = []
+    build = lowbit.build_lowbit
+    monkeypatch.setattr(lowbit, "build_lowbit", lambda *a, **k: builds.append(a) or build(*a, **k))
     args = ["run", str(ckpt), "--budget", "1MB", "--prompt", "abc", "--max-new-tokens", "4", "--json"]
     code, out, err = run_cli([*args, "--lowbit", "8", "--lowbit-threshold", "1.0"], capsys)  # every miss low-bit
     assert code == 0, err
     res = json.loads(out)
     assert res["lowbit_reads"] == res["misses"] > 0
     (store,) = (tmp_path / "stores").iterdir()
-    assert (store / "lowbit8" / "manifest.json").is_file()
+    files = {f: f.stat().st_mtime_ns for f in (store / "lowbit8").iterdir()}
+    assert (store / "lowbit8" / "manifest.json") in files and len(builds) == 1
+    code, out, _ = run_cli([*args, "--lowbit", "8", "--lowbit-threshold", "1.0"], capsys)  # again: reuses the copies
+    assert code == 0 and json.loads(out)["lowbit_reads"] == res["lowbit_reads"]
+    assert len(builds) == 1 and {f: f.stat().st_mtime_ns for f in (store / "lowbit8").iterdir()} == files
     code, out, _ = run_cli(args, capsys)  # off by default
     assert code == 0 and json.loads(out)["lowbit_reads"] == 0
 

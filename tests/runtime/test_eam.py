@@ -170,4 +170,18 @@ def test_collection_from_recorded_trace(trace_dir):
     train = eam.collection_from_trace(t, sequences=slice(0, None, 2))
     assert train.shape[0] == (n_seq + 1) // 2
     result = eam.replay(train, seqs[1::2], k=t.top_k)
-    assert 0.0 <= result["precision"] <= 1.0 and result["tokens"] == lengths[1::2].sum()
+    assert result["tokens"] == lengths[1::2].sum()
+    # with a single stored EAM every match is that EAM, so each layer's prediction is fixed: its row's top-k (ties by
+    # id, never-used experts left out). Precision and recall then follow from the held-out ids by counting alone.
+    one = eam.collection_from_trace(t, sequences=slice(0, 1))  # [1, L, E]
+    got = eam.replay(one, seqs[1::2], k=t.top_k)
+    predicted = actual = correct = 0
+    for l in range(1, len(t.layers)):
+        row = one[0, l]
+        fixed = {int(e) for e in np.argsort(-row, kind="stable")[:t.top_k] if row[e] > 0}
+        for seq in seqs[1::2]:
+            for ids in seq[l]:  # [K] per token
+                chosen = set(np.unique(ids).tolist())
+                predicted, actual, correct = predicted + len(fixed), actual + len(chosen), correct + len(fixed & chosen)
+    assert (got["predicted"], got["actual"], got["correct"]) == (predicted, actual, correct)
+    assert got["precision"] == correct / predicted and got["recall"] == correct / actual

@@ -1,5 +1,6 @@
 """The offloaded runtime reproduces the in-memory model exactly (float32): logits and greedy generation, at the minimum
-budget (every step evicts) and with every expert resident, with and without prefetch (STYLE.md principle 2)."""
+budget (every step evicts) and with every expert resident, with and without prefetch (a fast path reproduces its slow
+reference)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,9 @@ def test_low_weight_misses_read_low_bit_copies_only(tmp_path):
     assert t["lowbit_reads"] > 0, "no miss was below the threshold: the test would not exercise the path"
     assert not torch.equal(got, want)  # the output changed, which is why it is off by default
     rel = (got - want).norm() / want.norm()
-    assert rel < 0.01, f"8-bit copies moved the logits by {rel:.3g}"
+    # measured 1.0e-4 (70 of 122 misses low-bit); 4-bit copies give 2.7e-3 and zeroed experts 1.4e-2, so 5e-4 tells an
+    # 8-bit copy from a wrong or missing one (the bound was 1e-2, which zeroing nearly passed)
+    assert rel < 5e-4, f"8-bit copies moved the logits by {rel:.3g}"
     full = rt.ExpertStore(tmp_path).expert_bytes
     for row, layer in zip(om.stats(), om.layers):
         assert layer.lowbit.expert_bytes < full / 3  # 8-bit codes + scales of a float32 expert

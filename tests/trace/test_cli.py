@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,26 +70,34 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
         list(documents(resolve_data([str(bad)])[0]))
 
 
-# the query of docs/traces.md, verbatim: expert frequency per layer
-FREQUENCY_SQL = """
-WITH sel AS (
-  SELECT col, unnest(ids) AS expert
-  FROM (UNPIVOT (SELECT COLUMNS('ids_L.*') FROM 'TRACE/chunk-*.parquet') ON COLUMNS(*) INTO NAME col VALUE ids)
-)
-SELECT CAST(replace(col, 'ids_L', '') AS INTEGER) AS layer, expert, count(*) AS n
-FROM sel GROUP BY ALL ORDER BY layer, expert
-"""
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_duckdb_query_of_the_docs(checkpoint, tmp_path, capsys):
+def documented_sql(path: Path) -> list[str]:
+    """The ```sql blocks of a document, verbatim (what users copy), their trace path left to the caller."""
+    return re.findall(r"```sql\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
+
+
+def on_trace(sql: str, trace: Path) -> str:
+    """The documented query pointed at `trace` instead of the documented folder."""
+    pointed = re.sub(r"'[^']*/chunk-\*\.parquet'", f"'{trace}/chunk-*.parquet'", sql)
+    assert pointed != sql, f"no '.../chunk-*.parquet' path in {sql!r}"
+    return pointed
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/traces.md"])
+def test_duckdb_query_of_the_docs(doc, checkpoint, tmp_path, capsys):
+    """The expert-frequency query as README.md and docs/traces.md print it, read out of the file and run on a trace:
+    it must give the trace's own counts per layer and expert."""
     duckdb = pytest.importorskip("duckdb")
+    (sql,) = documented_sql(Path(doc))
     txt, jsonl = write_corpus(tmp_path / "data")
     out = tmp_path / "t"
     _run("trace", str(checkpoint), "--data", str(txt), "--data", str(jsonl), "--out", str(out), "--seq-len", "32",
          "--chunk-tokens", "64", "--json")
     capsys.readouterr()
     t = moekit.trace.open(out)
-    rows = duckdb.sql(FREQUENCY_SQL.replace("TRACE", str(out))).fetchall()
+    rows = duckdb.sql(on_trace(sql, out)).fetchall()
     got = np.zeros((len(t.layers), t.num_experts), np.int64)
     for layer, expert, n in rows:
         got[t.layers.index(layer), expert] = n
@@ -95,3 +105,7 @@ def test_duckdb_query_of_the_docs(checkpoint, tmp_path, capsys):
     per_domain = duckdb.sql(f"SELECT domain, count(*) FROM '{out}/chunk-*.parquet' GROUP BY domain ORDER BY domain")
     names = [t.domain_names[c] for c in t.domain]
     assert per_domain.fetchall() == sorted((d, names.count(d)) for d in set(names))
+    if doc == "docs/traces.md":  # its one-layer-per-domain query, inline in the text
+        (inline,) = re.findall(r"`(SELECT domain, expert, count\(\*\)[^`]*)`", (ROOT / doc).read_text())
+        rows = duckdb.sql(on_trace(inline, out)).fetchall()
+        assert sum(n for *_, n in rows) == t.counts()[0].sum() and {d for d, *_ in rows} == set(names)
