@@ -48,7 +48,6 @@ import moekit.models
 from moekit.ops.routing import route
 from moekit.runtime.eam import ActivationMatrixPredictor, collection_from_sequences
 from moekit.trace.capture import RouterCapture
-from moekit.trace.record import _base
 
 PREDICTORS = ["frequency", "eam", "pregate", "union", "learned"]
 
@@ -63,7 +62,7 @@ def run_window(view, window: np.ndarray) -> tuple[list[torch.Tensor], list[np.nd
     try:
         with RouterCapture(view) as cap, torch.inference_mode():
             ids = torch.as_tensor(window, dtype=torch.long)[None]  # [1, T]
-            _base(view.model)(input_ids=ids, use_cache=False)
+            view.forward(ids, head=False, use_cache=False)
             routed = cap.take(torch.ones(ids.numel(), dtype=torch.bool))
     finally:
         for h in hooks:

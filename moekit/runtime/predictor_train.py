@@ -132,7 +132,6 @@ def collect(view, sequences: list[np.ndarray], batch_size: int = 8, progress: Pr
     """Run the model over token sequences (each [T] int, right-padded in batches as `moekit trace` does) and capture
     each MoE layer's expert input and routing (by weight descending, as traces store it)."""
     from moekit.trace.capture import RouterCapture
-    from moekit.trace.record import _base
 
     L = len(view.layers)
     xs, ids, ws = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)]
@@ -145,7 +144,7 @@ def collect(view, sequences: list[np.ndarray], batch_size: int = 8, progress: Pr
             for b, s in enumerate(batch):
                 inp[b, :len(s)], keep[b, :len(s)] = torch.as_tensor(np.asarray(s, np.int64)), True
             with torch.inference_mode():
-                _base(view.model)(input_ids=inp, use_cache=False)
+                view.forward(inp, head=False, use_cache=False)
             keep = keep.reshape(-1)
             inputs, routed = cap.take_inputs(keep), cap.take(keep)
             for pos, layer in enumerate(view.layers):
