@@ -257,7 +257,7 @@ def offload_part(args) -> dict:
     build_store_from_checkpoint(path, store)
     expert_bytes = rt.ExpertStore(store).expert_bytes
     prompts = _prompts(tok, args.prompts, args.new_tokens + 8)
-    runs = {p: [] for p in ("lru", "score", "predictive")}
+    runs = {p: [] for p in ("lru", "score", "lfru", "predictive")}  # lfru: the predictive policy without forecasts
     for rep in range(args.repeats):
         for policy in runs:  # interleaved: the shared disk and CPUs drift between runs
             gc.collect()

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moekit.cli import app, console, parse_dtype, print_json, progress_bar
 from moekit.errors import UserError
+from moekit.files import check_out_file
 
 predictor_app = typer.Typer(help="Train the routing predictor that `--policy predictive` evicts by.",
                             no_args_is_help=True)
@@ -42,8 +43,7 @@ def train(
     options = pt.TrainOptions(width=width, reuse_width=reuse_width, lookahead=lookahead, steps=steps,
                               validation=validation, seed=seed)
     parse_dtype(dtype)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder: give a file name such as {out / 'predictor.safetensors'}")
+    check_out_file(out)  # not a folder, in a folder that exists and is writable: before the model is read
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
     text = pt.read_traces(traces, max_tokens)

@@ -190,19 +190,17 @@ class RoutingPredictor:
                 "format_version": FORMAT_VERSION, "horizons": list(self.spec.horizons)}
 
     def save(self, path) -> Path:
-        """Write atomically (a temporary file renamed into place)."""
+        """Write atomically (moekit.files.atomic_file: a temporary file renamed into place; a full disk is one line)."""
         from safetensors.numpy import save_file
+
+        from moekit.files import atomic_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": json.dumps(asdict(self.spec)),
                 "training": json.dumps(self.training)}
-        try:
+        with atomic_file(path) as tmp:
             save_file(self.tensors, str(tmp), metadata=meta)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
 
