@@ -34,6 +34,7 @@ demo: setup
 	$(MOEKIT) simulate $(OUT)/demo-trace --policy lru,lfu,lfru,score,predictive,belady --capacity 1x,2x,4x
 	$(MOEKIT) run $(DEMO_MODEL) --budget 6MiB --prompt "def fibonacci(n):" --max-new-tokens 40 --stats
 	$(MOEKIT) run $(DEMO_MODEL) --budget 6MiB --prompt "def fibonacci(n):" --max-new-tokens 40 --stats --policy predictive --predictor $(DEMO_PREDICTOR)
+	$(PY) demo/serve_demo.py
 	@echo "report: $(OUT)/demo-report.html"
 
 # How $(DEMO_PREDICTOR) was trained: a float32 trace of every domain's held-out text after its first 40,960 tokens
