@@ -289,10 +289,12 @@ def offload_part(args) -> dict:
     print(f"\nworkload: {workload['distinct_experts_per_layer']} distinct experts per layer used; greedy decoding of "
           f"the same prompt would give {greedy['distinct']} distinct tokens in {greedy['tokens']} ({greedy['text']})")
     held = predictor.training["held_out"]
+    cache = predictor.training["held_out_cache"]
     print(f"its predictor, fitted on {sum(map(len, calib))} tokens in {fit_s:.0f} s: held-out recall next layer "
-          f"{held['next_layer']['recall']:.3f}, next token (reuse) {held['next_token']['recall']:.3f}")
+          f"{held['next_layer']['recall']:.3f}, next token (reuse) {held['next_token']['recall']:.3f}; held-out hit "
+          f"rate at {cache['capacity']}: predictive {cache['predictive']:.3f}, lfru {cache['lfru']:.3f}")
     return {"expert_bytes": expert_bytes, "predictor_fit_seconds": round(fit_s, 1), "calib_tokens": sum(map(len, calib)),
-            "predictor_held_out": held,
+            "predictor_held_out": held, "predictor_held_out_cache": cache,
             "runs": runs, "summary": summary, "workload": workload,
             "ratio_tok_s": {o: summary["predictive"]["tok_s"]["median"] / summary[o]["tok_s"]["median"]
                             for o in ("lru", "score")},

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from moekit.cli import app, console, parse_dtype, print_json, progress_bar
+from moekit.cli import app, console, err_console, parse_dtype, print_json, progress_bar
 from moekit.errors import UserError
 from moekit.files import check_out_file
 
@@ -72,10 +72,12 @@ def _load(model: Path | None, named: str | None, dtype):
 
 def _report(out: Path, predictor, json_out: bool) -> None:
     t, s = predictor.training, predictor.spec
-    held = t.get("held_out", {})
+    held, cache = t.get("held_out", {}), t.get("held_out_cache") or {}
+    _warn_if_worse_than_lfru(cache)
     row = {"out": str(out), "bytes": out.stat().st_size, "tokens": t["tokens"], "held_out_tokens": t["held_out_tokens"],
            "routing_agreement": t["routing_agreement"],
            "macs_per_token_layer": {"forecast": s.macs("reuse"), "next_layers": s.macs("route")},
+           **{f"hit_rate_{cache['capacity']}_{k}": v for k, v in cache.items() if k != "capacity"},
            **{f"recall_{k}": v["recall"] for k, v in held.items()}}
     if json_out:
         print_json({**row, "held_out": held})
@@ -87,5 +89,13 @@ def _report(out: Path, predictor, json_out: bool) -> None:
             table.add_row(key.replace("_", " "), f"{value:.3f}" if isinstance(value, float) else
                           ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items()) if isinstance(value, dict)
                           else str(value))
-    table.caption = f"recall at top-{s.top_k} on the held-out sequences"
+    table.caption = f"recall at top-{s.top_k} and cache hit rates on the held-out sequences"
     console.print(table)
+
+
+def _warn_if_worse_than_lfru(cache: dict) -> None:
+    """The held-out cache check (predictor_train.cache_check): say so when the forecasts make the cache worse."""
+    if cache and cache["predictive"] < cache["lfru"]:
+        err_console.print(f"[yellow]warning:[/] on the held-out sequences `predictive` with this predictor hits "
+                          f"{cache['predictive']:.3f} at {cache['capacity']} top-k, LFRU without it {cache['lfru']:.3f}: "
+                          f"use --policy lfru, or train on more text or with more --steps")

@@ -308,11 +308,30 @@ def train(view, data: Collected, options: TrainOptions = TrainOptions(), progres
     report = evaluate(predictor, data, held) if held.any() else {}
     predictor.training = {**(training or {}), "tokens": data.tokens, "held_out_tokens": int(held.sum()),
                           "options": {k: getattr(options, k) for k in TrainOptions.__dataclass_fields__},
-                          "held_out": report}
+                          "held_out": report, "held_out_cache": cache_check(predictor, data, held) if held.any() else {}}
     return predictor
 
 
 # evaluation ----------------------------------------------------------------------------------------------------------
+def cache_check(predictor: RoutingPredictor, data: Collected, mask: np.ndarray, multiple: int = 2) -> dict:
+    """Hit rates of `predictive` with this predictor's forecasts and of LFRU (its fallback) at `multiple` x top-k, on
+    the tokens where mask [N] is true replayed as one stream per layer (the simulator's conventions). A predictor whose
+    forecasts lose to LFRU here makes the cache worse than no predictor: `moekit predictor train` says so."""
+    from moekit.runtime.simulate import replay_layer
+
+    spec, cap = predictor.spec, min(multiple * predictor.spec.top_k, predictor.spec.num_experts)
+    hits, lookups = {"predictive": 0, "lfru": 0}, 0
+    for pos in range(spec.num_layers):
+        ids, x, w = data.ids[pos][mask], data.x[pos][mask], data.weights[pos][mask]
+        fc = predictor.forecast(pos, x, ids, w)  # [n, E]
+        for name in hits:
+            c = replay_layer(ids, name, cap, w, num_experts=spec.num_experts,
+                             forecasts=fc if name == "predictive" else None)
+            hits[name] += c.hits
+        lookups += c.hits + c.misses
+    return {"capacity": f"{multiple}x", **{name: h / lookups for name, h in hits.items()}}
+
+
 def evaluate(predictor: RoutingPredictor, data: Collected, mask: np.ndarray | None = None) -> dict:
     """Recall at top-k (k = the model's top-k: a predicted set as large as the actual one) on the tokens where mask
     [N] is true (all by default): `next_layer` = routing head d = 1 from layer positions 0..L-2 (the next layer of the

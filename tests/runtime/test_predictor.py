@@ -149,3 +149,25 @@ def test_slots_naming_no_expert_add_nothing():
     f = pt.features(x, dropped, w, SPEC.num_experts)
     assert torch.equal(f, pt.features(x, ids, kept_w, SPEC.num_experts))
     assert pt._onehot(dropped, SPEC.num_experts).sum(1).tolist() == [1] * len(x)
+
+
+def test_cache_check_replays_the_held_out_stream(monkeypatch):
+    """The held-out cache check = the simulator on the masked tokens: LFRU as replay_layer gives it, and `predictive`
+    fed forecasts that name the experts used next scores above LFRU (a forecast that reverses them, below)."""
+    from moekit.runtime.simulate import oracle_forecasts, replay_layer
+
+    rng = np.random.default_rng(3)
+    N, spec = 600, pr.PredictorSpec("t", "h", (0,), num_experts=8, top_k=2, hidden_size=5, width=4, reuse_width=3,
+                                    horizons=(1,))
+    ids = np.stack([rng.choice(8, 2, replace=False, p=np.full(8, 1 / 8)) for _ in range(N)])
+    data = pt.Collected([rng.normal(size=(N, 5)).astype(np.float16)], [ids], [np.ones((N, 2), np.float32)],
+                        np.arange(N) // 50)
+    mask = pt.split(data.seq, 0.5)
+    oracle = oracle_forecasts(ids[mask], 8)
+    p = random_predictor(spec)
+    for sign in (1, -1):
+        monkeypatch.setattr(pr.RoutingPredictor, "forecast", lambda self, pos, x, i, w, s=sign: s * oracle)
+        got = pt.cache_check(p, data, mask)
+        lfru = replay_layer(ids[mask], "lfru", 4)
+        assert got["lfru"] == lfru.hits / (lfru.hits + lfru.misses)
+        assert (got["predictive"] > got["lfru"]) == (sign == 1), got
