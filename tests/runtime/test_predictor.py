@@ -136,6 +136,10 @@ def test_refuses_another_model():
         pr.RoutingPredictor(pr.PredictorSpec(**{**spec.__dict__, "num_experts": 8})).check(view)
     with pytest.raises(UserError, match="config hash differs"):
         pr.RoutingPredictor(pr.PredictorSpec(**{**spec.__dict__, "config_hash": "other"})).check(view)
+    runs = view.trace_layers()
+    view.trace_layers = lambda: runs + runs[:1]  # a loop layer's second pass: one more routing run per token
+    with pytest.raises(UserError, match="loop layers"):
+        pr.RoutingPredictor(spec).check(view)
 
 
 def test_slots_naming_no_expert_add_nothing():
