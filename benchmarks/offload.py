@@ -23,8 +23,9 @@ model's locality at a real model's expert size. The replayed run is checked agai
 `locality_kept`): every row's experts are the mapped trace row's, SRP and SCH (arXiv 2505.16056) of the run equal the
 replayed rows' within 0.05, and both systems' routers returned the same ids; the whole trace's SRP/SCH are printed
 beside them. `replay=TRACE` replays any trace (yours, recorded with `moekit trace`).
-moekit and accelerate run --repeats times, interleaved (the order alternates each repeat, so a drift of the shared
-disk's bandwidth hits both alike); tokens/s and the ratio of each repeat's pair are reported as median and range, with
+moekit and accelerate run --repeats times on the synthetic model (default 3) and --model-repeats times on the
+checkpoints (default 7: a demo run decodes for about a second), interleaved (the order alternates each repeat, so a
+drift of the shared disk's bandwidth hits both alike); tokens/s and the ratio of each repeat's pair are reported as median and range, with
 the machine's load average before each repeat.
 
 Budget: 25% of the routed experts' bytes. moekit keeps that many experts per layer in RAM (the budget split evenly over
@@ -321,7 +322,7 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2]
 
 
-def bench(path: Path, work: Path, args, routing_name: str | None = None) -> dict:
+def bench(path: Path, work: Path, args, routing_name: str | None = None, repeats: int = 3) -> dict:
     prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
     name, _, value = (routing_name or "own").partition("=")
     routing = ROUTING_SOURCES[name](work, value) if ROUTING_SOURCES[name] else None
@@ -329,7 +330,7 @@ def bench(path: Path, work: Path, args, routing_name: str | None = None) -> dict
     starts = routing.starts(len(prompts), rows_per_prompt) if routing is not None else None
     mk_runs, acc_runs, ratios, loads, bws, same, same_routing = [], [], [], [], [], [], []
     mk = None
-    for r in range(args.repeats):
+    for r in range(repeats):
         loads.append(os.getloadavg()[0])
         order = ["moekit", "accelerate"] if r % 2 == 0 else ["accelerate", "moekit"]
         for system in order if args.accelerate else ["moekit"]:
@@ -360,7 +361,7 @@ def bench(path: Path, work: Path, args, routing_name: str | None = None) -> dict
     row = {"model": str(path), "routing": routing_name or "own",
            "experts": f"{mk['layers']} layers x {mk['num_experts']} experts, top-{mk['top_k']}",
            "expert_mb": mk["expert_bytes"] / 1e6, "experts_gb": mk["total_expert_bytes"] / 1e9,
-           "budget_mb": mk["budget"] / 1e6, "moekit": mk, "repeats": args.repeats, "load_average_1min": loads,
+           "budget_mb": mk["budget"] / 1e6, "moekit": mk, "repeats": repeats, "load_average_1min": loads,
            "decode": args.decode, "temperature": args.temperature if args.decode == "sample" else 0.0,
            "loop_check": loop, "routing_reuse": reuse,
            "degenerate": any(x["looping"] for x in loop) or any(x["static"] for x in reuse)}
@@ -545,7 +546,10 @@ def main() -> None:
                     help="sample (default: what chat users run) or greedy (loops on small and random models)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--decode sample)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (+1 per prompt)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved moekit / accelerate repeats per model")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved moekit / accelerate repeats, synthetic model")
+    ap.add_argument("--model-repeats", type=int, default=7,
+                    help="the same for the --model checkpoints (default demo/model): a demo run decodes for about a "
+                         "second, so its tokens/s is the noisier, and a repeat costs seconds")
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=False,
                     help="moekit's pre-gating prefetch (default off: `moekit run`'s default on the CPU)")
@@ -558,19 +562,19 @@ def main() -> None:
                          "machine OpenMP barriers stall for whole scheduler slices; measured 69 ms per index_add_)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moekit-bench")
     args = ap.parse_args()
-    if args.repeats < 1 or args.new_tokens < 2 or args.temperature <= 0:
-        ap.error("--repeats >= 1, --new-tokens >= 2 and --temperature > 0 are needed")
+    if min(args.repeats, args.model_repeats) < 1 or args.new_tokens < 2 or args.temperature <= 0:
+        ap.error("--repeats and --model-repeats >= 1, --new-tokens >= 2 and --temperature > 0 are needed")
     t0, load0 = time.perf_counter(), os.getloadavg()  # wall time includes building the synthetic model and the trace
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    models = [(m, None) for m in args.model or ([ROOT / "demo/model"] if (ROOT / "demo/model/config.json").is_file()
-                                               else [])]
+    checkpoints = args.model or ([ROOT / "demo/model"] if (ROOT / "demo/model/config.json").is_file() else [])
+    models = [(m, None, args.model_repeats) for m in checkpoints]
     if args.synthetic:
         models.append((synthetic_checkpoint(args.work / f"synthetic-qwen3moe-{args.layers}l", args.layers),
-                       args.synthetic_routing))
+                       args.synthetic_routing, args.repeats))
     rows = []
-    for path, routing in models:
-        rows.append(bench(path, args.work, args, routing))
+    for path, routing, repeats in models:
+        rows.append(bench(path, args.work, args, routing, repeats))
         print_row(rows[-1])
     print_summary(rows)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()
@@ -580,7 +584,7 @@ def main() -> None:
                       "budget_fraction": args.budget, "new_tokens": args.new_tokens,
                       "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch,
                       "decode": args.decode, "temperature": args.temperature, "seed": args.seed,
-                      "repeats": args.repeats, "io_threads": args.io_threads, "threads": args.threads,
+                      "repeats": args.repeats, "model_repeats": args.model_repeats, "io_threads": args.io_threads, "threads": args.threads,
                       "degenerate": any(r["degenerate"] for r in rows), "rows": rows}, default=float))
     if any(r["degenerate"] for r in rows):
         sys.exit(3)

@@ -10,8 +10,12 @@ The mapping, trace (E_t experts, top-K_t, L_t MoE layers) -> model (E_m, K_m, L_
   expert when E_m <= E_t, several when larger). A token's model experts are read slot-major: the first member of each
   of its trace experts' blocks (by weight), then the second members, ...; duplicates dropped, the first K_m kept;
   when fewer than K_m remain (E_m < E_t collapses experts), the next free ids after the token's first one fill up.
-  With E_m = c * E_t and K_m = c * K_t every selection is one trace expert's whole block, so a window's counts are
-  the trace's, duplicated c times: SRP is preserved exactly, and SCH nearly (tests/routing/test_steering.py);
+  With K_m = c * K_t and E_m >= c * E_t (blocks of at least c) every selection is the first c members of each of
+  the token's trace experts' blocks, so a window's counts are the trace's, duplicated c times: SRP is preserved
+  exactly, and SCH at c times the capacity nearly (tests/routing/test_steering.py, tests/benchmarks/
+  test_workload.py). Otherwise (K_m not a multiple of K_t, or E_m < E_t collapsing experts) it is not preserved by
+  construction: a sticky 16-expert top-4 routing replayed on 8 experts top-3 lost 0.10 of SRP, on 4 top-3 0.33
+  (benchmarks/_workload.py `locality_kept` measures it for a run);
 - tokens: each layer reads the trace's tokens as one stream, T rows per router call, wrapping at its end.
 The weights are the model's own rule on the replayed set (its router's scores for those experts).
 """
