@@ -22,6 +22,7 @@ from moekit.analysis.load import summarise_layer
 from moekit.analysis.locality import SEGMENT_LENGTHS, sch_from_batch, segment_routing_performance
 from moekit.analysis.specialisation import domain_jsd, domain_nmi, domain_usage, token_expert_npmi
 from moekit.analysis.super_experts import super_experts
+from moekit.errors import UserError
 
 SCHEMA = "moekit.analysis/1"
 
@@ -198,18 +199,21 @@ def _locality_and_cache(res, ids_l, starts, lengths, n_experts, segment_lengths,
     res["cache"].update(curves)  # policy -> [L][C]
 
 
-def analyze_trace(trace, *, tokenizer=None, timings: dict | None = None, **options) -> dict:
-    """analyze_arrays over a recorded trace (`moekit.trace.open(...)`); with a tokenizer, the nPMI tables also carry
-    the decoded token strings."""
+def check_analysable(trace) -> None:
+    """Per-token analyses need a per-token trace with tokens: one line otherwise, before any data is read."""
     if trace.kind != "tokens" or trace.num_tokens == 0:
-        raise ValueError(f"{trace.folder}: per-token analyses need a per-token trace with tokens (this one is "
-                         f"{trace.kind} with {trace.num_tokens} tokens)")
+        raise UserError(f"{trace.folder}: per-token analyses need a per-token trace with tokens (this one is "
+                        f"{trace.kind} with {trace.num_tokens} tokens): record one with `moekit trace`")
     if getattr(trace, "sentinel", None) is not None:
-        from moekit.errors import UserError
-
         raise UserError(f"{trace.folder} was traced under the routing policy {trace.manifest['routing']['spec']!r} "
                         f"(a variable number of experts per token): the analyses need a fixed top-k; trace without "
                         f"--routing to analyse it (`moekit simulate` replays policy traces)")
+
+
+def analyze_trace(trace, *, tokenizer=None, timings: dict | None = None, **options) -> dict:
+    """analyze_arrays over a recorded trace (`moekit.trace.open(...)`); with a tokenizer, the nPMI tables also carry
+    the decoded token strings."""
+    check_analysable(trace)
     logits = bool(trace.manifest.get("logits"))
     layers = [{"ids": trace.ids(l), "weights": trace.weights(l), **({"logits": trace.logits(l)} if logits else {})}
               for l in trace.layers]

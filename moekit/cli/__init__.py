@@ -1,6 +1,7 @@
 """The `moekit` command: one thin typed function per subcommand, each calling the Python API.
 
-Bad input raises moekit.errors.UserError, printed here as one line on stderr with exit code 2 (no traceback).
+Bad input raises moekit.errors.UserError, printed here as one line on stderr with exit code 2 (no traceback); usage
+errors (a missing option, a value out of range) are printed the same way.
 Subcommands live in one module per pipeline stage and register themselves on `app`.
 """
 
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moekit.errors import UserError
@@ -73,15 +75,36 @@ def main(argv: list[str] | None = None) -> None:
     from moekit.cli import trace  # noqa: F401
     from moekit.cli import analyze, ablate  # noqa: F401
     from moekit.cli import eval, prune, merge, quantize  # noqa: F401,A004
-    from moekit.cli import run, simulate  # noqa: F401
+    from moekit.cli import run, serve, simulate  # noqa: F401
     from moekit.cli import experts  # noqa: F401
     from moekit.cli import place  # noqa: F401
 
     try:
-        app(args=argv, prog_name="moekit")  # standalone: click reports usage errors itself (exit 2)
-    except KeyboardInterrupt:
+        code = app(args=argv, prog_name="moekit", standalone_mode=False)  # errors come back here, not printed
+    except typer.TyperException as err:  # click's (typer bundles it): a missing option, a value out of range, ...
+        if type(err).__name__ == "NoArgsIsHelpError":  # `moekit` alone: the help, as before
+            typer.echo(err.ctx.get_help())
+            sys.exit(0)
+        if not hasattr(err, "format_message"):
+            raise
+        ctx = getattr(err, "ctx", None)
+        _fail(f"{err.format_message()} (see `{ctx.command_path if ctx is not None else 'moekit'} --help`)")
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(err))
+    except Exception as err:  # a full disk in a write no writer wrapped (moekit.files.disk_errors wraps moekit's own)
+        from moekit.files import write_failure
+
+        full = write_failure(getattr(err, "filename", None) or "a file", err, full_only=True)
+        if full is None:
+            raise
+        _fail(str(full))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2 (what scripts and the tests rely on)."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [x] stays [x]
+    sys.exit(2)

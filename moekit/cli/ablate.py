@@ -24,19 +24,25 @@ def ablate(
     """Zero experts chosen by their activation outliers and report the held-out perplexity change (arXiv 2507.23279)."""
     import moekit.models
     import moekit.trace
-    from moekit.compress.ablate import choose_experts, zero_experts
-    from moekit.compress.evaluate import domain_windows, evaluate, load_tokenizer
+    from moekit.compress.ablate import check_fits, choose_experts, zero_experts
+    from moekit.compress.evaluate import domain_windows, evaluate
+    from moekit.errors import at_least
+    from moekit.models.validate import open_checkpoint
     from moekit.trace.data import encoder, resolve_data
 
+    # everything cheap first: the trace and its experts, the data, the checkpoint and its tokenizer; then the weights
+    at_least("--max-tokens", max_tokens)
     trace = moekit.trace.open(trace_dir)
     if count is None and experts != "super":
         count = len(choose_experts(trace, "super"))
     chosen = choose_experts(trace, experts, count, seed)
     sources = resolve_data(data)
-    moekit.models.load(model, meta=True).require("ablate", causal=True)  # no weights read yet
+    checked = open_checkpoint(model, tokenizer=True)
+    checked.view.require("ablate", causal=True)
+    check_fits(trace, checked.view)
+    windows = domain_windows(sources, encoder(checked.tokenizer), 256, max_tokens)
     view = moekit.models.load(model, dtype="float32")
     lm = moekit.models.language_model(view.model)  # a wrapper scores text through its language model
-    windows = domain_windows(sources, encoder(load_tokenizer(model)), 256, max_tokens)
     with err_console.status("evaluating the unablated model"):
         before = evaluate(lm, windows).to_dict()
     zero_experts(view, chosen)

@@ -14,28 +14,33 @@ from moekit.cli import app, console, err_console, print_json
 def analyze(
     trace_dir: Path = typer.Argument(..., help="trace folder written by `moekit trace`"),
     out: Path = typer.Option(None, "--out", help="write the HTML report here (default: TRACE/report.html)"),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="decode nPMI tokens with this tokenizer "
-                                   "(default: the traced model's, when its folder is readable)"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="decode nPMI tokens with this tokenizer folder "
+                                   "(default: the traced model's, when its folder is readable; else token ids)"),
     placement: Path = typer.Option(None, "--placement", help="also score this `moekit place` plan on the trace "
                                    "(a placement section in the report)"),
     json_out: bool = typer.Option(False, "--json", help="print the full results as one JSON object"),
 ) -> None:
     """Load balance, entropy, co-activation, affinity, specialisation, nPMI, locality (SRP/SCH) and cache curves."""
     import moekit.trace
-    from moekit.analysis.run import analyze_trace, to_json
+    from moekit.analysis.run import analyze_trace, check_analysable, to_json
+    from moekit.files import check_out_file
+    from moekit.models.validate import load_tokenizer
     from moekit.report.html import render_report
 
     trace = moekit.trace.open(trace_dir)
-    if placement is not None:  # cheap checks (the plan's files) before the analysis
+    check_analysable(trace)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else _tokenizer(trace.manifest.get("model"))
+    target = check_out_file(out or trace_dir / "report.html")  # before the analysis, not after it
+    if placement is not None:  # cheap checks (the plan's files, the plan against the trace) before the analysis
         from moekit.placement import place_eval
-        from moekit.placement.files import read_plan
+        from moekit.placement.api import check_place_eval
 
-        read_plan(placement)
+        scoring = check_place_eval(placement, trace_dir)
     with err_console.status("analysing routing"):
-        results = analyze_trace(trace, tokenizer=_tokenizer(tokenizer or trace.manifest.get("model")))
+        results = analyze_trace(trace, tokenizer=tok)
         if placement is not None:
-            results["placement"] = to_json(place_eval(placement, trace_dir))
-    report = render_report(results, out or trace_dir / "report.html", title=f"moekit routing analysis: {trace_dir}")
+            results["placement"] = to_json(place_eval(placement, trace_dir, inputs=scoring))
+    report = render_report(results, target, title=f"moekit routing analysis: {trace_dir}")
     if json_out:
         print_json({**results, "report": str(report)})
         return

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
 from moekit.cli.experts import CALIB_HELP, ROUTING_HELP, STEER_HELP
+from moekit.errors import at_least
 
 
 @app.command("eval")
@@ -31,13 +32,18 @@ def eval_(
 
     from moekit.compress.evaluate import evaluate_path
     from moekit.routing import parse
-    from moekit.routing.calibrate import batch_routing
+    from moekit.routing.calibrate import for_checkpoint
     from moekit.routing.scmoe import parse_contrast
 
+    at_least("--threads", threads, 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    policy, contrast = batch_routing(parse(routing, steer)), parse_contrast(scmoe)  # before any weight is read
+    contrast = parse_contrast(scmoe)  # before any weight is read
+    policy = for_checkpoint(parse(routing, steer), model, per_prompt=False, command="eval", causal=True)
     if contrast is not None:
+        from moekit.compress.evaluate import check_evaluation
+
+        check_evaluation(model, data, seq_len, max_tokens or None, batch_size, [policy, contrast.weak()], calib)
         return _contrast(model, data, contrast, policy, seq_len, max_tokens, batch_size, json_out)
     result = evaluate_path(model, data, seq_len=seq_len, max_tokens=max_tokens or None, batch_size=batch_size,
                            progress_factory=lambda total: progress_bar("evaluating", total), routing=policy,

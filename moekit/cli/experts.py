@@ -48,9 +48,11 @@ def find(
 ) -> None:
     """Rank (layer, expert) pairs by how much more trace A selects them than trace B; write the top ones."""
     import moekit.trace
+    from moekit.files import check_out_file
     from moekit.routing import find as finder
     from moekit.routing.spec import write_steering
 
+    check_out_file(out)  # before the traces are read
     if len(contrast) != 2:
         raise UserError(f"--contrast takes two traces (--contrast A --contrast B), got {len(contrast)}")
     token_ids = None

@@ -33,13 +33,24 @@ def merge(
     """Merge each MoE layer's experts into G (M-SMoE or HC-SMoE) and save a checkpoint with G experts per layer."""
     import moekit.models
     from moekit.compress import merge as merging
-    from moekit.compress.calibdata import calibrate, load_tokenizer, token_batches
+    from moekit.compress.calibdata import calibrate, token_batches
     from moekit.compress.checkpoint import save_checkpoint
+    from moekit.errors import at_least
+    from moekit.files import check_out
+    from moekit.models.validate import open_checkpoint
+    from moekit.trace.data import resolve_data
 
-    moekit.models.load(model, meta=True).require("merge", resize=True, causal=True, routing=True)  # no weights read
-    view = moekit.models.load(model, dtype=parse_dtype(dtype))
-    merging.check_groups(view, groups)
-    batches = token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens)
+    # everything cheap first: options, --out, the data, the checkpoint and its tokenizer; then the weights
+    merging.check_options(method, router, low_rank)
+    torch_dtype = parse_dtype(dtype)
+    at_least("--seq-len", seq_len)
+    check_out(out)
+    resolve_data(calib)
+    checked = open_checkpoint(model, tokenizer=True, dtype=torch_dtype)
+    checked.view.require("merge", resize=True, causal=True, routing=True)
+    merging.check_groups(checked.view, groups)
+    batches = token_batches(checked.tokenizer, calib, seq_len=seq_len, max_tokens=calib_tokens)
+    view = moekit.models.load(model, dtype=torch_dtype)
     with progress_bar("calibrating", sum(b.numel() for b in batches)) as tick:
         cal = calibrate(view, batches, progress=tick)
     with progress_bar(f"merging ({method})", len(view.layers)) as step:

@@ -43,13 +43,15 @@ def place(
     """Plan where each expert lives on G GPUs; write sglang.json, eplb.safetensors and plan.json."""
     from moekit.placement import Cluster, PlanOptions
     from moekit.placement import place as run
+    from moekit.placement.api import check_place
 
     opts = PlanOptions(time_limit=time_limit, seed=seed, balance_slack=balance_slack, align_groups=align_groups)
+    cluster = Cluster(gpus, nodes, redundant)
+    inputs = check_place(trace, out, cluster, method, model=model, checkpoint=checkpoint)  # before the spinner
     t0 = time.monotonic()
     with err_console.status(f"planning ({method})") as status:
-        rep = run(trace, out, Cluster(gpus, nodes, redundant), method, model=model, checkpoint=checkpoint,
-                  options=opts, progress=lambda msg: status.update(
-                      f"planning ({method}, {time.monotonic() - t0:.0f} s): {msg}"))
+        rep = run(trace, out, cluster, method, model=model, checkpoint=checkpoint, options=opts, inputs=inputs,
+                  progress=lambda msg: status.update(f"planning ({method}, {time.monotonic() - t0:.0f} s): {msg}"))
     if json_out:
         print_json(rep)
         return
@@ -79,9 +81,12 @@ def place_eval(
     """Score a placement and the engines' default one: balancedness, transitions, dispatch, nodes, step time."""
     from moekit.analysis.run import to_json
     from moekit.placement import place_eval as run
+    from moekit.placement.api import check_place_eval
 
+    inputs = check_place_eval(plan, trace, hardware=hardware, batch_tokens=batch_tokens, model=model, gpus=gpus,
+                              nodes=nodes)  # every check before the spinner
     with err_console.status("scoring"):
-        res = run(plan, trace, hardware=hardware, batch_tokens=batch_tokens, model=model, gpus=gpus, nodes=nodes)
+        res = run(plan, trace, batch_tokens=batch_tokens, inputs=inputs)
     if json_out:
         print_json(to_json(res))
         return

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app, binary_bytes, console, print_json, progress_bar
+from moekit.errors import at_least
 
 
 @app.command()
@@ -28,6 +29,7 @@ def prune(
 
     from moekit.compress.prune import PruneOptions, prune_checkpoint
 
+    at_least("--threads", threads, 0)
     if threads > 0:
         torch.set_num_threads(threads)
     rep = prune_checkpoint(model, keep, method, calib, out, max_tokens=max_tokens, seq_len=seq_len,

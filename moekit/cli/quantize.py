@@ -31,19 +31,32 @@ def quantize(
     (loads with plain from_pretrained) plus a packed `quantized/` sidecar (what a quantised runtime holds)."""
     import moekit.models
     from moekit.compress import quantize as q
-    from moekit.compress.calibdata import calibrate, load_tokenizer, token_batches
+    from moekit.compress.calibdata import calibrate, token_batches
     from moekit.compress.checkpoint import save_checkpoint
-    from moekit.errors import UserError
+    from moekit.errors import UserError, at_least
+    from moekit.files import check_out
+    from moekit.models.validate import open_checkpoint
+    from moekit.trace.data import resolve_data
 
-    if method == "pmq" and avg_bits < q.DENSE and not calib:
-        raise UserError("--method pmq needs calibration data: pass --calib DATA")
+    # everything cheap first: options, --out, the data, the checkpoint (and its tokenizer); then the weights
+    q.check_bits(avg_bits, method)
     q.check_group_size(group_size)
-    moekit.models.load(model, meta=True).require("quantize", causal=True,  # no weights read yet
-                                                 routing=method == "pmq" and avg_bits < q.DENSE)
-    view = moekit.models.load(model, dtype=parse_dtype(dtype))
+    calibrated = method == "pmq" and avg_bits < q.DENSE
+    if calibrated and not calib:
+        raise UserError("--method pmq needs calibration data: pass --calib DATA")
+    torch_dtype = parse_dtype(dtype)
+    at_least("--seq-len", seq_len)
+    check_out(out)
+    if calibrated:
+        resolve_data(calib)
+    checked = open_checkpoint(model, tokenizer=calibrated, dtype=torch_dtype)
+    checked.view.require("quantize", causal=True, routing=calibrated)
+    batches = None
+    if calibrated:
+        batches = token_batches(checked.tokenizer, calib, seq_len=seq_len, max_tokens=calib_tokens)
+    view = moekit.models.load(model, dtype=torch_dtype)
     cal = None
-    if method == "pmq" and avg_bits < q.DENSE:
-        batches = token_batches(load_tokenizer(model), calib, seq_len=seq_len, max_tokens=calib_tokens)
+    if calibrated:
         with progress_bar("calibrating", sum(b.numel() for b in batches)) as tick:
             cal = calibrate(view, batches, progress=tick)
     with progress_bar(f"quantising ({method})", len(view.layers) * view.num_experts) as step:

@@ -9,57 +9,59 @@ from rich import box
 from rich.table import Table
 
 from moekit.cli import app, console, print_json, progress_bar
-from moekit.cli.experts import ROUTING_HELP, STEER_HELP
+from moekit.cli.runtime_flags import runtime_options
+from moekit.errors import UserError
 
 
 @app.command()
+@runtime_options
 def run(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder of an MoE causal LM"),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
-    budget: str = typer.Option("512MB", "--budget", help="bytes of routed experts kept in memory, e.g. 512MB, 2GiB"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue (with --chat: the user's message)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    policy: str = typer.Option("lru", "--policy", help="expert cache policy: lru, lfu, lfru, score"),
-    prefetch: bool = typer.Option(None, "--prefetch/--no-prefetch",
-                                  help="pre-gating prefetch of the next layer (default: on with a GPU; off on the CPU, "
-                                       "where speculative reads slowed decoding in every measurement: docs/runtime.md)"),
-    store: Path = typer.Option(None, "--store", help="expert store folder (default: a cache dir, built on first run)"),
-    fiddler: bool = typer.Option(False, "--fiddler", help="GPU only: compute misses on the CPU when that is faster"),
-    io_threads: int = typer.Option(4, "--io-threads", min=1, help="threads reading experts from the store"),
-    threads: int = typer.Option(None, "--threads", min=1,
-                                help="torch compute threads (default: all cores but one, which the reads need: with "
-                                     "every core computing, OpenMP barriers stall behind the I/O threads)"),
-    lowbit: int = typer.Option(None, "--lowbit", help="HOBBIT: read low-weight misses as BITS-bit copies (2, 3, 4, 8; "
-                                                      "changes the output; copies built once next to the store)"),
-    lowbit_threshold: float = typer.Option(0.1, "--lowbit-threshold", min=0.0,
-                                           help="routing weight below which a miss uses its low-bit copy"),
-    eam_trace: Path = typer.Option(None, "--eam-trace",
-                                   help="MoE-Infinity: prefetch the experts of the request in this trace (recorded "
-                                        "with this model) whose activation matrix best matches, instead of pre-gating"),
-    routing: str = typer.Option(None, "--routing", help=ROUTING_HELP),
-    steer: Path = typer.Option(None, "--steer", help=STEER_HELP),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy (default); > 0: sample"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling: keep the smallest set with this mass"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0: all)"),
+    seed: int = typer.Option(None, "--seed", help="sampling seed (same seed, same text; as `moekit serve`'s seed)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user message in the model's chat template"),
     scmoe: str = typer.Option(None, "--scmoe", help="self-contrast decoding (SCMoE): 'alpha=0.1,beta=0.5,rank=2' or "
-                                                    "'default' (two passes per token)"),
+                                                    "'default' (two passes per token, greedy)"),
     stats: bool = typer.Option(False, "--stats", help="print per-layer cache and prefetch counters"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text + counters) instead"),
+    runtime=None,
 ) -> None:
-    """Greedy generation with experts on disk behind a byte budget (experts unfused into a store once)."""
+    """Generate with experts on disk behind a byte budget (experts unfused into a store once); greedy by default."""
     import time
 
     import torch
-    from transformers import TextStreamer
+    from transformers import LogitsProcessorList, TextStreamer
 
     import moekit.runtime as rt
+    from moekit.models.validate import check_routing
     from moekit.routing.scmoe import generate as scmoe_generate
     from moekit.routing.scmoe import parse_contrast
+    from moekit.runtime.sampling import SamplerLogitsProcessor, SamplingParams
 
-    options = rt.RuntimeOptions(budget=budget, policy=policy, prefetch=prefetch, store=store, fiddler=fiddler,
-                                io_threads=io_threads, threads=threads, lowbit=lowbit,
-                                lowbit_threshold=lowbit_threshold, eam_trace=eam_trace, routing=routing, steer=steer)
+    if not prompt:
+        raise UserError("--prompt is empty: give the text to continue, e.g. --prompt \"def fibonacci(n):\"")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # checked before loading
     contrast = parse_contrast(scmoe)
-    om = rt.open_offloaded(model, options, progress=progress_bar)
+    if contrast is not None and not params.greedy:
+        raise UserError("--scmoe decodes greedily (SCMoE's plausibility-masked argmax): leave out --temperature")
+    checked = rt.check_offloaded(model, runtime)  # the checkpoint, budget and routing: before a weight is read
+    if contrast is not None:
+        check_routing(contrast.weak(), checked.skeleton)
+    om = rt.open_offloaded(model, runtime, progress=progress_bar, checked=checked)
     tok, view = om.tokenizer, om.view
-    ids = tok(prompt, return_tensors="pt").input_ids.to(options.resolved_device())
-    streamer = None if json_out else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    try:  # what needs the tokenizer's output (a template, tokens at all) comes after the load: close it first
+        ids = torch.tensor([prompt_ids(tok, prompt, chat)], dtype=torch.long, device=runtime.resolved_device())
+        if ids.shape[1] == 0:
+            raise UserError(f"--prompt {prompt!r} gives no tokens with {model}'s tokenizer: give some text")
+    except UserError:
+        om.close()
+        raise
+    streamer = None if json_out else TextStreamer(tok, skip_prompt=chat, skip_special_tokens=True)
+    sampler = LogitsProcessorList([] if params.greedy else [SamplerLogitsProcessor(params)])
     routing = om.routing_policy.for_prompt(prompt) if om.routing_policy is not None else None  # C3PO: the prompt
     om.routing_hooks.set_all(routing)
     t0 = time.perf_counter()
@@ -68,23 +70,35 @@ def run(
             out = scmoe_generate(view.model, om.routing_hooks, ids, contrast, routing, max_new_tokens,
                                  tok.eos_token_id)
             if streamer is not None:
-                console.print(tok.decode(out[0], skip_special_tokens=True))
+                console.print(tok.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True))
         else:
             out = view.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                                      else tok.eos_token_id)
+                                      logits_processor=sampler, pad_token_id=tok.pad_token_id
+                                      if tok.pad_token_id is not None else tok.eos_token_id)
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
-    summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": policy,
+    summary = {"budget": om.budget, "experts_per_layer": om.capacity, "policy": runtime.policy,
                **({"routing": om.routing_policy.spec()} if om.routing_policy is not None else {}),
                "new_tokens": new,
                "seconds": seconds, "tokens_per_s": new / seconds, **om.totals()}
     if json_out:
-        print_json({"text": tok.decode(out[0], skip_special_tokens=True), **summary,
-                    **({"layers": om.stats()} if stats else {})})
+        print_json({"text": tok.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True),
+                    **summary, **({"layers": om.stats()} if stats else {})})
     elif stats:
         console.print(stats_table(om.stats(), summary))
     om.close()
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids; with chat, the model's chat template around one user message (tokenised by the
+    template itself: its BOS is the only one)."""
+    if not chat:
+        return tokenizer(prompt).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this model's tokenizer has no chat template: leave out --chat, or add one "
+                        "(tokenizer.chat_template, saved as chat_template.jinja in the model folder)")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
 
 
 def stats_table(rows: list[dict], summary: dict) -> Table:

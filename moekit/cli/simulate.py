@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app, console, print_json
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
 
 
 def parse_capacities(text: str) -> list[float]:
@@ -21,8 +21,8 @@ def parse_capacities(text: str) -> list[float]:
             value = float(part)
         except ValueError:
             raise UserError(f"cannot read capacity {part!r}: give multiples of top-k like 1x,2x,4x") from None
-        if value <= 0:
-            raise UserError(f"capacity must be > 0, got {value}")
+        if not 0 < value < float("inf"):
+            raise UserError(f"capacity must be a multiple > 0 such as 2x, got {part!r}")
         out.append(value)
     return out
 
@@ -32,9 +32,9 @@ def expert_size(trace, model: Path | None) -> tuple[int, int]:
     import moekit.models
 
     candidate = model or (Path(trace.manifest["model"]) if trace.manifest.get("model") else None)
-    if candidate is None or not (candidate / "config.json").is_file():
+    if model is None and (candidate is None or not (candidate / "config.json").is_file()):
         raise UserError("cannot tell the size of an expert: pass --model MODEL (the checkpoint the trace came from)")
-    view = moekit.models.load(candidate, meta=True)
+    view = moekit.models.load(candidate, meta=True)  # an explicit --model is checked like any checkpoint
     if (view.num_experts, view.top_k, len(view.layers)) != (trace.num_experts, trace.top_k, len(trace.layers)):
         raise UserError(f"{candidate} has {len(view.layers)} MoE layers x {view.num_experts} experts top-{view.top_k}, "
                         f"the trace {len(trace.layers)} x {trace.num_experts} top-{trace.top_k}: it is not the trace's "
@@ -65,7 +65,10 @@ def simulate(
     from moekit.runtime.simulate import simulate as run_sim
     from moekit.runtime.simulate import with_bounds
 
+    at_least("--max-tokens", max_tokens, 0)
     names = [p.strip() for p in policy.split(",") if p.strip()]
+    if not names:
+        raise UserError("--policy names no policy: give e.g. --policy lru,lfu")
     for name in names:
         policy_class(name)  # unknown names fail before the trace is read
     caps, hw = parse_capacities(capacity), load_profile(hardware)
@@ -78,6 +81,8 @@ def simulate(
         ids = [np.asarray(trace.ids(li))[n].astype(np.int64) for li in trace.layers]
         weights = [trace.weights(li)[n] for li in trace.layers] if "score" in names else None
         nbytes, nparams = expert_size(trace, model)
+    if not ids or ids[0].shape[0] == 0:
+        raise UserError(f"{trace_dir} holds no traced tokens to replay: record some with `moekit trace`")
     if weights is not None and any(np.isnan(w).any() for w in weights):
         weights = None  # SGLang traces: uniform scores
     results = run_sim(ids, num_experts=shape["num_experts"], top_k=shape["top_k"], expert_bytes=nbytes,

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from moekit.cli import app, console, print_json
+from moekit.cli import app, console, parse_dtype, print_json
 from moekit.cli.experts import CALIB_HELP, ROUTING_HELP, STEER_HELP
 
 
@@ -41,9 +41,10 @@ def trace(
 
     options = TraceOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, chunk_tokens=chunk_tokens,
                            logits=logits, activation_stats=activation_stats)
+    torch_dtype = parse_dtype(dtype)
     policy = batch_routing(parse(routing, steer))  # a bad spec fails before the weights are read
     with _progress(enabled=console.is_terminal and not json_out, total=max_tokens) as advance:
-        manifest = record(model, data, out, options=options, resume=resume, dtype=dtype, on_tokens=advance,
+        manifest = record(model, data, out, options=options, resume=resume, dtype=torch_dtype, on_tokens=advance,
                           routing=policy, calib=calib or None)
     _report(summary(out, manifest), json_out)
 
@@ -67,10 +68,11 @@ def trace_info(
     folder: Path = typer.Argument(..., help="a trace folder"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
-    """Check a trace folder (manifest, every chunk's footer and schema version) and summarise it."""
+    """Check a trace folder (manifest, every chunk's schema and every page's checksum) and summarise it."""
     import moekit.trace
 
     t = moekit.trace.open(folder)
+    t.verify()
     _report({**summary(folder, t.manifest), "model": t.manifest["model"], "domains": ",".join(t.domain_names)},
             json_out)
 
@@ -105,20 +107,23 @@ class _Rate(ProgressColumn):
 
 
 class _progress:
-    """A rich progress bar fed with token counts; a no-op when disabled (not a TTY, or --json)."""
+    """A rich progress bar fed with token counts, drawn from the first tokens on (so nothing is drawn while the
+    arguments and the checkpoint are checked); a no-op when disabled (not a TTY, or --json)."""
 
     def __init__(self, enabled: bool, total: int | None):
-        self.enabled, self.total = enabled, total
+        self.enabled, self.total, self.bar = enabled, total, None
 
     def __enter__(self):
-        if not self.enabled:
-            return None
-        self.bar = Progress(TextColumn("tracing"), BarColumn(), TextColumn("{task.completed:,} tokens"), _Rate(),
-                            TimeElapsedColumn(), console=console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("trace", total=self.total)
-        return lambda n: self.bar.advance(task, n)
+        return self.advance if self.enabled else None
+
+    def advance(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn("tracing"), BarColumn(), TextColumn("{task.completed:,} tokens"), _Rate(),
+                                TimeElapsedColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("trace", total=self.total)
+        self.bar.advance(self.task, n)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()

@@ -17,10 +17,21 @@ CHOICES = ("super", "random", "top")
 
 
 def zero_experts(view: MoEView, experts: list[tuple[int, int]]) -> None:
-    """Zero the weights (and biases) of (decoder layer, expert) pairs: the expert then outputs 0 for every token."""
+    """Zero the weights (and biases) of (trace layer, expert) pairs: the expert then outputs 0 for every token. A loop
+    layer's further passes (trace indices past the last layer, view.trace_layers()) share its weights."""
+    layers = {index: layer for index, layer, *_ in view.trace_layers()}
     for layer_index, e in experts:
-        layer = view.layer(layer_index)
+        layer = layers[layer_index] if layer_index in layers else view.layer(layer_index)  # KeyError names the layers
         layer.set_expert(e, {k: torch.zeros_like(v) for k, v in layer.expert_views(e).items()})
+
+
+def check_fits(trace, view: MoEView) -> None:
+    """The trace must come from this model: its MoE layers (with a loop layer's further passes) and expert count."""
+    layers = [index for index, *_ in view.trace_layers()]
+    if trace.num_experts != view.num_experts or not set(trace.layers) <= set(layers):
+        raise UserError(f"{trace.folder} was recorded with another model (MoE layers {trace.layers}, "
+                        f"{trace.num_experts} experts; this one has {layers}, {view.num_experts}): record the trace "
+                        f"with this model")
 
 
 def choose_experts(trace, how: str, count: int | None = None, seed: int = 0) -> list[tuple[int, int]]:

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from moekit.compress.calib import Calibration, collect
-from moekit.compress.evaluate import load_tokenizer  # noqa: F401  (re-exported for the merge/quantize CLIs)
-from moekit.errors import UserError
+from moekit.errors import at_least
 from moekit.models.view import MoEView
 
 
@@ -31,8 +30,7 @@ def token_batches(tokenizer, specs: Sequence[str], *, seq_len: int = 256, max_to
     from moekit.compress.evaluate import batches
     from moekit.trace.data import resolve_data
 
-    if max_tokens < 1:
-        raise UserError(f"--calib-tokens must be >= 1, got {max_tokens}")
+    at_least("--calib-tokens", max_tokens)
     windows = calib_windows(tokenizer, resolve_data(specs), seq_len=seq_len, max_tokens=max_tokens)
     return list(batches([w for ws in windows.values() for w in ws]))
 

@@ -1,16 +1,16 @@
-"""Writing output checkpoints atomically: a temporary folder beside the target, renamed into place when complete."""
+"""Writing output checkpoints atomically: a temporary folder beside the target, renamed into place when complete
+(moekit.files.atomic_folder: a failed or killed write leaves nothing under the target's name)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.files import atomic_folder
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -25,12 +25,7 @@ def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, 
     compression.json, into `out`, atomically: nothing half-written is ever left at `out`. `extra(folder)` writes any
     further files (e.g. a quantised sidecar) into the folder before it is renamed into place."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists: choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES if source is not None else ():
             if (Path(source) / name).is_file() and not (tmp / name).exists():
@@ -39,9 +34,4 @@ def save_checkpoint(model: nn.Module, out: Path, *, source: Path | None = None, 
             (tmp / "compression.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         if extra is not None:
             extra(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

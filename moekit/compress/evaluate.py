@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
+from moekit.models.validate import open_checkpoint
 
 DEFAULT_SEQ_LEN = 256
 DEFAULT_MAX_TOKENS = 16384  # per domain: ~45 s for the 8 demo domains on 2 CPU cores (benchmarks/compression.py)
@@ -53,19 +54,11 @@ def load_for_eval(path: Path, dtype: torch.dtype | None = torch.float32) -> tupl
 def _load_hf(path: Path, dtype) -> tuple[nn.Module, object]:
     import moekit.models
 
-    moekit.models.load(path, meta=True).require("eval", causal=True)  # before any weight is read
+    checked = open_checkpoint(path, tokenizer=True)  # every check before the weights are read
+    checked.view.require("eval", causal=True)
     view = moekit.models.load(path, dtype=dtype)  # eager experts: the fastest on CPU at these batch sizes
     # a wrapper scores text through its language model (Llama 4's own forward cannot take text alone)
-    return moekit.models.language_model(view.model).eval(), load_tokenizer(path)
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    return moekit.models.language_model(view.model).eval(), checked.tokenizer
 
 
 # ---------------------------------------------------------------- data
@@ -158,6 +151,30 @@ def evaluate(model: nn.Module, windows: dict[str, list[np.ndarray]], batch_size:
     return result
 
 
+def check_evaluation(path: Path, data: list[str], seq_len: int, max_tokens: int | None, batch_size: int,
+                     routings=(), calib: list[str] | None = None) -> list:
+    """What `moekit eval` checks before a weight is read: the data, the options, the calibration data, and every
+    routing policy given (moekit.routing.Routing or None) against the model's layers and experts on its meta-device
+    view. Returns the data sources."""
+    import moekit.models
+    from moekit.models.validate import check_routing
+    from moekit.trace.data import resolve_data
+
+    sources = resolve_data(data)
+    at_least("--seq-len", seq_len)
+    at_least("--batch-size", batch_size)
+    if max_tokens is not None:
+        at_least("--max-tokens", max_tokens, 0)
+    if calib:
+        resolve_data(calib)
+    routings = [r for r in routings if r is not None]
+    if routings:
+        meta = moekit.models.load(path, meta=True)
+        for routing in routings:
+            check_routing(routing, meta)
+    return sources
+
+
 def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
                   max_tokens: int | None = DEFAULT_MAX_TOKENS, batch_size: int = DEFAULT_BATCH,
                   progress_factory=None, routing=None, calib: list[str] | None = None) -> dict:
@@ -166,9 +183,9 @@ def evaluate_path(path: Path, data: list[str], seq_len: int = DEFAULT_SEQ_LEN,
     from contextlib import nullcontext
 
     import moekit.models
-    from moekit.trace.data import encoder, resolve_data
+    from moekit.trace.data import encoder
 
-    sources = resolve_data(data)  # bad --data fails before the weights are read
+    sources = check_evaluation(path, data, seq_len, max_tokens, batch_size, [routing], calib)
     model, tokenizer = load_for_eval(path)
     windows = domain_windows(sources, encoder(tokenizer), seq_len, max_tokens)
     total = sum(len(w) for ws in windows.values() for w in ws)

@@ -28,7 +28,7 @@ import torch
 
 from moekit.compress.calib import Calibration
 from moekit.compress.edit import keep_experts
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
 from moekit.registry import Registry
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.reference import expert_mlp, reference_moe_forward
@@ -215,6 +215,15 @@ def plan_merge(view: MoEView, cal: Calibration, groups: int, method: str = "msmo
     return plan
 
 
+def check_options(method: str, router: str, rank: int | None) -> None:
+    """The options that need no model, checked before any weight is read."""
+    METHODS.lookup(method)
+    if router not in ROUTER_POLICIES:
+        raise UserError(f"unknown --router {router!r}; known: {', '.join(ROUTER_POLICIES)}")
+    if rank is not None:
+        at_least("--low-rank", rank)
+
+
 def check_groups(view: MoEView, groups: int) -> None:
     rule = view.layers[0].rule
     if not rule.top_k <= groups <= view.num_experts:
@@ -231,8 +240,7 @@ def apply_merge(view: MoEView, plan: MergePlan, *, router: str = "dominant", ali
                 rank: int | None = None) -> dict:
     """Merge in place: compute every group's weights and router row from the original experts, slice the model to the
     dominants (`keep_experts`, each dominant keeps its slot order), then write the merged weights and rows."""
-    if router not in ROUTER_POLICIES:
-        raise UserError(f"unknown --router {router!r}; known: {', '.join(ROUTER_POLICIES)}")
+    check_options(plan.method, router, rank)
     align = ALIGN_DEFAULT[plan.method] if align is None else align
     merged = {m.index: _merged_layer(m, plan.groups[m.index], plan.usage[m.index], router, align, rank)
               for m in view.layers}
@@ -315,8 +323,7 @@ def merge(view: MoEView, cal: Calibration, groups: int, *, method: str = "msmoe"
     """Plan + apply + measure; returns the compression.json report."""
     view.require("merge", resize=True, causal=True, routing=True)
     before = {"model_bytes": model_bytes(view), "expert_bytes": expert_bytes(view), "experts": view.num_experts}
-    if rank is not None and rank < 1:
-        raise UserError(f"--low-rank must be >= 1, got {rank}")
+    check_options(method, router, rank)
     plan = plan_merge(view, cal, groups, method, progress)
     applied = apply_merge(view, plan, router=router, align=align, rank=rank)
     report = {

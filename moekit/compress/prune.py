@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit.compress.calib import Calibration, collect
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
 from moekit.registry import Registry
 from moekit.models.view import MoELayer, MoEView
 from moekit.ops.reference import expert_mlp
@@ -480,22 +480,24 @@ def prune_checkpoint(model_path: Path, keep: str, method: str, calib: list[str],
     import moekit.models
     from moekit.compress.checkpoint import save_checkpoint
     from moekit.compress.calibdata import calib_windows
-    from moekit.compress.evaluate import batches, load_tokenizer
+    from moekit.compress.evaluate import batches
+    from moekit.files import check_out
+    from moekit.models.validate import open_checkpoint
     from moekit.trace.data import resolve_data
 
     spec, opts = get_method(method), opts or PruneOptions()
-    if Path(out).exists():
-        raise UserError(f"{out} already exists: choose another --out or remove it")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    check_out(out)
+    at_least("--max-tokens", max_tokens)
+    at_least("--seq-len", seq_len)
     sources = resolve_data(calib)
-    meta = moekit.models.load(model_path, meta=True)
+    checked = open_checkpoint(model_path, tokenizer=True)
+    meta = checked.view
     meta.require("prune", resize=True, routing=method != "random")
     n = resolve_keep(keep, meta.num_experts, meta.top_k, meta.layers[0].rule.n_group)
-    view = moekit.models.load(model_path)
     if spec.needs_residual:
-        check_residual_identity(view)
-    windows = calib_windows(load_tokenizer(model_path), sources, seq_len=seq_len, max_tokens=max_tokens)
+        check_residual_identity(meta)  # structure only: the meta view tells
+    windows = calib_windows(checked.tokenizer, sources, seq_len=seq_len, max_tokens=max_tokens)
+    view = moekit.models.load(model_path)
     calib_batches = list(batches([w for ws in windows.values() for w in ws]))
     E, before = view.num_experts, model_bytes(view.model)
     with _progress(progress_factory, "calibrating", len(calib_batches)) as tick:

@@ -196,11 +196,25 @@ def pmq_cost(n: torch.Tensor, w: torch.Tensor, losses: np.ndarray, alpha: float 
 # ---------------------------------------------------------------- plans: decoder layer -> width per expert
 
 
+def check_bits(avg_bits: float, method: str) -> None:
+    """--avg-bits against --method, before any weight is read: rtn takes one of BITS, pmq any budget >= the smallest
+    width; 16 and more keep the experts as they are."""
+    if method not in ("rtn", "pmq"):
+        raise UserError(f"unknown --method {method!r}; known: rtn, pmq")
+    if not math.isfinite(avg_bits):
+        raise UserError(f"--avg-bits must be a number of bits such as 4 or 2.5, got {avg_bits}")
+    if avg_bits >= DENSE:
+        return
+    if method == "rtn" and (avg_bits not in BITS or int(avg_bits) != avg_bits):
+        raise UserError(f"--method rtn needs --avg-bits in {', '.join(map(str, (*BITS, DENSE)))}, got {avg_bits:g} "
+                        f"(other budgets, e.g. 2.5, need --method pmq)")
+    if avg_bits < min(BITS):
+        raise UserError(f"--avg-bits {avg_bits:g} is below the smallest width {min(BITS)}")
+
+
 def rtn_plan(view: MoEView, bits: float) -> dict[int, list[int]]:
     """Every expert at `bits` (one of BITS, or 16: pass-through)."""
-    if bits not in (*BITS, DENSE) or int(bits) != bits:
-        raise UserError(f"--method rtn needs --avg-bits in {', '.join(map(str, (*BITS, DENSE)))}, got {bits:g} "
-                        f"(other budgets, e.g. 2.5, need --method pmq)")
+    check_bits(bits, "rtn")
     return {m.index: [int(bits)] * m.num_experts for m in view.layers}
 
 
@@ -351,18 +365,17 @@ def quantize(view: MoEView, avg_bits: float, *, method: str = "rtn", group_size:
     """Choose widths (rtn: all `avg_bits`; pmq: the integer program; 16: pass-through), quantise in place, and return
     the report and the sidecar to write with the checkpoint."""
     check_group_size(group_size)
+    check_bits(avg_bits, method)
     view.require("quantize", causal=True, routing=method == "pmq" and avg_bits < DENSE)
     details = None
     if avg_bits >= DENSE:
         plan = rtn_plan(view, DENSE)  # nothing to choose: every expert stays as it is
     elif method == "rtn":
         plan = rtn_plan(view, avg_bits)
-    elif method == "pmq":
+    else:  # pmq (check_bits knows no other)
         if cal is None:
             raise UserError("--method pmq needs calibration data: pass --calib DATA")
         plan, details = pmq_plan(view, cal, avg_bits, group_size, progress=progress)
-    else:
-        raise UserError(f"unknown --method {method!r}; known: rtn, pmq")
     bytes_ = packed_bytes(view, plan, group_size)
     sidecar = apply_plan(view, plan, group_size)
     widths = [b for bs in plan.values() for b in bs]

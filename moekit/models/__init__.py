@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
 from moekit.models import (  # noqa: F401  (registers the adapters and wrappers)
     families, families_more, families_seq2seq, families_sigmoid, families_softmax, families_wrappers,
 )
+from moekit.models import validate
 from moekit.models.architecture import (
     adapter_of, decoder_layers, get_path, language_model, model_class, stacks, text_config,
 )
@@ -30,25 +31,29 @@ def load(model_or_path, *, dtype: torch.dtype | str | None = None, meta: bool = 
 
 
 def load_config(path: Path):
+    """The config of the checkpoint folder `path`, after its files are checked (validate.check_folder)."""
     from transformers import AutoConfig
 
-    if not path.exists():
-        raise UserError(f"no model at {path}: give a Hugging Face checkpoint folder (config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: give a Hugging Face checkpoint folder (config.json + weights)")
+    validate.check_folder(path)  # the folder and config.json: one line naming the file
+    validate.check_model_type(path)
     try:
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read {path / 'config.json'}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 (any failure here means a config transformers cannot read)
+        raise UserError(f"cannot read {path / 'config.json'} ({describe(err)}): restore the checkpoint's original "
+                        f"config.json") from None
 
 
 def _load_model(path: Path, *, dtype, meta: bool) -> nn.Module:
     config = load_config(path)
-    adapter_of(config)  # unsupported families fail here, before any weight is read
+    if not meta:
+        validate.weight_headers(path)  # no weights, or damaged ones: one line before anything is built
+    validate.refuse_unsupported(path, config)  # unsupported or dense families: one line, before any weight is read
     cls = model_class(config)  # AutoModelForCausalLM, or the wrapper's / encoder-decoder's Auto class
+    # on the meta device; configs that cannot be built and shapes that do not match the weights fail here, in one line
+    skeleton = validate.skeleton(path, config, lambda: cls.from_config(
+        config, dtype=dtype or getattr(config, "dtype", None)))
     if meta:
-        with torch.device("meta"):
-            return cls.from_config(config, dtype=dtype or getattr(config, "dtype", None))
+        return skeleton
     try:
         # eager experts are the fastest on CPU for inference-sized batches (measured; see README)
         return cls.from_pretrained(path, dtype=dtype or "auto", experts_implementation="eager")
@@ -148,4 +153,4 @@ def _layout_from_flags(experts: nn.Module) -> ExpertLayout:
 
 
 __all__ = ["Adapter", "ExpertLayout", "MoELayer", "MoEView", "decoder_layers", "get", "language_model", "load",
-           "load_config", "model_class", "register", "supported", "text_config"]
+           "load_config", "model_class", "register", "supported", "text_config", "validate"]

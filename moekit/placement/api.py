@@ -13,7 +13,9 @@ import numpy as np
 
 from moekit.errors import UserError
 from moekit.placement import evaluate, files
-from moekit.placement.inputs import ModelFacts, RoutingStats, load_stats, model_facts, traced_model
+from moekit.placement.inputs import (
+    ModelFacts, RoutingStats, check_plannable, model_facts, stats_from_sglang, stats_from_trace, traced_model,
+)
 from moekit.placement.methods import METHODS, PlanOptions, Progress, run_method
 from moekit.placement.plan import Plan, Topology, default_plan
 
@@ -25,22 +27,61 @@ class Cluster:
     redundant: int = 0
 
 
-def place(trace, out, cluster: Cluster, method: str = "eplb", *, model=None, checkpoint=None,
-          options: PlanOptions = PlanOptions(), progress: Progress | None = None) -> dict:
-    """Plan `cluster`'s placement from `trace` (a trace folder or an SGLang stat dump) with `method`; write the
-    outputs into folder `out` and return plan.json's content. `model` (a checkpoint folder, default: `checkpoint`, else
-    the traced model when its folder exists) supplies router groups, hidden size and the decoder-layer count."""
+@dataclass
+class PlaceInputs:
+    """What `check_place` opened and checked, before any routing data is read: the source (a moekit Trace, or the
+    RoutingStats of an SGLang stat dump, which is small), the model facts, the topology and the decoder-layer count."""
+
+    source: object
+    facts: ModelFacts | None
+    topology: Topology
+    num_hidden_layers: int
+
+    def stats(self, on_layer=None) -> RoutingStats:
+        if isinstance(self.source, RoutingStats):
+            return self.source
+        return stats_from_trace(self.source, on_layer=on_layer)
+
+
+def check_place(trace, out, cluster: Cluster, method: str = "eplb", *, model=None, checkpoint=None) -> PlaceInputs:
+    """Every check `place` makes before it reads routing data or plans, each one line: the method, --out, the
+    checkpoint, the trace's manifest (or the stat dump), the model against the trace, the cluster against the model."""
     METHODS.lookup(method)  # cheap checks first: method, --out, --checkpoint without redundancy
     out = Path(out)
     files.check_out(out)
     if checkpoint is not None and cluster.redundant:
         raise UserError("--checkpoint holds each expert once: use --redundant 0 (replicas need the engines' map file)")
-    if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
-        raise UserError(f"--checkpoint {checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
-    stats = load_stats(Path(trace))
-    facts = _facts(model or checkpoint, stats)
-    topo = topology(stats, facts, cluster)
-    nhl = num_hidden_layers(stats, facts)
+    if checkpoint is not None:
+        from moekit.models.validate import open_checkpoint
+
+        open_checkpoint(checkpoint)  # its weights are read and rewritten: headers, shapes, MoE layers checked first
+    source = open_source(Path(trace))
+    facts = _facts(model or checkpoint, source)
+    topo = topology(source, facts, cluster)
+    return PlaceInputs(source, facts, topo, num_hidden_layers(source, facts))
+
+
+def open_source(path: Path):
+    """A trace folder (opened: manifest and chunk footers checked, no routing read yet) or an SGLang `stat` dump
+    (read: it holds counts only)."""
+    import moekit.trace
+
+    if path.is_file():
+        return stats_from_sglang(path)
+    trace = moekit.trace.open(path)
+    check_plannable(trace)
+    return trace
+
+
+def place(trace, out, cluster: Cluster, method: str = "eplb", *, model=None, checkpoint=None,
+          options: PlanOptions = PlanOptions(), progress: Progress | None = None,
+          inputs: PlaceInputs | None = None) -> dict:
+    """Plan `cluster`'s placement from `trace` (a trace folder or an SGLang stat dump) with `method`; write the
+    outputs into folder `out` and return plan.json's content. `model` (a checkpoint folder, default: `checkpoint`, else
+    the traced model when its folder exists) supplies router groups, hidden size and the decoder-layer count.
+    inputs: what check_place returned, when the caller ran the checks first (the CLI, before its spinner)."""
+    inputs = inputs or check_place(trace, out, cluster, method, model=model, checkpoint=checkpoint)
+    out, stats, facts, topo, nhl = Path(out), inputs.stats(), inputs.facts, inputs.topology, inputs.num_hidden_layers
     result = run_method(method, stats, topo, options, progress)
     result.info["model_facts"] = facts.as_dict() if facts else None
     plan = Plan(topo, result.phy2log, stats.layers, nhl, method, result.solver, result.info)
@@ -65,29 +106,38 @@ def place(trace, out, cluster: Cluster, method: str = "eplb", *, model=None, che
     return {**report, **files.plan_fields(plan), "out": str(out)}
 
 
-def _facts(model, stats: RoutingStats) -> ModelFacts | None:
-    path = Path(model) if model is not None else traced_model(stats)
+def _facts(model, source) -> ModelFacts | None:
+    """The model's facts, checked against the trace's (or dump's) MoE layers and expert count."""
+    path = Path(model) if model is not None else traced_model(source)
     if path is None:
         return None
     facts = model_facts(path)
-    if facts.num_experts != stats.num_experts or list(facts.moe_layers) != list(stats.layers):
+    if facts.num_experts != source.num_experts or list(facts.moe_layers) != list(source.layers):
         raise UserError(f"{path} has MoE layers {list(facts.moe_layers)} with {facts.num_experts} experts, the trace "
-                        f"{stats.layers} with {stats.num_experts}: give the model the trace was recorded from")
+                        f"{source.layers} with {source.num_experts}: give the model the trace was recorded from")
     return facts
 
 
-def topology(stats: RoutingStats, facts: ModelFacts | None, cluster: Cluster) -> Topology:
+def topology(source, facts: ModelFacts | None, cluster: Cluster) -> Topology:
+    """source: RoutingStats or a Trace (both have num_experts and top_k)."""
     groups = (facts.num_groups, facts.topk_group) if facts else (1, 1)
-    top_k = facts.top_k if facts else stats.top_k
-    return Topology(stats.num_experts, cluster.gpus, cluster.nodes, cluster.redundant, groups[0], groups[1], top_k)
+    top_k = facts.top_k if facts else source.top_k
+    return Topology(source.num_experts, cluster.gpus, cluster.nodes, cluster.redundant, groups[0], groups[1], top_k)
 
 
-def num_hidden_layers(stats: RoutingStats, facts: ModelFacts | None) -> int:
-    n = facts.num_hidden_layers if facts else stats.num_hidden_layers
+def num_hidden_layers(source, facts: ModelFacts | None) -> int:
+    n = facts.num_hidden_layers if facts else _source_layers(source)
     if n is None:
         raise UserError("cannot tell how many decoder layers the model has (SGLang's map needs a row for each, dense "
                         "ones included): pass --model MODEL")
     return n
+
+
+def _source_layers(source) -> int | None:
+    if isinstance(source, RoutingStats):
+        return source.num_hidden_layers
+    n = source.manifest.get("num_hidden_layers")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > max(source.layers, default=-1) else None
 
 
 def _constraints(topo: Topology) -> dict:
@@ -112,21 +162,45 @@ def _summary(score: dict) -> dict:
     return {k: score[k] for k in SUMMARY_KEYS if k in score}
 
 
-def place_eval(plan_path, trace, *, hardware: str | None = "dgx-h100", batch_tokens: int | None = None,
-               model=None, gpus: int | None = None, nodes: int = 1) -> dict:
-    """Score a plan (a `moekit place` folder, or an SGLang map with `gpus`) and the engines' default placement on a
-    trace (ideally held out): loads and balancedness, transitions, dispatch, nodes per token, estimated step time."""
+@dataclass
+class EvalInputs:
+    """What `check_place_eval` opened and checked: the plan (on the trace's MoE layers), the hardware profile, the
+    trace (opened, its routing not read yet) and the model facts."""
+
+    plan: Plan
+    profile: object
+    trace: object
+    facts: ModelFacts | None
+
+
+def check_place_eval(plan_path, trace, *, hardware: str | None = "dgx-h100", batch_tokens: int | None = None,
+                     model=None, gpus: int | None = None, nodes: int = 1) -> EvalInputs:
+    """Every check `place_eval` makes before it reads routing data, each one line."""
     import moekit.trace
-    from moekit.placement.inputs import stats_from_trace
 
     plan = files.read_plan(Path(plan_path), gpus, nodes)
     if batch_tokens is not None and batch_tokens < 1:
         raise UserError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     profile = _profile(hardware)
     t = moekit.trace.open(Path(trace))
+    check_plannable(t)
+    plan = _on_layers(plan, t)
+    if plan.topology.num_experts != t.num_experts or list(plan.layers) != list(t.layers):
+        raise UserError(f"the plan places {plan.topology.num_experts} experts in MoE layers {list(plan.layers)}, the "
+                        f"trace {trace} has {t.num_experts} in {t.layers}: score it on a trace of the same model")
+    facts = _facts(model, t) if model is not None else _plan_facts(plan, t)
+    return EvalInputs(plan, profile, t, facts)
+
+
+def place_eval(plan_path, trace, *, hardware: str | None = "dgx-h100", batch_tokens: int | None = None,
+               model=None, gpus: int | None = None, nodes: int = 1, inputs: EvalInputs | None = None) -> dict:
+    """Score a plan (a `moekit place` folder, or an SGLang map with `gpus`) and the engines' default placement on a
+    trace (ideally held out): loads and balancedness, transitions, dispatch, nodes per token, estimated step time.
+    inputs: what check_place_eval returned, when the caller ran the checks first."""
+    inputs = inputs or check_place_eval(plan_path, trace, hardware=hardware, batch_tokens=batch_tokens, model=model,
+                                        gpus=gpus, nodes=nodes)
+    plan, profile, t, facts = inputs.plan, inputs.profile, inputs.trace, inputs.facts
     stats = stats_from_trace(t)
-    plan = _on_layers(plan, stats)
-    facts = _facts(model, stats) if model is not None else _plan_facts(plan, stats)
     ids, src = None, None
     if t.kind == "tokens":
         ids = [t.ids(l).astype(np.int64) for l in t.layers]
@@ -171,8 +245,9 @@ def _profile(hardware):
     return profile
 
 
-def _on_layers(plan: Plan, stats: RoutingStats) -> Plan:
-    """An SGLang map read from JSON covers every decoder layer: keep the trace's MoE layers."""
+def _on_layers(plan: Plan, stats) -> Plan:
+    """An SGLang map read from JSON covers every decoder layer: keep the trace's MoE layers (stats: RoutingStats or
+    a Trace)."""
     if plan.method != "sglang map":
         return plan
     if max(stats.layers) >= len(plan.phy2log) or plan.topology.num_experts != stats.num_experts:
@@ -181,7 +256,7 @@ def _on_layers(plan: Plan, stats: RoutingStats) -> Plan:
     return Plan(plan.topology, plan.phy2log[stats.layers], stats.layers, len(plan.phy2log), plan.method, plan.solver)
 
 
-def _plan_facts(plan: Plan, stats: RoutingStats) -> ModelFacts | None:
+def _plan_facts(plan: Plan, stats) -> ModelFacts | None:
     """The model facts stored with the plan, else the traced model's."""
     facts = plan.info.get("model_facts")
     if facts:

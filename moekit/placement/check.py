@@ -51,8 +51,8 @@ def sglang_map_problems(m, *, num_hidden_layers: int, num_experts: int, gpus: in
 
 def sglang_file_problems(path: Path, **kw) -> list[str]:
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        d = _read_json(path)
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
         return [f"cannot read {path} as JSON: {err}"]
     if not isinstance(d, dict) or set(d) != {SGLANG_KEY}:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
@@ -70,6 +70,8 @@ def eplb_problems(phy2log: np.ndarray, log2phy: np.ndarray, logcnt: np.ndarray, 
     if problems:
         return problems
     L, P = phy2log.shape
+    if L == 0 or P == 0:
+        return [f"phy2log {phy2log.shape} places no expert"]
     if P % gpus:
         problems.append(f"phy2log has {P} slots, not a multiple of {gpus} GPUs")
     if logcnt.shape != (L, num_experts) or log2phy.shape[:2] != (L, num_experts):
@@ -93,25 +95,73 @@ def eplb_problems(phy2log: np.ndarray, log2phy: np.ndarray, logcnt: np.ndarray, 
 
 
 def plan_dir_problems(folder: Path) -> list[str]:
-    """Check a `moekit place` output folder against its own plan.json."""
+    """Check a `moekit place` output folder against its own plan.json (every field a reader uses, then the files)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     folder = Path(folder)
     try:
-        meta = json.loads((folder / "plan.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = _read_json(folder / "plan.json")
+    except (OSError, ValueError) as err:
         return [f"cannot read {folder / 'plan.json'}: {err}"]
+    problem = plan_meta_problem(meta)
+    if problem:
+        return [f"plan.json: {problem}"]
     topo = meta["topology"]
     kw = dict(num_experts=topo["num_experts"], gpus=topo["gpus"])
     problems = sglang_file_problems(folder / "sglang.json", num_hidden_layers=meta["num_hidden_layers"],
                                     moe_layers=meta["layers"], **kw)
-    t = load_file(folder / "eplb.safetensors")
+    try:
+        t = load_file(folder / "eplb.safetensors")
+    except (OSError, SafetensorError) as err:
+        return problems + [f"cannot read eplb.safetensors: {str(err).splitlines()[0] if str(err) else err}"]
     if set(t) != {"phy2log", "log2phy", "logcnt"}:
         return problems + [f"eplb.safetensors must hold phy2log, log2phy and logcnt, holds {sorted(t)}"]
     problems += eplb_problems(t["phy2log"], t["log2phy"], t["logcnt"], **kw)
-    if t["phy2log"].shape[1] != topo["physical_experts"]:
-        problems.append(f"phy2log has {t['phy2log'].shape[1]} slots, plan.json says {topo['physical_experts']}")
-    rows = json.loads((folder / "sglang.json").read_text())[SGLANG_KEY]
-    if not problems and not np.array_equal(np.asarray(rows)[meta["layers"]], t["phy2log"]):
-        problems.append("sglang.json and eplb.safetensors place the experts differently")
+    if t["phy2log"].shape[1:] != (topo["physical_experts"],) or len(t["phy2log"]) != len(meta["layers"]):
+        problems.append(f"phy2log has shape {list(t['phy2log'].shape)}, plan.json says {len(meta['layers'])} MoE "
+                        f"layers x {topo['physical_experts']} slots")
+    if not problems:
+        rows = _read_json(folder / "sglang.json")[SGLANG_KEY]
+        if not np.array_equal(np.asarray(rows)[meta["layers"]], t["phy2log"]):
+            problems.append("sglang.json and eplb.safetensors place the experts differently")
     return problems
+
+
+MAX_EXPERTS = 1 << 16  # logical experts per layer: more than any released model, and few enough to check one by one
+
+
+def plan_meta_problem(meta) -> str | None:
+    """What is wrong with a parsed plan.json (the fields readers rely on), or None."""
+    def count(x, low: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and low <= x <= MAX_EXPERTS * 64
+
+    if not isinstance(meta, dict):
+        return "not an object"
+    topo = meta.get("topology")
+    if not isinstance(topo, dict):
+        return "topology is not an object"
+    for key, low in (("num_experts", 1), ("gpus", 1), ("nodes", 1), ("redundant", 0), ("num_groups", 1),
+                     ("topk_group", 1), ("physical_experts", 1)):
+        if not count(topo.get(key), low):
+            return f"topology.{key} {topo.get(key)!r} is not a count >= {low}"
+    if topo["num_experts"] > MAX_EXPERTS or topo["physical_experts"] != topo["num_experts"] + topo["redundant"]:
+        return "topology.physical_experts is not num_experts + redundant"
+    if topo.get("top_k") is not None and not count(topo["top_k"], 1):
+        return f"topology.top_k {topo['top_k']!r} is not a count"
+    layers, nhl = meta.get("layers"), meta.get("num_hidden_layers")
+    if not isinstance(layers, list) or not layers or not all(count(l, 0) for l in layers) \
+            or layers != sorted(set(layers)):
+        return "layers is not an ascending list of layer indices"
+    if not count(nhl, 1) or nhl <= layers[-1]:
+        return f"num_hidden_layers {nhl!r} does not cover the layers"
+    for key in ("method", "solver"):
+        if not isinstance(meta.get(key), str):
+            return f"{key} is not text"
+    if not isinstance(meta.get("info", {}), dict):
+        return "info is not an object"
+    return None
+
+
+def _read_json(path: Path):
+    return json.loads(Path(path).read_bytes().decode("utf-8"))

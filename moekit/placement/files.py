@@ -86,7 +86,7 @@ def _read_dir(folder: Path) -> Plan:
     problems = plan_dir_problems(folder)
     if problems:
         raise UserError(f"{folder} is not a valid placement plan ({problems[0]}): write it again with `moekit place`")
-    meta = json.loads((folder / "plan.json").read_text())
+    meta = json.loads((folder / "plan.json").read_bytes().decode("utf-8"))  # checked by plan_dir_problems
     t = meta["topology"]
     topo = Topology(t["num_experts"], t["gpus"], t["nodes"], t["redundant"], t["num_groups"], t["topk_group"],
                     t["top_k"])
@@ -101,13 +101,18 @@ def _read_sglang(path: Path, gpus: int | None, nodes: int) -> Plan:
     if gpus is None:
         raise UserError(f"{path} is an SGLang map: pass --gpus (its EP size) to score it")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
         rows = d[SGLANG_KEY]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, IndexError):
         raise UserError(f"{path} is not an SGLang map {{\"{SGLANG_KEY}\": [[...], ...]}}") from None
-    arr = np.asarray(rows)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    try:
+        arr = np.asarray(rows)
+    except (ValueError, OverflowError):  # rows of different lengths, numbers beyond int64
+        arr = np.zeros(0)
+    if arr.ndim != 2 or not arr.size or not np.issubdtype(arr.dtype, np.integer):
         raise UserError(f"{path}: {SGLANG_KEY} must be a rectangular list of integer rows")
+    if int(arr.min()) < 0 or int(arr.max()) >= arr.shape[1]:
+        raise UserError(f"{path}: {SGLANG_KEY} entries must be logical expert ids in [0, slots per row)")
     E = int(arr.max()) + 1
     trivial = (np.arange(arr.shape[1]) % E)[None]
     moe = [i for i, r in enumerate(arr) if not np.array_equal(r, trivial[0])] or list(range(len(arr)))

@@ -65,9 +65,7 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
     from moekit.trace import schema
 
     source = {"kind": "moekit trace", "path": str(trace.folder), "model": trace.manifest.get("model")}
-    if trace.manifest.get("routing"):  # traces recorded under a routing policy may hold dropped-slot sentinels
-        raise UserError(f"{trace.folder} was recorded under a routing policy: plan placement from a trace of the "
-                        f"model's own routing")
+    check_plannable(trace)
     nhl = trace.manifest.get("num_hidden_layers")
     if trace.kind == schema.KIND_COUNTS:
         if tokens is not None:
@@ -85,6 +83,27 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
     seq, dom = trace.seq_id, trace.domain
     half = first_halves(seq if tokens is None else seq[tokens], dom if tokens is None else dom[tokens])
     return stats_from_ids(ids, trace.num_experts, trace.layers, half, num_hidden_layers=nhl, source=source)
+
+
+def check_plannable(trace) -> None:
+    """From its manifest: a trace placement can plan from (the model's own routing, some tokens, a decoder-only model
+    without loop layers)."""
+    from moekit.trace import schema
+
+    if trace.manifest.get("routing"):  # traces recorded under a routing policy may hold dropped-slot sentinels
+        raise UserError(f"{trace.folder} was recorded under a routing policy: plan placement from a trace of the "
+                        f"model's own routing")
+    if trace.kind == schema.KIND_TOKENS and trace.num_tokens == 0:
+        raise UserError(f"{trace.folder} has no tokens to plan from: record a longer trace")
+    kinds = set(trace.layer_kinds.values())  # layouts SGLang's and vLLM's expert-parallel maps cannot express
+    model = trace.manifest.get("model_type")
+    if "encoder" in kinds:
+        raise UserError(f"{trace.folder} is a trace of an encoder-decoder model ({model}): SGLang and vLLM, whose "
+                        f"expert-parallel placement moekit plans, serve decoder-only MoE models")
+    if any(" pass " in k for k in kinds):
+        raise UserError(f"{trace.folder} runs loop layers several times a forward ({model}): SGLang's and vLLM's "
+                        f"placement maps have one row per decoder layer, and moekit does not fold a loop layer's "
+                        f"passes into one")
 
 
 def first_halves(seq_id: np.ndarray, domain: np.ndarray) -> np.ndarray:
@@ -106,16 +125,6 @@ def stats_from_sglang(dump: Path) -> RoutingStats:
         raise UserError(f"{dump} counts no expert selection in any layer: record some traffic before dumping")
     return RoutingStats(counts[layers].astype(np.float64), layers, None, None, None, int(counts.shape[0]),
                         {"kind": "sglang stat dump", "path": str(dump)})
-
-
-def load_stats(path: Path, on_layer=None) -> RoutingStats:
-    """A trace folder, or an SGLang expert-distribution dump (.pt, mode stat)."""
-    import moekit.trace
-
-    path = Path(path)
-    if path.is_file():
-        return stats_from_sglang(path)
-    return stats_from_trace(moekit.trace.open(path), on_layer=on_layer)
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,10 @@ def model_facts(path: Path) -> ModelFacts:
                       layer.expert_params()[0].element_size())
 
 
-def traced_model(stats: RoutingStats) -> Path | None:
-    """The checkpoint folder a moekit trace was recorded from, when it is still there."""
-    model = stats.source.get("model")
+def traced_model(source) -> Path | None:
+    """The checkpoint folder a moekit trace (a Trace, or its RoutingStats) was recorded from, when it is still
+    there."""
+    model = source.source.get("model") if isinstance(source, RoutingStats) else source.manifest.get("model")
+    if not isinstance(model, str):
+        return None
     return Path(model) if model and (Path(model) / "config.json").is_file() else None

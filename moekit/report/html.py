@@ -1,20 +1,20 @@
 """One self-contained HTML file from the routing-analysis results (moekit.analysis.run.analyze_arrays).
 
 Figures are PNGs embedded as base64 data URIs, styles are inline: the file opens offline and can be mailed as is.
-Written atomically (temporary file in the target folder, then os.replace), so a reader never sees half a report.
+Written atomically (moekit.files: temporary file in the target folder, then os.replace), so a reader never sees half
+a report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from moekit import files
 from moekit.report import figures
 
 CSS = """
@@ -40,19 +40,8 @@ def render_report(results: dict, out_path, title: str = "moekit routing analysis
     body = "\n".join(part for part in _sections(results) if part)
     doc = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_e(title)}</title>\n"
            f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{_e(title)}</h1>\n{body}\n</body>\n</html>\n")
-    _write_atomic(out_path, doc)
+    files.write_bytes(out_path, doc.encode())
     return out_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _e(x) -> str:

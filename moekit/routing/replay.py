@@ -101,6 +101,7 @@ class Replay(Policy):
     path: Path
     cursor: dict[int, int] = field(default_factory=dict)  # decoder layer -> next trace token
     selects = True
+    reads_files = True
     example = "replay=out/demo-trace"
 
     @classmethod

@@ -24,6 +24,24 @@ def parse(spec: str | None, steer: str | Path | None = None) -> P.Routing | None
     return P.Routing(policies) if policies else None
 
 
+def parse_request(spec: str) -> P.Routing | None:
+    """A routing spec sent with one request (`moekit serve`'s `routing` body field): the same grammar, except that a
+    request never names a file for the server to open (replay=TRACE, c3po=REF) nor makes it calibrate (skip=auto);
+    the server's own --routing may do both, once, at start-up. "stock": the model's own routing."""
+    if spec.strip() == "stock":
+        return None
+    for part in spec.split("+"):
+        name, _, value = part.strip().partition("=")
+        cls = P.POLICIES.lookup(name.strip())
+        if cls.reads_files:
+            raise UserError(f"{name.strip()}=... reads a file, which a request may not name: start the server with "
+                            f"--routing {part.strip()} instead")
+        if cls is P.Skip and value.split(",")[0].strip() == "auto":
+            raise UserError("skip=auto calibrates on data: give skip=BETA per request, or start the server with "
+                            "--routing skip=auto")
+    return parse(spec)
+
+
 def _one(part: str) -> P.Policy:
     part = part.strip()
     name, _, value = part.partition("=")
@@ -47,11 +65,11 @@ def steering_document(entries: list[dict], meta: dict) -> dict:
 
 
 def write_steering(path: Path, entries: list[dict], meta: dict) -> None:
-    from moekit.trace.store import write_atomic_bytes
+    from moekit.files import write_json
 
     doc = steering_document(entries, meta)
     policies_from_steering(doc, path)  # never write a file that would not read back
-    write_atomic_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    write_json(path, doc)
 
 
 def read_steering(path: Path) -> list[P.Policy]:

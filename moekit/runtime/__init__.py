@@ -14,7 +14,7 @@ from moekit.runtime.engine import OffloadedModel, format_bytes, min_budget, offl
 from moekit.runtime.policies import available as available_policies
 from moekit.runtime.policies import make as make_policy
 from moekit.runtime.policies import register
-from moekit.runtime.session import RuntimeOptions, default_store_dir, open_offloaded
+from moekit.runtime.session import RuntimeOptions, check_offloaded, default_store_dir, open_offloaded
 from moekit.runtime.store import ExpertStore, build_store
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
            "RuntimeOptions",
            "available_policies",
            "build_store",
+           "check_offloaded",
            "default_store_dir",
            "format_bytes",
            "make_policy",

@@ -16,6 +16,7 @@ from the store's `resident.safetensors` (in-memory names: no conversion), the fu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import shutil
@@ -27,12 +28,15 @@ from safetensors import safe_open
 from torch import nn
 
 import moekit.models
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
+from moekit.files import disk_errors, write_failure
 from moekit.runtime.store import (
     RESIDENT,
     _manifest,
     _native_names,
+    damaged,
     fused_expert_tensors,
+    read_manifest,
     resident_tensors,
     write_store,
 )
@@ -77,15 +81,21 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
         return directory
     offload = directory.with_name(f".{directory.name}.offload")
     shutil.rmtree(offload, ignore_errors=True)  # left by a killed build
-    offload.parent.mkdir(parents=True, exist_ok=True)
+    with disk_errors(offload):
+        offload.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
-            with _quiet_loading():
+            with _quiet_loading(), _heap_returns_memory():
                 model = moekit.models.model_class(skeleton.model_config).from_pretrained(
                     path, dtype="auto", device_map=_device_map(skeleton), offload_folder=str(offload),
                     experts_implementation="eager")
-        except (OSError, ValueError, RuntimeError) as err:
-            raise UserError(f"cannot load the weights in {path}: {str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 (sorted below)
+            full = write_failure(offload, err, full_only=True)  # the offload folder's writes meet a full disk first
+            if full is not None:
+                raise full from None
+            if not isinstance(err, (OSError, ValueError, RuntimeError)):
+                raise
+            raise UserError(f"cannot load the weights in {path}: {describe(err)}") from None
         view = moekit.models.load(model)
         hooks = {name: getattr(view.model.get_submodule(name), "_hf_hook", None) for name in _expert_modules(view)}
 
@@ -104,6 +114,28 @@ def build_store_from_checkpoint(path, directory, *, progress=None, skeleton=None
     finally:
         shutil.rmtree(offload, ignore_errors=True)
     return directory
+
+
+@contextlib.contextmanager
+def _heap_returns_memory(threshold: int = 1 << 20):
+    """glibc keeps freed blocks below its mmap threshold in the heap, and raises that threshold to the size of each
+    large block freed (up to 32 MiB): the per-expert tensors the loading materialises, stacks and frees layer after
+    layer then stay in the process, which looks as if the build held every expert (measured on a checkpoint with
+    192 MiB of experts in 8 layers: RssAnon peaked 222 MiB above its start, 102 MiB with this). A fixed threshold
+    for the build, then back to where glibc's own would settle, and the freed heap trimmed. A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)
+        trim(0)
 
 
 @contextlib.contextmanager
@@ -131,7 +163,7 @@ def _quiet_loading():
 
 def check_store(directory: Path, view) -> None:
     """Refuse a store built from another model (dtype aside: the skeleton's is nominal)."""
-    have = json.loads((Path(directory) / "manifest.json").read_text())
+    have = read_manifest(Path(directory))
     want = _manifest(view)
     keys = ("model_type", "layers", "num_experts", "layout", "shapes")
     if {k: have.get(k) for k in keys} != {k: want[k] for k in keys}:
@@ -148,9 +180,8 @@ def load_from_store(path, directory, *, skeleton=None):
     view = skeleton or moekit.models.load(path, meta=True)
     check_store(directory, view)
     model = view.model
-    with safe_open(directory / RESIDENT, framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        loaded = {name: _assign(model, name, f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    tensors, aliases = _read_resident(directory)
+    loaded = {name: _assign(model, name, t) for name, t in tensors.items()}
     for alias, name in aliases.items():
         _assign(model, alias, loaded[name])  # the very same Parameter: tied weights stay tied
     experts = fused_expert_tensors(view)
@@ -163,6 +194,21 @@ def load_from_store(path, directory, *, skeleton=None):
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.set_experts_implementation("eager")
     return moekit.models.load(model.eval())  # a fresh view: the skeleton's captured its tensors on the meta device
+
+
+def _read_resident(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, aliases {tied name: stored name}) of the store's resident.safetensors; one line if it is damaged."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(directory / RESIDENT, framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise damaged(directory, f"{RESIDENT}: {describe(err)}") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+        raise damaged(directory, f"{RESIDENT}: its aliases name tensors it does not hold")
+    return tensors, aliases
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:

@@ -377,6 +377,7 @@ class OffloadedModel:
         act = sum(rt.stats.actual for rt in self.layers)
         ok = sum(rt.stats.correct for rt in self.layers)
         looked = tot["hits"] + tot["misses"]
+        tot["page_cache_bytes"] = self.layers[0].store.page_cache_bytes if self.layers else 0  # of bytes_read
         tot.update(hit_rate=tot["hits"] / looked if looked else float("nan"),
                    prefetch_precision=ok / pred if pred else float("nan"),
                    prefetch_recall=ok / act if act else float("nan"))
@@ -402,6 +403,26 @@ def min_budget(view, expert_bytes: int) -> int:
     return len(view.layers) * view.top_k * expert_bytes
 
 
+def check_budget(view, budget: int, expert_bytes: int) -> int:
+    """Experts per MoE layer the budget holds (at most E); one line naming the minimum when it holds fewer than top-k.
+    Needs only shapes: open_offloaded calls it on the meta skeleton, before any store is built."""
+    capacity = min(budget // (len(view.layers) * expert_bytes), view.num_experts)
+    if capacity < view.top_k:
+        need = min_budget(view, expert_bytes)
+        raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
+                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
+                        f"minimum budget {format_bytes(need)} "
+                        f"({need} bytes = {len(view.layers)} x {view.top_k} x {expert_bytes})")
+    return capacity
+
+
+def check_eam(eam, view) -> None:
+    """An EAM collection [N, L, E] must come from a trace of this model (its MoE layers and experts)."""
+    if tuple(eam.shape[1:]) != (len(view.layers), view.num_experts):
+        raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
+                        f"model has {len(view.layers)} x {view.num_experts}: record the trace with this model")
+
+
 def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = True, drop_cache: bool = False,
             device: str = "cpu", record: bool = False, fiddler: bool = False, io_threads: int = 4,
             lowbit: int | None = None, lowbit_threshold: float = 0.1, eam=None) -> OffloadedModel:
@@ -425,13 +446,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if store.manifest["layers"] != [m.index for m in view.layers]:
         raise UserError(f"{store_dir} was built from another model (MoE layers {store.manifest['layers']})")
     budget = parse_bytes(budget)
-    capacity = min(budget // (len(view.layers) * store.expert_bytes), view.num_experts)
-    if capacity < view.top_k:
-        need = min_budget(view, store.expert_bytes)
-        raise UserError(f"budget {format_bytes(budget)} holds {capacity} experts per MoE layer; each of the "
-                        f"{len(view.layers)} MoE layers needs its top-{view.top_k}: "
-                        f"minimum budget {format_bytes(need)} "
-                        f"({need} bytes = {len(view.layers)} x {view.top_k} x {store.expert_bytes})")
+    capacity = check_budget(view, budget, store.expert_bytes)
     dev = torch.device(device)
     if io_threads < 1:
         raise UserError(f"io_threads must be >= 1, got {io_threads}")
@@ -443,9 +458,7 @@ def offload(view, store_dir, budget, *, policy: str = "lru", prefetch: bool = Tr
     if eam is not None:
         from moekit.runtime.eam import ActivationMatrixPredictor
 
-        if tuple(eam.shape[1:]) != (len(layers), view.num_experts):
-            raise UserError(f"the EAM collection is for {eam.shape[1]} MoE layers x {eam.shape[2]} experts; this "
-                            f"model has {len(layers)} x {view.num_experts}: record the trace with this model")
+        check_eam(eam, view)
         predictor = ActivationMatrixPredictor(eam, view.top_k)
         for pos, rt in enumerate(layers):
             rt.eam, rt.position = predictor, pos

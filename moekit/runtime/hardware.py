@@ -14,10 +14,16 @@ e.g. one InfiniBand NIC per GPU); both optional, so older YAML files stay valid.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from moekit.errors import UserError
+from moekit.errors import UserError, describe
+
+
+def _check_positive(profile: str, key: str, value, when: str = "") -> None:
+    """A bandwidth or throughput: a finite number > 0 (YAML gives text, booleans, NaN and infinity as readily)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"hardware profile {profile!r}: {key} must be a number > 0{when}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,14 @@ class Hardware:
     inter_node_gbs: float | None = None  # GB/s per GPU and direction to other nodes
 
     def __post_init__(self):
+        for key in ("name", "slow_tier", "fast_tier", "source"):
+            if not isinstance(getattr(self, key), str):
+                raise UserError(f"hardware profile {self.name!r}: {key} must be text, got {getattr(self, key)!r}")
         for key in ("slow_gbs", "fast_gbs", "compute_tflops"):
-            if not getattr(self, key) > 0:
-                raise UserError(f"hardware profile {self.name!r}: {key} must be > 0, got {getattr(self, key)}")
+            _check_positive(self.name, key, getattr(self, key))
         for key in ("intra_node_gbs", "inter_node_gbs"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise UserError(f"hardware profile {self.name!r}: {key} must be > 0 when given, got {value}")
+            if getattr(self, key) is not None:
+                _check_positive(self.name, key, getattr(self, key), " when given")
 
     def bound(self, missed_bytes: float, active_bytes: float, active_params: float) -> dict:
         """tokens/s bounds for per-token missed bytes, active expert bytes and active expert parameters."""
@@ -90,10 +97,19 @@ def load_profile(name_or_path: str) -> Hardware:
         raise UserError(f"unknown hardware profile {name_or_path!r}: built-in {', '.join(BUILTIN)}, or a YAML file")
     import yaml
 
+    keys = ("name, slow_tier, slow_gbs, fast_tier, fast_gbs, compute_tflops, source (+ intra_node_gbs, inter_node_gbs "
+            "for expert parallelism)")
     try:
-        data = yaml.safe_load(path.read_text())
-        return Hardware(**{"name": path.stem, **data})
-    except (yaml.YAMLError, TypeError) as err:
-        raise UserError(f"cannot read hardware profile {path}: {str(err).splitlines()[0]}; keys: name, slow_tier, "
-                        f"slow_gbs, fast_tier, fast_gbs, compute_tflops, source (+ intra_node_gbs, inter_node_gbs "
-                        f"for expert parallelism)") from None
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read hardware profile {path}: not UTF-8 YAML ({describe(err)}); write a mapping "
+                        f"with the keys {keys}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UserError(f"hardware profile {path} is not a mapping of keys to values; keys: {keys}")
+    unknown = sorted(set(data) - {f.name for f in fields(Hardware)})
+    missing = sorted({"slow_tier", "slow_gbs", "fast_tier", "fast_gbs", "compute_tflops"} - set(data))
+    if unknown or missing:
+        raise UserError(f"hardware profile {path}: {'unknown keys ' + ', '.join(unknown) if unknown else ''}"
+                        f"{'; ' if unknown and missing else ''}{'missing ' + ', '.join(missing) if missing else ''}; "
+                        f"keys: {keys}")
+    return Hardware(**{"name": path.stem, **data})

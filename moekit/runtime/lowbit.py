@@ -25,7 +25,6 @@ The manifest records the real dtypes and shapes, the width, group size and a cop
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from moekit.compress.quantize import (
     quantize_matrix,
     unpack_codes,
 )
+from moekit import files
 from moekit.errors import UserError
 from moekit.runtime import store as _store
 from moekit.runtime.store import ExpertStore
@@ -67,10 +67,11 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int | None = None, *, pro
         directory = lowbit_dir(store_dir, bits)
         manifest = _manifest(source.manifest, bits, group_size, specs)
         if (directory / "manifest.json").is_file():
-            if json.loads((directory / "manifest.json").read_text()) == manifest:
+            if _store.read_manifest(directory) == manifest:
                 return directory
             raise UserError(f"{directory} holds low-bit copies of another store or group size; remove it first")
         directory.mkdir(parents=True, exist_ok=True)
+        files.remove_stale(directory, "*")  # a killed build's temporary files
         for li in source.manifest["layers"]:
             tensors = {}
             for e in range(source.manifest["num_experts"]):
@@ -82,9 +83,7 @@ def build_lowbit(store_dir, bits: int = 4, group_size: int | None = None, *, pro
                 progress()
     finally:
         source.close()
-    tmp = directory / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(directory / "manifest.json")
+    files.write_json(directory / "manifest.json", manifest)
     return directory
 
 
@@ -155,7 +154,7 @@ class LowBitStore(ExpertStore):
         path = directory / "manifest.json"
         if not path.is_file():
             raise UserError(f"{directory} holds no low-bit copies (no manifest.json); build them with build_lowbit")
-        manifest = json.loads(path.read_text())
+        manifest = _store.read_manifest(directory)
         if manifest.get("lowbit_schema_version") != LOWBIT_SCHEMA_VERSION:
             raise UserError(f"{directory}: low-bit schema {manifest.get('lowbit_schema_version')}, this moekit reads "
                             f"{LOWBIT_SCHEMA_VERSION}; rebuild with build_lowbit")

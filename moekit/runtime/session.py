@@ -21,7 +21,7 @@ import torch
 from moekit.compress.quantize import BITS as LOWBIT_WIDTHS
 from moekit.errors import UserError
 from moekit.runtime import policies
-from moekit.runtime.engine import OffloadedModel, offload, parse_bytes
+from moekit.runtime.engine import OffloadedModel, check_budget, check_eam, offload, parse_bytes
 
 # progress(description, total) -> a context manager yielding tick(n=1); the CLI passes its progress bar
 Progress = Callable[[str, int], contextlib.AbstractContextManager]
@@ -31,7 +31,7 @@ Progress = Callable[[str, int], contextlib.AbstractContextManager]
 class RuntimeOptions:
     """How a checkpoint is run offloaded. Checked on construction, before anything is read from disk."""
 
-    budget: str | int = "512MB"  # bytes of routed experts kept in memory
+    budget: str | int | None = "512MB"  # bytes of routed experts kept in memory; "all" (None): every expert
     policy: str = "lru"  # expert cache policy (policies.available())
     prefetch: bool | None = None  # None: on with a GPU or an activation-matrix trace, off on the CPU (docs/runtime.md)
     store: Path | None = None  # expert store folder; None: default_store_dir(model), built on first use
@@ -44,9 +44,10 @@ class RuntimeOptions:
     eam_trace: Path | None = None  # MoE-Infinity: prefetch by activation-matrix matching against this trace
     routing: str | None = None  # routing policy spec for every request (moekit/routing; docs/routing.md)
     steer: Path | None = None  # steering file (moekit experts find)
+    page_cache: bool = True  # buffered reads: experts in the OS page cache cost no disk read; False: O_DIRECT
 
     def __post_init__(self):
-        self.budget = parse_bytes(self.budget)
+        self.budget = None if self.budget is None or str(self.budget).lower() == "all" else parse_bytes(self.budget)
         policies.policy_class(self.policy)  # unknown names: one line listing the known ones
         if self.policy == "belady":
             raise UserError("belady is an offline oracle (it needs the future): use it with `moekit simulate`, "
@@ -69,6 +70,11 @@ class RuntimeOptions:
             setattr(self, name, None if value is None else Path(value))
         if self.eam_trace is not None and not self.eam_trace.exists():
             raise UserError(f"no trace at {self.eam_trace}: record one with `moekit trace MODEL --out DIR`")
+        if self.budget is None:
+            for flag, used in (("--lowbit", self.lowbit is not None), ("--eam-trace", self.eam_trace is not None),
+                               ("--fiddler", self.fiddler), ("--store", self.store is not None)):
+                if used:
+                    raise UserError(f"{flag} is for offloaded experts; --budget all keeps every expert in memory")
 
     def parsed_routing(self):
         """The Routing of `routing` + `steer` (None: stock); a fresh one each call (per-request state)."""
@@ -94,35 +100,26 @@ def default_store_dir(model: Path) -> Path:
     return root / f"{model.resolve().name}-{h.hexdigest()[:12]}"
 
 
-def load_tokenizer(model: Path):
-    """The checkpoint's tokenizer, or one line saying it has none (generation needs one)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{model} has no usable tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__}):"
-                        f" save one into the checkpoint folder (tokenizer.save_pretrained({str(model)!r}))") from None
-
-
 def _no_progress(description: str, total: int):
     return contextlib.nullcontext(lambda n=1: None)
 
 
 def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Progress = _no_progress,
-                   tokenizer: bool = True) -> OffloadedModel:
+                   tokenizer: bool = True, checked: Checked | None = None) -> OffloadedModel:
     """Open the checkpoint folder `model` for offloaded generation: build its expert store on first use (one layer at a
     time, never holding all experts in RAM), load the resident weights from the store, put the routed experts behind
-    the budget. Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False)."""
-    import moekit.models
+    the budget; budget None ("all") loads the whole model in memory instead (no store, no cache: `_in_memory`).
+    Returns the OffloadedModel with `.tokenizer` set (None when tokenizer=False). checked: what `check_offloaded`
+    returned, when the caller ran the checks already (a server, before it binds its port)."""
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
 
     model, options = Path(model), options or RuntimeOptions()
-    skeleton = moekit.models.load(model, meta=True)  # config only: a bad MODEL fails here, in one line
-    skeleton.require("run / serve", causal=True)
-    tok = load_tokenizer(model) if tokenizer else None
-    store = options.store or default_store_dir(model)
-    if not (store / "manifest.json").is_file():  # first run: unfuse the experts into the store, one layer at a time
+    checked = checked or check_offloaded(model, options, tokenizer=tokenizer)  # a bad MODEL fails here, in one line
+    skeleton, tok = checked.skeleton, checked.tokenizer if tokenizer else None
+    if options.budget is None:
+        return _in_memory(model, options, tok)
+    store = checked.store
+    if not checked.built:  # first run: unfuse the experts into the store, one layer at a time
         with progress(f"building the expert store {store}", len(skeleton.layers)) as tick:
             build_store_from_checkpoint(model, store, progress=tick, skeleton=skeleton)
     if options.lowbit is not None:
@@ -131,21 +128,57 @@ def open_offloaded(model, options: RuntimeOptions | None = None, *, progress: Pr
         if not (lowbit_dir(store, options.lowbit) / "manifest.json").is_file():
             with progress(f"building {options.lowbit}-bit copies of the experts", len(skeleton.layers)) as tick:
                 build_lowbit(store, options.lowbit, progress=tick)
+    view = load_from_store(model, store, skeleton=skeleton)  # resident weights only: the experts stay in the store
+    device = options.resolved_device()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
+    prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or checked.eams is not None)
+    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
+                 drop_cache=not options.page_cache,
+                 fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
+                 lowbit_threshold=options.lowbit_threshold, eam=checked.eams)
+    om.tokenizer, om.options, om.store_dir = tok, options, store
+    _attach_routing(om, options)
+    return om
+
+
+@dataclass
+class Checked:
+    """What `check_offloaded` found: the checkpoint's meta-device view, its tokenizer, the store folder (and whether
+    it is built), the activation-matrix collection of --eam-trace."""
+
+    skeleton: object
+    tokenizer: object | None
+    store: Path | None
+    built: bool
+    eams: object | None = None
+
+
+def check_offloaded(model, options: RuntimeOptions, *, tokenizer: bool = True) -> Checked:
+    """Every check `open_offloaded` makes before it reads a weight or builds anything, in one line each: the store
+    folder, the checkpoint (validate.open_checkpoint: config, headers, shapes, MoE layers, tokenizer; a config-only
+    folder once its store is built), a causal LM, the budget against the experts' size, the --eam-trace against the
+    model, the routing policy against its layers and experts."""
+    from moekit.models.validate import check_routing, open_checkpoint
+
+    model, store, built = Path(model), None, False
+    if options.budget is not None:
+        store = options.store or default_store_dir(model)
+        if store.exists() and not store.is_dir():
+            raise UserError(f"--store {store} is a file: give a folder for the expert store")
+        built = (store / "manifest.json").is_file()  # then the checkpoint's weights are not read again (nor needed)
+    checkpoint = open_checkpoint(model, tokenizer=tokenizer, weights=not built)
+    skeleton = checkpoint.view
+    skeleton.require("run / serve", causal=True)
+    if options.budget is not None:
+        check_budget(skeleton, options.budget, skeleton.bytes_per_expert())  # before a store is built, not after
     eams = None
     if options.eam_trace is not None:
         from moekit.runtime.eam import collection_from_trace
 
         eams = collection_from_trace(options.eam_trace)
-    view = load_from_store(model, store, skeleton=skeleton)  # resident weights only: the experts stay in the store
-    device = options.resolved_device()
-    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
-    prefetch = options.prefetch if options.prefetch is not None else (device != "cpu" or eams is not None)
-    om = offload(view, store, options.budget, policy=options.policy, prefetch=prefetch, device=device,
-                 fiddler=options.fiddler, io_threads=options.io_threads, lowbit=options.lowbit,
-                 lowbit_threshold=options.lowbit_threshold, eam=eams)
-    om.tokenizer, om.options, om.store_dir = tok, options, store
-    _attach_routing(om, options)
-    return om
+        check_eam(eams, skeleton)
+    check_routing(options.parsed_routing(), skeleton)
+    return Checked(skeleton, checkpoint.tokenizer, store, built, eams)
 
 
 def _attach_routing(om: OffloadedModel, options: RuntimeOptions) -> None:
@@ -157,3 +190,25 @@ def _attach_routing(om: OffloadedModel, options: RuntimeOptions) -> None:
     om.routing_policy = prepare(options.parsed_routing(), om.view, om.tokenizer)
     om.routing_hooks = attach(om.view)
     om.routing_hooks.set_all(om.routing_policy)
+
+
+def _in_memory(model: Path, options: RuntimeOptions, tok) -> OffloadedModel:
+    """--budget all: the checkpoint loaded whole (transformers' from_pretrained, no store), its experts computed by
+    transformers' grouped_mm kernel where it dispatches (one grouped GEMM per layer for all of a step's experts: 1.6x
+    the eager loop's speed at 32 sequences in a step, equal for one; docs/serving.md), else by the eager loop."""
+    import moekit.models
+
+    view = moekit.models.load(model)
+    try:
+        view.model.set_experts_implementation("grouped_mm")
+    except (ValueError, ImportError):  # no grouped kernel for this device / torch: eager, as loaded
+        pass
+    device = options.resolved_device()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) - 1))
+    if device != "cpu":  # pragma: no cover - GPU
+        view.model.to(device)
+    experts = sum(p.numel() * p.element_size() for layer in view.layers for p in layer.expert_params())
+    om = OffloadedModel(view, [], experts, view.num_experts, None)
+    om.tokenizer, om.options, om.store_dir = tok, options, None
+    _attach_routing(om, options)
+    return om

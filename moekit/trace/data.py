@@ -7,6 +7,7 @@ sequences of completed chunks.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from moekit.errors import UserError
 DOC_SEP = "<|endoftext|>"  # a line holding only this separates documents in a .txt file (the demo corpus format)
 CORPUS_DIRS = (Path("demo/corpus/heldout"), Path(__file__).resolve().parents[2] / "demo/corpus/heldout")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_CHECKED: set[tuple] = set()  # files check_source passed, by (path, kind, size, mtime)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,62 @@ def resolve_data(specs: Iterable[str], corpus_dirs: Iterable[Path] = CORPUS_DIRS
     names = [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
     if not names:
         raise UserError("no data given: pass --data FILE.txt, FILE.jsonl or a demo-corpus domain such as --data code,prose")
-    return [_resolve_one(name, list(corpus_dirs)) for name in names]
+    sources = [_resolve_one(name, list(corpus_dirs)) for name in names]
+    for source in sources:
+        st = source.path.stat()
+        key = (str(source.path.resolve()), source.kind, st.st_size, st.st_mtime_ns)
+        if key not in _CHECKED:  # a command resolves its data more than once: read each file once
+            check_source(source)
+            _CHECKED.add(key)
+    return sources
+
+
+def check_source(source: Source, step: int = 1 << 20) -> None:
+    """Read the whole file once before any weight is loaded: strict UTF-8 without NUL bytes (a binary file is refused
+    instead of being tokenised as replacement characters), every JSONL line an object with a string `text`, and some
+    text at all. ~1 s per GB of text, against hours of tracing it."""
+    decoder, offset, text_seen, tail, n = codecs.getincrementaldecoder("utf-8")("strict"), 0, False, "", 0
+    fix = "give a UTF-8 .txt file or a .jsonl file with a `text` field per line"
+    with open(source.path, "rb") as f:
+        while True:
+            block = f.read(step)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                raise UserError(f"{source.path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                                f"{offset + err.start}): {fix}") from None
+            if "\x00" in text:
+                raise UserError(f"{source.path} holds NUL bytes, so it is binary, not text: {fix}")
+            if source.kind == "jsonl":
+                lines = (tail + text).split("\n")
+                tail = lines.pop() if block else ""  # a line cut by the block boundary waits for the next block
+                for line in lines:
+                    n += 1
+                    row = _jsonl_row(source, line, n)
+                    text_seen = text_seen or bool(row and row["text"].strip())
+            else:
+                text_seen = text_seen or bool(text.replace(DOC_SEP, "").strip())
+            offset += len(block)
+            if not block:
+                break
+    if not text_seen:
+        raise UserError(f"{source.path} holds no text: {fix}")
+
+
+def _jsonl_row(source: Source, line: str, n: int | None = None) -> dict | None:
+    """One JSONL line as its object (None for a blank line); UserError for a line that is not an object with a string
+    `text`."""
+    if not line.strip():
+        return None
+    where = f"{source.path}:{n}" if n is not None else str(source.path)
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg}: {line.strip()[:40]!r}); give one JSON object per "
+                        f"line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise UserError(f"{where}: each JSONL line needs a string field `text` (got {line.strip()[:40]!r})")
+    return row
 
 
 def _resolve_one(name: str, corpus_dirs: list[Path]) -> Source:
@@ -87,16 +144,9 @@ def _txt_documents(path: Path) -> Iterator[str]:
 def _jsonl_documents(source: Source) -> Iterator[tuple[str, str]]:
     with open(source.path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{source.path}:{n}: not valid JSON ({err.msg}); give one JSON object per line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UserError(f"{source.path}:{n}: each JSONL line needs a string field `text`")
-            domain = row.get("domain", row.get("label", source.domain))
-            yield row["text"], str(domain)
+            row = _jsonl_row(source, line, n)
+            if row is not None:
+                yield row["text"], str(row.get("domain", row.get("label", source.domain)))
 
 
 def encoder(tokenizer) -> Callable[[str], list[int]]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from moekit.errors import UserError
+from moekit.files import check_out, disk_errors
+from moekit.models.validate import check_routing, open_checkpoint
 from moekit.trace import schema, store
 from moekit.trace.capture import RouterCapture
 from moekit.trace.data import Sequence, Source, encoder, resolve_data, sequences
@@ -61,13 +63,22 @@ def record(
     _stop_after_chunks: int | None = None,  # tests: simulate a run killed after N chunks
 ) -> dict:
     """Trace `model` (checkpoint folder, nn.Module or MoEView) over `data` into folder `out`; returns the manifest.
+    Everything cheap is checked before the weights are read: the data files, --out, the checkpoint and its tokenizer.
     routing: a moekit.routing.Routing the model runs under; the trace records what it selected (manifest "routing":
     its spec, the widest K, the sentinel id of dropped slots); `calib` is its calibration data (skip=auto)."""
-    view, model_name = _view(model, dtype)
     sources = data if data and isinstance(data[0], Source) else resolve_data(data)
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model)
-    encode = encoder(tokenizer)
     out = Path(out)
+    _check_out(out, resume)
+    if calib:
+        resolve_data(calib)  # the routing's calibration data (skip=auto), before the weights too
+    if tokenizer is None and not isinstance(model, (str, Path)):
+        raise ValueError("tracing an in-memory model needs tokenizer=...")
+    if isinstance(model, (str, Path)):
+        checked = open_checkpoint(model, tokenizer=tokenizer is None, dtype=dtype)
+        check_routing(routing, checked.view)  # its layers and experts, before the weights
+        tokenizer = tokenizer or checked.tokenizer
+    view, model_name = _view(model, dtype)
+    encode = encoder(tokenizer)
     fresh = new_manifest(view, model_name, sources, options)
     if routing is not None:  # a moekit.routing.Routing (duck-typed: the trace stage does not import plans)
         routing.prepare(view, tokenizer, calib, per_prompt=False)
@@ -82,18 +93,30 @@ def record(
     width = schema.ids_width(manifest)
     pa_schema = schema.token_schema(manifest["layers"], width, manifest["num_experts"], options.logits,
                                     id_dtype=np.dtype(manifest["ids_dtype"]))
-    with routing.applied(view) if routing is not None else nullcontext(), RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
-                                               width=width, id_dtype=np.dtype(manifest["ids_dtype"])) as cap:
+    applied = routing.applied(view) if routing is not None else nullcontext()
+    with applied, RouterCapture(view, logits=options.logits, activation_stats=options.activation_stats,
+                                width=width, id_dtype=np.dtype(manifest["ids_dtype"])) as cap:
         for i, chunk in enumerate(_batched(stream, options.chunk_sequences), start=done):
             if _stop_after_chunks is not None and i - done >= _stop_after_chunks:
                 return manifest
             arrays = _trace_chunk(view, cap, chunk, options, manifest["domain_names"], on_tokens)
-            store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
-            _add_chunk(manifest, i, chunk)
-            store.write_manifest(out, manifest)
+            with _resumable(out):
+                store.write_table_atomic(out / schema.chunk_name(i), store.chunk_table(arrays, pa_schema))
+                _add_chunk(manifest, i, chunk)
+                store.write_manifest(out, manifest)
     manifest["completed"] = True
-    store.write_manifest(out, manifest)
+    with _resumable(out):
+        store.write_manifest(out, manifest)
     return manifest
+
+
+@contextmanager
+def _resumable(out: Path):
+    """A failed write (a full disk) keeps the complete chunks: the message says how to continue."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{err} (the complete chunks are kept: add --resume to continue the trace in {out})") from None
 
 
 def new_manifest(view, model_name: str, sources: list[Source], options: TraceOptions) -> dict:
@@ -111,6 +134,8 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "seq_len": options.seq_len,
         "layers": [index for index, *_ in view.trace_layers()],
         "layer_kinds": [kind for *_, kind in view.trace_layers()],  # added compatibly: traces without it are decoders
+        "layer_of": [m.index for _, m, *_ in view.trace_layers()],  # added compatibly: a loop pass's decoder layer
+        "hash_routed": [m.index for m in view.layers if m.rule.hashed],  # added compatibly: token-table layers
         "num_hidden_layers": view.num_layers,  # dense layers included (SGLang's placement map has a row for each)
         "top_k": view.top_k,
         "num_experts": view.num_experts,
@@ -136,16 +161,38 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
-    """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
+def _started(out: Path) -> bool:
+    """Whether `out` holds more than the temporary files of a run killed before its first manifest landed."""
+    return out.is_dir() and any(p not in store.temp_files(out) for p in out.iterdir())
+
+
+def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if _started(out):
         if not resume:
             raise UserError(f"--out {out} is not empty: pass --resume to continue that trace, or choose another --out")
+        from moekit.trace.reader import read_manifest
+
+        read_manifest(out)  # a folder that is not a trace (or a damaged one) fails before the weights are read
+    else:
+        check_out(out, exist_ok=True)
+
+
+def _prepare(out: Path, fresh: dict, resume: bool) -> dict:
+    """Create `out`, or reopen it for --resume: discard partial files and check the run is the same run."""
+    if _started(out):
         return _reopen(out, fresh)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_manifest(out, fresh)
+    created = not out.exists()
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    store.discard_temp_files(out)
+    try:
+        store.write_manifest(out, fresh)
+    except UserError:  # a full disk before anything was traced: leave nothing behind
+        if created:
+            out.rmdir()
+        raise
     return fresh
 
 
@@ -254,14 +301,3 @@ def _view(model, dtype):
     view = moekit.models.load(model, dtype=dtype)
     view.model.eval()
     return view, str(model)
-
-
-def _load_tokenizer(model):
-    if isinstance(model, (str, Path)):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(model)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load the tokenizer of {model}: {str(err).splitlines()[0]}") from None
-    raise ValueError("tracing an in-memory model needs tokenizer=...")

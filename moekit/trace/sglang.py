@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.errors import UserError
+from moekit.errors import UserError, at_least
+from moekit.files import atomic_folder, check_out
 from moekit.trace import schema, store
 from moekit.trace.store import ChunkArrays
 
@@ -33,16 +34,23 @@ def import_sglang(dump: Path, out: Path, *, domain: str = "sglang", top_k: int |
                   chunk_tokens: int = 65536) -> dict:
     """An SGLang dump (.pt, mode per_token or stat) -> a trace folder `out`; returns its manifest."""
     dump, out = Path(dump), Path(out)
-    data = _load(dump)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is not empty: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, exist_ok=True)
+    if top_k is not None:
+        at_least("--top-k", top_k)
+    data = _load(dump)
     if isinstance(data, dict) and "records" in data:
-        return _import_per_token(data, dump, out, domain, chunk_tokens)
-    if isinstance(data, dict) and "logical_count" in data:
-        return _import_stat(data, dump, out, top_k)
-    raise UserError(f"{dump} is not an SGLang expert-distribution dump: expected a dict with `records` (mode "
-                    f"per_token) or `logical_count` (mode stat)")
+        convert = lambda folder: _import_per_token(data, dump, folder, domain, chunk_tokens)  # noqa: E731
+    elif isinstance(data, dict) and "logical_count" in data:
+        convert = lambda folder: _import_stat(data, dump, folder, top_k)  # noqa: E731
+    else:
+        raise UserError(f"{dump} is not an SGLang expert-distribution dump: expected a dict with `records` (mode "
+                        f"per_token) or `logical_count` (mode stat)")
+    if out.is_dir():
+        out.rmdir()  # empty (checked above): atomic_folder puts the finished trace there
+    with atomic_folder(out) as folder:  # a failure halfway (a full disk) leaves nothing at --out
+        return convert(folder)
 
 
 def _load(dump: Path):
@@ -51,18 +59,72 @@ def _load(dump: Path):
     try:
         return torch.load(dump, map_location="cpu", weights_only=True)  # tensors, lists and numbers only
     except Exception as err:  # torch raises many types for a bad file; all mean the same to the user
-        raise UserError(f"cannot read {dump} as a torch.save file ({str(err).splitlines()[0]}); give an "
+        raise UserError(f"cannot read {dump}: not a torch.save file of tensors, lists and numbers "
+                        f"({type(err).__name__}); give an "
                         f"expert_distribution_recorder_*.pt file SGLang wrote") from None
 
 
-def _import_per_token(data: dict, dump: Path, out: Path, domain: str, chunk_tokens: int) -> dict:
-    records = sorted(data["records"], key=lambda r: r["forward_pass_id"])
+def _malformed(dump: Path, what: str) -> UserError:
+    return UserError(f"{dump} is not a well-formed SGLang dump ({what}); give a file SGLang's "
+                     f"expert_distribution_recorder wrote")
+
+
+def _int_tensor(x, dims: tuple[int, ...], dump: Path, what: str, low: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() not in dims or x.dtype.is_floating_point or x.dtype.is_complex \
+            or x.dtype == torch.bool:
+        raise _malformed(dump, f"{what} is not an integer tensor of {' or '.join(map(str, dims))} dimensions")
+    if x.numel() and int(x.min()) < low:
+        raise _malformed(dump, f"{what} holds {int(x.min())}, below {low}")
+    return x
+
+
+def _int_list(x, dump: Path, what: str) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    if not isinstance(x, list) or not all(isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31
+                                          for v in x):
+        raise _malformed(dump, f"{what} is not a list of int32 values")
+    return x
+
+
+def _check_per_token(data: dict, dump: Path) -> list[dict]:
+    """The records sorted by forward pass, every field the import reads checked (types, shapes, ranges)."""
+    records = data["records"]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise _malformed(dump, "records is not a list of dicts")
     if not records:
         raise UserError(f"{dump} holds no forward passes: record some traffic between start and dump")
+    p2l = data.get("last_physical_to_logical_map")
+    if p2l is not None:
+        _int_tensor(p2l, (2,), dump, "last_physical_to_logical_map", 0)
+    shape = None
+    for r in records:
+        if not isinstance(r.get("forward_pass_id"), int):
+            raise _malformed(dump, "a record has no integer forward_pass_id")
+        ids = _int_tensor(r.get("topk_ids_of_layer"), (3,), dump, "topk_ids_of_layer", PAD)
+        if shape is not None and (ids.shape[0], ids.shape[2]) != shape:
+            raise _malformed(dump, "records disagree on the number of layers or top-k columns")
+        shape = (ids.shape[0], ids.shape[2])
+        n = ids.shape[1]
+        if len(_int_list(r.get("input_ids"), dump, "input_ids")) != n or \
+                len(_int_list(r.get("positions"), dump, "positions")) != n:
+            raise _malformed(dump, f"record {r['forward_pass_id']}: input_ids and positions do not have its {n} tokens")
+        lens = r.get("extend_seq_lens")
+        if lens is not None and any(v < 0 for v in _int_list(lens, dump, "extend_seq_lens")):
+            raise _malformed(dump, "extend_seq_lens holds a negative length")
+        if p2l is not None and (p2l.shape[0] != ids.shape[0] or (ids.numel() and int(ids.max()) >= p2l.shape[1])):
+            raise _malformed(dump, "topk_ids_of_layer does not fit last_physical_to_logical_map")
+    return sorted(records, key=lambda r: r["forward_pass_id"])
+
+
+def _import_per_token(data: dict, dump: Path, out: Path, domain: str, chunk_tokens: int) -> dict:
+    records = _check_per_token(data, dump)
     p2l = data.get("last_physical_to_logical_map")
     ids_all = [_to_logical(torch.as_tensor(r["topk_ids_of_layer"]).numpy(), p2l) for r in records]  # [Lall, t, 8]
     layers, top_k = _used_layers_and_k(ids_all)
     num_experts = _num_experts(p2l, ids_all)
+    if num_experts > np.iinfo(np.uint16).max + 1:
+        raise _malformed(dump, f"{num_experts} experts, more than a trace stores (65536)")
     manifest = _manifest(dump, "sglang_per_token", layers, top_k, num_experts, [domain])
     manifest["num_hidden_layers"] = int(ids_all[0].shape[0])  # SGLang records every layer, dense ones as -1
     pa_schema = schema.token_schema(layers, top_k, num_experts, logits=False)
@@ -122,6 +184,9 @@ def _flush(out: Path, manifest: dict, pending: list, pa_schema, layers, num_expe
     ids = np.concatenate([i for _, i in pending], axis=1)  # [L, T, K]
     if (ids[:, :, :] < 0).any():
         raise UserError("an SGLang record has fewer expert ids than top-k for some token; cannot import it")
+    if ids.shape[2] > 1 and (np.diff(np.sort(ids, axis=2), axis=2) == 0).any():
+        raise UserError("an SGLang record selects one logical expert twice for a token (SGLang never does); "
+                        "cannot import it")
     dt = schema.ids_dtype(num_experts)
     chunk = ChunkArrays(
         seq_id=seq, position=np.concatenate([m[1] for m, _ in pending]),
@@ -152,10 +217,9 @@ def read_logical_count(dump: Path) -> np.ndarray:
 
 
 def _logical_count(data: dict, dump: Path) -> np.ndarray:
-    counts = torch.as_tensor(data["logical_count"]).to(torch.int64)
+    counts = _int_tensor(data["logical_count"], (2, 3), dump, "logical_count [steps, layers, experts]", 0)
+    counts = counts.to(torch.int64)
     counts = counts.sum(dim=0) if counts.dim() == 3 else counts  # [steps, Lall, E] -> [Lall, E]
-    if counts.dim() != 2:
-        raise UserError(f"{dump}: logical_count has shape {tuple(counts.shape)}, expected [steps, layers, experts]")
     return counts.numpy()
 
 
@@ -164,6 +228,10 @@ def _import_stat(data: dict, dump: Path, out: Path, top_k: int | None) -> dict:
 
     counts = _logical_count(data, dump)
     layers = np.flatnonzero(counts.sum(axis=1) > 0).tolist()  # dense layers count nothing
+    if not layers:
+        raise UserError(f"{dump} counts no expert selection in any layer: record some traffic between start and dump")
+    if top_k is not None and top_k > counts.shape[1]:
+        raise UserError(f"--top-k {top_k} is more than the dump's {counts.shape[1]} experts: give the model's top-k")
     L, E = len(layers), counts.shape[1]
     table = pa.table({"layer": pa.array(np.repeat(layers, E), pa.int32()),
                       "expert": pa.array(np.tile(np.arange(E), L), pa.int32()),

@@ -1,10 +1,9 @@
-"""Writing trace files safely: every file lands atomically (temp file, fsync, os.replace), so a killed run leaves only
-complete chunks plus temp files that the next run discards. Dimension legend: T tokens, K selected, E experts, L layers."""
+"""Writing trace files safely: every file lands atomically (moekit.files: temp file, fsync, os.replace), so a killed
+run leaves only complete chunks plus temp files that the next run discards.
+Dimension legend: T tokens, K selected, E experts, L layers."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moekit import files
 from moekit.trace import schema
 
 TMP_SUFFIX = ".tmp"
@@ -32,27 +32,13 @@ class ChunkArrays:
     act_max: tuple[np.ndarray, np.ndarray] | None = None  # ([L, E] max |in|, [L, E] max |out|) of the down projection
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
-    write_atomic_bytes(folder / schema.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    files.write_json(folder / schema.MANIFEST, manifest)
 
 
 def write_table_atomic(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(table, tmp, **schema.PARQUET_OPTIONS)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with files.atomic_file(path) as tmp:
+        pq.write_table(table, tmp, **schema.PARQUET_OPTIONS)
 
 
 def chunk_table(c: ChunkArrays, pa_schema: pa.Schema) -> pa.Table:
@@ -77,9 +63,14 @@ def chunk_table(c: ChunkArrays, pa_schema: pa.Schema) -> pa.Table:
     return table
 
 
+def temp_files(folder: Path) -> list[Path]:
+    """The partial files a killed run leaves: never listed in the manifest, never read."""
+    return sorted({*folder.glob("*" + TMP_SUFFIX), *folder.glob(".*.tmp-*")})
+
+
 def discard_temp_files(folder: Path) -> list[Path]:
-    """Remove partial files a killed run left behind; they were never listed in the manifest."""
-    stale = sorted(folder.glob("*" + TMP_SUFFIX))
+    """Remove partial files a killed run left behind."""
+    stale = temp_files(folder)
     for p in stale:
         p.unlink()
     return stale
@@ -89,16 +80,3 @@ def _fixed_lists(a: np.ndarray) -> pa.FixedSizeListArray:
     rows, width = a.shape  # [T, K] or [T, E]
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).reshape(-1)), width)
 
-
-def _fsync_dir(folder: Path) -> None:
-    # the rename itself is durable only once the directory entry is flushed (POSIX)
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -25,8 +25,10 @@ def _per_token_dump(path, seed=0):
     for fp, spec in enumerate(passes):
         n = sum(spec["lens"]) if spec["lens"] else spec["n"]
         phys = torch.full((L_ALL, n, PAD_K), -1, dtype=torch.int32)
-        for l in range(1, L_ALL):
-            phys[l, :, :K] = torch.stack([torch.randperm(E + 2, generator=g)[:K] for _ in range(n)]).int()
+        for l in range(1, L_ALL):  # SGLang picks K distinct logical experts, then one physical replica of each
+            logical_k = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)])  # [n, K]
+            replica = torch.randint(0, 2, (n, K), generator=g) * (logical_k < 2)  # experts 0, 1 sit in slots 8, 9 too
+            phys[l, :, :K] = (logical_k + replica * E).int()
         logical.append(torch.where(phys >= 0, p2l.gather(1, phys.clamp(min=0).long().flatten(1)).view_as(phys), -1))
         records.append(dict(forward_pass_id=fp, rank=0, gatherer_key="primary", input_ids=list(range(100, 100 + n)),
                             positions=list(range(n)), extend_seq_lens=spec["lens"], forward_mode=spec["mode"],
