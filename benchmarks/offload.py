@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/offload.py                   # demo/model + synthetic Qwen3-MoE, demo routing replayed
     .venv/bin/python benchmarks/offload.py --model demo/model --no-synthetic
     .venv/bin/python benchmarks/offload.py --decode greedy   # greedy decoding: flagged where the tokens loop
+    .venv/bin/python benchmarks/offload.py --warm            # + one pair with the files in the OS page cache
 
 Workload. Each prompt is decoded --new-tokens steps with a KV cache; by default tokens are sampled (temperature
 --temperature, a generator seeded per prompt, so both systems, whose logits are bit-identical, draw the same tokens).
@@ -25,8 +26,8 @@ replayed rows' within 0.05, and both systems' routers returned the same ids; the
 beside them. `replay=TRACE` replays any trace (yours, recorded with `moekit trace`).
 moekit and accelerate run --repeats times on the synthetic model (default 3) and --model-repeats times on the
 checkpoints (default 7: a demo run decodes for about a second), interleaved (the order alternates each repeat, so a
-drift of the shared disk's bandwidth hits both alike); tokens/s and the ratio of each repeat's pair are reported as median and range, with
-the machine's load average before each repeat.
+drift of the shared disk's bandwidth hits both alike); tokens/s and the ratio of each repeat's pair are reported as
+median and range, with the machine's load average before each repeat.
 
 Budget: 25% of the routed experts' bytes. moekit keeps that many experts per layer in RAM (the budget split evenly over
 the MoE layers); accelerate keeps whole layers' fused experts in RAM up to the same bytes (its unit is the module) and
@@ -34,6 +35,10 @@ maps the rest to `offload_folder` on disk; non-expert weights are resident in bo
 Disk reads are real in both: the moekit store reader drops the pages it read (POSIX_FADV_DONTNEED after every expert
 read), and after every accelerate step the benchmark drops its offload files' pages the same way, so neither is served
 from the OS page cache. Bytes read from storage are measured (read_bytes of /proc/self/io) as well as counted.
+With --warm, after the cold repeats (the headline) both systems run once more with their files in the OS page cache
+(read once before decoding, nothing dropped): moekit reads through the page cache (its default outside benchmarks,
+`--page-cache`), so a machine with RAM beyond the budget serves misses from memory; the bytes the page cache served
+(RWF_NOWAIT reads) and read_bytes show whether the disk was touched.
 Physical bound: tokens/s <= disk bandwidth / moekit's missed expert bytes per token (docs/conventions.md), with the disk
 bandwidth measured in this run by cold positioned reads of the store files in expert-sized blocks.
 Prints a table per model and ends with one JSON line.
@@ -209,13 +214,21 @@ def prompts_for(path: Path, vocab: int, n: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (1, 16), generator=g) for _ in texts]
 
 
+def warm_pages(files) -> None:
+    """Read the files once, so the OS page cache holds them (a machine with RAM beyond the budget)."""
+    for file in files:
+        with open(file, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def samplers(args, n: int) -> list[Sampler]:
     return [Sampler(args.temperature if args.decode == "sample" else 0.0, args.seed + i) for i in range(n)]
 
 
 def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: int, prefetch: bool, policy: str,
                io_threads: int, sample, lowbit: int | None = None, lowbit_threshold: float = 0.1, routing=None,
-               starts=None):
+               starts=None, warm: bool = False):
     from moekit.runtime.checkpoint import build_store_from_checkpoint, load_from_store
     from moekit.runtime.store import SCHEMA_VERSION
 
@@ -229,11 +242,15 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
         from moekit.runtime.lowbit import build_lowbit
 
         build_lowbit(store_dir, lowbit)
-    om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=True, io_threads=io_threads,
-                    lowbit=lowbit, lowbit_threshold=lowbit_threshold, record=True)  # routing for the reuse check
+    om = rt.offload(view, store_dir, budget, policy=policy, prefetch=prefetch, drop_cache=not warm,
+                    io_threads=io_threads, lowbit=lowbit, lowbit_threshold=lowbit_threshold,
+                    record=True)  # routing for the reuse check
     replayed = routing.attach(view, starts) if routing is not None else None
-    om.layers[0].store.drop_page_cache()
-    outs, secs, steps, bytes_counted, io, missed, reuse = [], 0.0, 0, 0, 0, 0, []
+    if warm:  # buffered reads (moekit's default outside benchmarks): misses come from the page cache
+        warm_pages(sorted(store_dir.glob("layer_*.safetensors")))
+    else:
+        om.layers[0].store.drop_page_cache()
+    outs, secs, steps, bytes_counted, io, missed, cached, reuse = [], 0.0, 0, 0, 0, 0, 0, []
     for i, (p, sampler) in enumerate(zip(prompts, sample)):
         if replayed is not None:
             replayed.begin(i)
@@ -247,6 +264,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
         secs, steps = secs + s, steps + new_tokens - 1
         bytes_counted += after["bytes_read"] - first["bytes_read"]
         missed += after["misses"] - first["misses"]
+        cached += after["page_cache_bytes"] - first["page_cache_bytes"]
         io += read_bytes() - io0
     t = om.totals()
     res = {"tok_s": steps / secs, "bytes_per_token": bytes_counted / steps, "io_bytes_per_token": io / steps,
@@ -255,7 +273,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
            "experts_per_layer": om.capacity, "budget": budget, "expert_bytes": expert_bytes,
            "total_expert_bytes": total_expert, "layers": len(view.layers), "num_experts": view.num_experts,
            "top_k": view.top_k, "missed_bytes_per_token": missed * expert_bytes / steps,
-           "lowbit_reads": t["lowbit_reads"], "routing_reuse": reuse}
+           "lowbit_reads": t["lowbit_reads"], "page_cache_bytes_per_token": cached / steps, "routing_reuse": reuse}
     if replayed is not None:
         res["executed"] = replayed.executed()
         replayed.remove()
@@ -264,7 +282,7 @@ def run_moekit(path: Path, work: Path, budget_frac: float, prompts, new_tokens: 
 
 
 def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int, layers: int, prompts, new_tokens,
-                   sample, routing=None, starts=None):
+                   sample, routing=None, starts=None, warm: bool = False):
     from transformers import AutoModelForCausalLM
 
     offload = work / "accelerate-offload"
@@ -290,12 +308,13 @@ def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int,
     replayed = routing.attach(moekit.models.load(model), starts) if routing is not None else None
     files = sorted(offload.rglob("*")) + sorted(path.glob("*.safetensors"))
     files = [f for f in files if f.is_file()]
-    drop_pages(files)
+    warm_pages(files) if warm else drop_pages(files)
     outs, secs, steps, io = [], 0.0, 0, 0
     for i, (p, sampler) in enumerate(zip(prompts, sample)):
         if replayed is not None:
             replayed.begin(i)
-        toks, s, io0 = decode(model, p, new_tokens, sampler, snapshot=read_bytes, after_step=lambda: drop_pages(files))
+        toks, s, io0 = decode(model, p, new_tokens, sampler, snapshot=read_bytes,
+                              after_step=(lambda: None) if warm else (lambda: drop_pages(files)))
         outs.append(toks)
         secs, steps = secs + s, steps + new_tokens - 1
         io += read_bytes() - io0
@@ -383,6 +402,20 @@ def bench(path: Path, work: Path, args, routing_name: str | None = None, repeats
         row["accelerate"] = {**median_run(acc_runs), "tok_s_spread": spread([a["tok_s"] for a in acc_runs])}
         row["ratio"] = spread(ratios)
         row["same_tokens"] = all(same)
+    if args.warm:  # RAM beyond the budget: the OS page cache holds the files (one pair, after the cold repeats)
+        gc.collect()
+        warm, _, _ = run_moekit(path, work, args.budget, prompts, args.new_tokens, args.prefetch, args.policy,
+                                args.io_threads, samplers(args, len(prompts)), routing=routing, starts=starts,
+                                warm=True)
+        warm.pop("executed", None)
+        row["warm"] = {"moekit": warm}
+        if args.accelerate:
+            gc.collect()
+            layer_bytes = mk["expert_bytes"] * mk["num_experts"]
+            acc, _ = run_accelerate(path, work, mk["budget"], layer_bytes, mk["layers"], prompts, args.new_tokens,
+                                    samplers(args, len(prompts)), routing, starts, warm=True)
+            acc.pop("executed", None)
+            row["warm"].update(accelerate=acc, ratio=warm["tok_s"] / acc["tok_s"])
     row["disk_measurements_gbs"] = [{k: v / 1e9 for k, v in m.items()} for m in bws]
     bw = max(v for m in bws for v in m.values())
     row["disk_gbs"] = bw / 1e9
@@ -471,6 +504,16 @@ def print_row(row: dict) -> None:
           f"{row['fraction_of_bound']:.2f} of it; random-read bound {row['random_bound_tok_s']:.2f} tok/s (disk's best "
           f"random-expert bandwidth, 4 threads): {row['fraction_of_random_bound']:.2f}; median run: wait "
           f"{mk['wait_s']:.1f} s, compute {mk['compute_s']:.1f} s")
+    if "warm" in row:
+        w = row["warm"]
+        line = (f"warm page cache (one pair): moekit {w['moekit']['tok_s']:.3f} tok/s, read "
+                f"{w['moekit']['bytes_per_token'] / 1e6:.1f} MB/tok of which the page cache served "
+                f"{w['moekit']['page_cache_bytes_per_token'] / 1e6:.1f}, disk {w['moekit']['io_bytes_per_token'] / 1e6:.1f}"
+                f" MB/tok")
+        if "accelerate" in w:
+            line += (f"; accelerate {w['accelerate']['tok_s']:.3f} tok/s (disk "
+                     f"{w['accelerate']['io_bytes_per_token'] / 1e6:.1f} MB/tok); ratio {w['ratio']:.2f}x")
+        print(line)
     if row["degenerate"]:
         print("DEGENERATE WORKLOAD: the generated tokens loop or the routing barely changes from token to token "
               "(above), so a cache hits far more often than users see. Do not quote this row.")
@@ -560,6 +603,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for both systems (default 1: on a shared, oversubscribed 2-core "
                          "machine OpenMP barriers stall for whole scheduler slices; measured 69 ms per index_add_)")
+    ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=False,
+                    help="after the cold repeats (the headline), run both systems once more with their files in the "
+                         "OS page cache (a machine with RAM beyond the budget; reads the files first: ~1 min more)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moekit-bench")
     args = ap.parse_args()
     if min(args.repeats, args.model_repeats) < 1 or args.new_tokens < 2 or args.temperature <= 0:
@@ -584,7 +630,8 @@ def main() -> None:
                       "budget_fraction": args.budget, "new_tokens": args.new_tokens,
                       "prompts": args.prompts, "policy": args.policy, "prefetch": args.prefetch,
                       "decode": args.decode, "temperature": args.temperature, "seed": args.seed,
-                      "repeats": args.repeats, "model_repeats": args.model_repeats, "io_threads": args.io_threads, "threads": args.threads,
+                      "repeats": args.repeats, "model_repeats": args.model_repeats,
+                      "io_threads": args.io_threads, "threads": args.threads, "warm": args.warm,
                       "degenerate": any(r["degenerate"] for r in rows), "rows": rows}, default=float))
     if any(r["degenerate"] for r in rows):
         sys.exit(3)

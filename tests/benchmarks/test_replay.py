@@ -107,3 +107,21 @@ def test_replay_check_reports_the_whole_trace_beside_the_run(trace_dir):
                                                                 for s in starts]
     assert set(rep["whole_trace"]["per_layer"]) == set(t.layers)
     assert rep["whole_trace"]["capacities"] == [2 * t.top_k, 4 * t.top_k]
+
+
+def test_warm_run_reads_its_misses_from_the_page_cache_and_the_cold_run_from_the_disk(tmp_path):
+    """--warm: the same decode with the store's files read once first and nothing dropped; moekit's RWF_NOWAIT reads
+    count what the page cache served (all of it warm, none cold: O_DIRECT). A tiny model's files stay cached after its
+    prefill anyway, so this guards the wiring (buffered reads, counter), not the warm-up read itself."""
+    offload = bench_module("offload")
+    ckpt = save_checkpoint(tmp_path / "ckpt")
+    prompts = [torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    runs = {}
+    for warm in (False, True):
+        res, outs, _ = offload.run_moekit(ckpt, tmp_path, 0.5, prompts, 6, False, "lru", 1,
+                                          [offload.Sampler(1.0, i) for i in range(2)], warm=warm)
+        runs[warm] = res, outs
+    (cold, cold_out), (warm, warm_out) = runs[False], runs[True]
+    assert cold["bytes_per_token"] > 0 and cold["page_cache_bytes_per_token"] == 0
+    assert warm["page_cache_bytes_per_token"] == warm["bytes_per_token"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(cold_out, warm_out))  # the page cache changes where bytes come from
