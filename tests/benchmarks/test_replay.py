@@ -10,9 +10,8 @@ import torch
 
 import moekit.models
 import moekit.runtime as rt
-import moekit.trace
 from tests.benchmarks.helpers import bench_module
-from tests.trace.helpers import save_checkpoint, write_corpus
+from tests.trace.helpers import record_small_trace, save_checkpoint
 
 replay = bench_module("_replay")
 workload = bench_module("_workload")
@@ -21,11 +20,7 @@ workload = bench_module("_workload")
 @pytest.fixture(scope="module")
 def trace_dir(tmp_path_factory):
     """A 16-expert top-4 trace over three domains (prose, code, math), windows of 24 tokens."""
-    tmp = tmp_path_factory.mktemp("replay")
-    ckpt = save_checkpoint(tmp / "ckpt")
-    txt, jsonl = write_corpus(tmp / "data")
-    moekit.trace.record(ckpt, [str(txt), str(jsonl)], tmp / "trace", options=moekit.trace.TraceOptions(seq_len=24))
-    return tmp / "trace"
+    return record_small_trace(tmp_path_factory.mktemp("replay"), seq_len=24)
 
 
 def target(seed: int = 0):

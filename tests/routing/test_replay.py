@@ -17,17 +17,13 @@ from moekit.routing.replay import map_ids, map_weights, mapped_layers
 from moekit.runtime.simulate import simulate, with_bounds
 from moekit.runtime.hardware import load_profile
 from tests.helpers import run_cli
-from tests.trace.helpers import char_tokenizer, save_checkpoint, write_corpus
+from tests.trace.helpers import char_tokenizer, record_small_trace
 
 
 @pytest.fixture(scope="module")
 def trace_dir(tmp_path_factory):
     """A trace of a 16-expert top-4 model, 3 MoE layers."""
-    tmp = tmp_path_factory.mktemp("replay-user")
-    ckpt = save_checkpoint(tmp / "ckpt")
-    txt, jsonl = write_corpus(tmp / "data")
-    moekit.trace.record(ckpt, [str(txt), str(jsonl)], tmp / "trace", options=moekit.trace.TraceOptions(seq_len=32))
-    return tmp / "trace"
+    return record_small_trace(tmp_path_factory.mktemp("replay-user"), seq_len=32)
 
 
 @pytest.fixture(scope="module")
