@@ -308,7 +308,10 @@ def run_accelerate(path: Path, work: Path, budget: int, expert_bytes_layer: int,
     replayed = routing.attach(moekit.models.load(model), starts) if routing is not None else None
     files = sorted(offload.rglob("*")) + sorted(path.glob("*.safetensors"))
     files = [f for f in files if f.is_file()]
-    warm_pages(files) if warm else drop_pages(files)
+    if warm:
+        warm_pages(files)
+    else:
+        drop_pages(files)
     outs, secs, steps, io = [], 0.0, 0, 0
     for i, (p, sampler) in enumerate(zip(prompts, sample)):
         if replayed is not None:
