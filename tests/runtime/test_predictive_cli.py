@@ -109,6 +109,7 @@ def test_train_then_run_predictive(setup, tmp_path, capsys, monkeypatch):
     (["predictor", "train", "{trace}", "--out", "{tmp}"], "is a folder"),
     (["predictor", "train", "{tmp}/none", "--out", "{tmp}/p.safetensors"], "no trace at"),
     (["predictor", "train", "{trace}", "--out", "{tmp}/p.safetensors", "--model", "{tmp}"], "cannot find the model"),
+    (["simulate", "{tmp}", "--policy", "lru,predictive", "--replay-on", "{ckpt}"], "leave predictive out"),
 ])
 def test_one_line_errors(setup, tmp_path, capsys, args, message):
     trace = tmp_path / "t"
