@@ -66,6 +66,9 @@ register(
             layout=ExpertLayout(has_gate=False, single_neuron=True), shared_block_mlp=True,
             fixed_count="its product-key router scores n x n experts from two n-key halves (id = i * n + j), so "
                         "the count is tied to the key tables",
+            fixed_routing="its CDMoE block picks experts by product keys inside its own forward (the router is a "
+                          "plain Linear returning half-key logits), so there is no router output a policy could "
+                          "replace",
             notes="CDMoE: single-neuron retrieval experts (down_embed / up_embed rows) plus the block's own dense MLP")
 )
 register(

@@ -45,6 +45,9 @@ register(
             stacks=(("encoder", "encoder.block", "layer.-1.mlp"), ("decoder", "decoder.block", "layer.-1.mlp")),
             per_expert=(("up", "wi.weight"), ("down", "wo.weight")), layout=ExpertLayout(has_gate=False),
             activation=lambda config, experts: plain(config.dense_act_fn),
+            fixed_routing="its router drops tokens beyond each expert's capacity in a sequence, so the experts a "
+                          "token gets depend on the tokens before it, and a policy changing one token's experts "
+                          "would change which other tokens are dropped",
             notes="encoder-decoder; top-1 with a per-sequence expert capacity")
 )
 register(
@@ -55,6 +58,9 @@ register(
                         ("down_bias", "fc2.bias")),
             layout=ExpertLayout(has_gate=False, has_bias=True), token_dropout_key="moe_token_dropout",
             activation=lambda config, experts: plain(config.activation_function),
+            fixed_routing="its router drops selections beyond each expert's capacity over the whole batch, so the "
+                          "experts a token gets depend on every other token, and a policy changing one token's "
+                          "experts would change which other tokens are dropped",
             notes="encoder-decoder; top-2 with a batch-wide capacity. transformers 5.24's NllbMoeExperts.forward runs "
                   "experts 0 and 1 instead of the two chosen ones (see tests/models/test_seq2seq.py)")
 )

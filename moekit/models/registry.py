@@ -64,6 +64,7 @@ class Adapter:
     stacks: tuple[tuple[str, str, str], ...] = ()  # (kind, layers path, MoE-block path): encoder-decoder models
     loop_keys: tuple[str, str, str] | None = None  # config keys (first, end, passes) of layers run several times
     fixed_count: str = ""  # why the expert count cannot change (no prune / merge), "" when it can
+    fixed_routing: str = ""  # why inference routing policies cannot apply (moekit/routing), "" when they can
     notes: str = ""
 
     def __post_init__(self):

@@ -362,7 +362,9 @@ def check_routing(routing, view) -> None:
         return
     from moekit.routing.policies import Policy, Skip
 
-    for policy in routing.fresh().policies:  # a copy: per-request state stays unbound
+    routing = routing.fresh()  # a copy: per-request state stays unbound
+    routing.check(view)  # the family's own refusals (Adapter.fixed_routing, hash-routed layers) and each policy's
+    for policy in routing.policies:  # bind: what a policy reads (a replay trace) checked too
         if isinstance(policy, Skip) and policy.beta is None and not policy.betas:
             if view.top_k < 2:
                 raise UserError(f"{policy.spec()} drops experts after the first, but the model routes each token to "

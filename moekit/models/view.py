@@ -20,6 +20,20 @@ from moekit.ops.activations import GatedActivation
 from moekit.ops.routing import RoutingRule, joint_shared_weights, route, softcap
 
 
+class Rerouted(tuple):
+    """A router's return value rewritten by a routing policy (moekit/routing/apply.py), in the router's own format,
+    carrying the selection it encodes: `selection` = (logits, weights [T, K'], ids [T, K']) with the policy's dropped
+    slots (sentinel id, weight 0). Some formats cannot be read back exactly (JetMoE's dispatch lists leave dropped slots
+    out; Llama 4's dense scores do not say K'), so `MoELayer.parse_router_output` returns it as it is."""
+
+    selection: tuple
+
+    def __new__(cls, out, selection):
+        obj = super().__new__(cls, out)
+        obj.selection = selection
+        return obj
+
+
 @dataclass
 class MoELayer:
     index: int  # decoder-layer index in the model
@@ -150,6 +164,8 @@ class MoELayer:
     def parse_router_output(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router module's return value -> (logits [T, E], weights [T, K], ids [T, K]) as the model used them; a
         slot no expert computed (over capacity, skip expert) has weight 0."""
+        if isinstance(out, Rerouted):
+            return out.selection
         kind = self.adapter.router_output
         if kind == "scores_logits":  # Llama 4: dense sigmoid scores, zero off the top-k
             scores, logits = out

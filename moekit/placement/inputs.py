@@ -86,7 +86,8 @@ def stats_from_trace(trace, tokens: np.ndarray | None = None, on_layer=None) -> 
 
 
 def check_plannable(trace) -> None:
-    """From its manifest: a trace placement can plan from (the model's own routing, some tokens)."""
+    """From its manifest: a trace placement can plan from (the model's own routing, some tokens, a decoder-only model
+    without loop layers)."""
     from moekit.trace import schema
 
     if trace.manifest.get("routing"):  # traces recorded under a routing policy may hold dropped-slot sentinels
@@ -94,6 +95,15 @@ def check_plannable(trace) -> None:
                         f"model's own routing")
     if trace.kind == schema.KIND_TOKENS and trace.num_tokens == 0:
         raise UserError(f"{trace.folder} has no tokens to plan from: record a longer trace")
+    kinds = set(trace.layer_kinds.values())  # layouts SGLang's and vLLM's expert-parallel maps cannot express
+    model = trace.manifest.get("model_type")
+    if "encoder" in kinds:
+        raise UserError(f"{trace.folder} is a trace of an encoder-decoder model ({model}): SGLang and vLLM, whose "
+                        f"expert-parallel placement moekit plans, serve decoder-only MoE models")
+    if any(" pass " in k for k in kinds):
+        raise UserError(f"{trace.folder} runs loop layers several times a forward ({model}): SGLang's and vLLM's "
+                        f"placement maps have one row per decoder layer, and moekit does not fold a loop layer's "
+                        f"passes into one")
 
 
 def first_halves(seq_id: np.ndarray, domain: np.ndarray) -> np.ndarray:

@@ -12,9 +12,11 @@ different policy per request (continuous batching); rows no span covers keep the
 
 Dropped slots carry the sentinel id (moekit.routing.policies.sentinel) with weight 0. transformers' eager loops skip
 it (one_hot over E + 1 classes) except where the experts module one-hots over E (GPT-OSS) or E + zero experts
-(LongCat-Flash): there a pre-hook on the experts module hands the token's first expert id with weight 0 instead (one
-extra row computed, times 0). moekit's offloaded engine skips sentinels itself (no read, no cache access).
-Dimension legend: T tokens, E experts, K selected.
+(LongCat-Flash), or loops over every class it hit (NemotronH): there a pre-hook on the experts module hands the token's
+first expert id with weight 0 instead (one extra row computed, times 0). JetMoE's dispatch lists leave them out.
+moekit's offloaded engine skips sentinels itself (no read, no cache access). Hash-routed layers (DeepSeek-V4) get no
+hook: their experts come from a token-id table, which no policy changes.
+Dimension legend: T tokens, E experts, K selected, S shared experts.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.models.view import Rerouted
 from moekit.routing.policies import Routing, sentinel
 
-# families whose eager experts loop cannot take id == logits width (tests/routing/test_apply.py probes every family)
-NO_SENTINEL = frozenset({"gpt_oss", "longcat_flash"})
+# families whose eager experts loop cannot take the sentinel id (tests/routing/test_identity.py probes every family)
+NO_SENTINEL = frozenset({"gpt_oss", "longcat_flash", "nemotron_h"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class RoutingHooks:
         self._handles = []
         offloaded = getattr(view.model.config, "_experts_implementation", None) == "moekit_offload"
         for layer in view.layers:
+            if layer.rule.hashed:
+                continue
             # prepend: run before any capture hook (moekit trace records what the policy selected)
             self._handles.append(layer.router.register_forward_hook(self._hook(layer), prepend=True))
             if layer.adapter.model_type in NO_SENTINEL and not offloaded:
@@ -113,47 +118,75 @@ class RoutingHooks:
             if self.whole is None and not self.spans:
                 return None
             logits, weights, ids = layer.parse_router_output(out)
+            shared = None
+            if layer.rule.shared_logits:  # Inkling returns its routed logits only; its shared ones join the weights
+                x = args[0]
+                logits, shared = layer.router_logits(x.reshape(-1, x.shape[-1])), out[3]
             spans = [RowSpan(0, logits.shape[0], self.whole)] if self.whole is not None else self.spans
-            new_w, new_ids = reroute(layer, logits, weights, ids, spans)
+            new_w, new_ids, new_shared = reroute(layer, logits, weights, ids, spans, shared)
             self.calls += 1
-            return _format(layer, out, logits, new_w.to(weights.dtype), new_ids)
+            return _format(layer, out, new_w.to(weights.dtype), new_ids, new_shared)
 
         return hook
 
 
-def reroute(layer, logits, weights, ids, spans: list[RowSpan]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights [T, K'], ids [T, K']) for a router call: each span's rows under its routing, the others as the router
-    chose them; narrower pieces padded with the sentinel (weight 0)."""
+def reroute(layer, logits, weights, ids, spans: list[RowSpan], shared=None):
+    """(weights [T, K'], ids [T, K'], shared weights [T, S] or None) for a router call: each span's rows under its
+    routing, the others as the router chose them; narrower pieces padded with the sentinel (weight 0). shared [T, S]:
+    the router's own shared-expert weights (Inkling; logits [T, E + S] then)."""
     T = logits.shape[0]
     if spans and spans[-1].stop > T:
         raise ValueError(f"row span [{spans[-1].start}, {spans[-1].stop}) beyond this call's {T} rows")
     pieces, at = [], 0
+
+    def stock(a, b):
+        pieces.append((weights[a:b].float(), ids[a:b], None if shared is None else shared[a:b].float()))
+
     for s in spans:
         if s.start > at:
-            pieces.append((weights[at:s.start].float(), ids[at:s.start]))
+            stock(at, s.start)
         if s.routing is None:
-            pieces.append((weights[s.start:s.stop].float(), ids[s.start:s.stop]))
+            stock(s.start, s.stop)
         else:
             pieces.append(s.routing.route(layer, logits[s.start:s.stop], s, router_ids=ids[s.start:s.stop]))
         at = s.stop
     if at < T:
-        pieces.append((weights[at:].float(), ids[at:]))
+        stock(at, T)
     if len(pieces) == 1:
         return pieces[0]
     k = max(p[1].shape[1] for p in pieces)
     fill = sentinel(layer)
     w = torch.cat([torch.nn.functional.pad(p[0], (0, k - p[0].shape[1])) for p in pieces])
     i = torch.cat([torch.nn.functional.pad(p[1], (0, k - p[1].shape[1]), value=fill) for p in pieces])
-    return w, i
+    return w, i, None if shared is None else torch.cat([p[2] for p in pieces])
 
 
-def _format(layer, out, logits, weights, ids):
-    """The router's own return value, with the new selection."""
-    if layer.adapter.router_output == "scores_logits":  # Llama 4: dense scores [T, E], zero off the selection
+def _format(layer, out, weights, ids, shared=None) -> Rerouted:
+    """The router's own return value with the new selection, carrying it (moekit.models.view.Rerouted)."""
+    kind = layer.adapter.router_output
+    if kind == "scores_logits":  # Llama 4: dense scores [T, E], zero off the selection
         scores = out[0]
         dense = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=scores.dtype, device=scores.device)
-        return dense.scatter_(1, ids, weights)[:, :-1], out[1]
-    return logits, weights, ids
+        return Rerouted((dense.scatter_(1, ids, weights)[:, :-1], out[1]), (out[1], weights, ids))
+    if kind == "sorted_dispatch":
+        return Rerouted(_sorted_dispatch(weights, ids, layer.num_experts, out[4]), (out[4], weights, ids))
+    if kind == "with_extra":  # Inkling: its shared experts' new weights; Zaya: the router state, as it was
+        extra = shared.to(out[3].dtype) if shared is not None else out[3]
+        return Rerouted((out[0], weights, ids, extra), (out[0], weights, ids))
+    assert kind == "logits_weights_ids", f"{layer.adapter.model_type}: no policy applies to {kind} routers"
+    return Rerouted((out[0], weights, ids), (out[0], weights, ids))
+
+
+def _sorted_dispatch(weights, ids, num_experts: int, logits):
+    """JetMoE's gating output (JetMoeTopKGating.forward) for a selection [T, K']: the flat positions t * K' + k sorted
+    by expert as the gating sorts them, their tokens and gates, the tokens per expert, the logits. Dropped slots
+    (ids >= E) sort last and are left out: no expert sees them."""
+    flat = ids.reshape(-1)  # [T*K']
+    real = flat < num_experts
+    _, order = flat.sort(0)
+    order = order[: int(real.sum())]
+    sizes = torch.bincount(flat[real], minlength=num_experts).tolist()
+    return order, order.div(ids.shape[1], rounding_mode="trunc"), weights.reshape(-1)[order], sizes, logits
 
 
 def _sentinel_to_first(layer):

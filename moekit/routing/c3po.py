@@ -105,7 +105,7 @@ def last_position_omegas(view, windows: list[np.ndarray], batch_size: int = 16):
     with RouterCapture(view, logits=True) as cap, torch.inference_mode():
         for w in windows:
             prompt = torch.from_numpy(np.asarray(w[:-1], np.int64))[None]  # [1, S]
-            logits = view.model(input_ids=prompt).logits[0, -1]
+            logits = view.forward(prompt).logits[0, -1]
             seen = cap.take(torch.ones(prompt.numel(), dtype=torch.bool))
             omegas.append(np.stack([normalised_scores(torch.from_numpy(seen[m.index][2][-1:]).float(), m.rule)[0]
                                     .numpy() for m in view.layers]))
@@ -152,11 +152,14 @@ class C3PO(Policy):
             self.reference = Reference.load(Path(self.path))
 
     def bind(self, view):
+        from moekit.routing.policies import candidates
+
         if self.reference.layers != [m.index for m in view.layers] or \
-                self.reference.omegas.shape[-1] != view.num_experts:
+                self.reference.omegas.shape[-1] != candidates(view.layers[0]):
             raise UserError(f"{self.spec()}: the reference was built on another model (MoE layers "
                             f"{self.reference.layers}, {self.reference.omegas.shape[-1]} experts)")
-        self.layers = frozenset(m.index for m in view.layers[-self.last_layers:])
+        learned = [m for m in view.layers if not m.rule.hashed]  # hash-routed layers keep their token table
+        self.layers = frozenset(m.index for m in learned[-self.last_layers:])
 
     def fresh(self):
         out = C3PO(self.path, self.neighbours, self.last_layers, reference=self.reference)

@@ -8,6 +8,8 @@ the demo corpus's held-out text (every domain, 4,096 tokens each) or `--calib` d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -23,11 +25,13 @@ def skip_betas(view, windows: list[np.ndarray]) -> dict[int, float]:
     """{decoder layer: median of w_(2) / w_(1)} over every token of `windows` (token-id arrays), stock routing."""
     ratios: dict[int, list[np.ndarray]] = {m.index: [] for m in view.layers}
     with RouterCapture(view) as cap, torch.inference_mode():
+        layer_of = {i: m.index for i, m, *_ in cap.runs}  # a loop layer's passes pool into its decoder layer
         for w in windows:  # one window a call: no padding to mask out
             ids = torch.from_numpy(np.asarray(w, np.int64))[None]  # [1, S]
-            view.model(input_ids=ids, use_cache=False)
+            view.forward(ids, use_cache=False)
             for index, (_, weights, _) in cap.take(torch.ones(ids.numel(), dtype=torch.bool)).items():
-                ratios[index].append(weights[:, 1] / np.maximum(weights[:, 0], np.finfo(np.float32).tiny))
+                ratio = weights[:, 1] / np.maximum(weights[:, 0], np.finfo(np.float32).tiny)
+                ratios[layer_of[index]].append(ratio)
     return {index: float(np.median(np.concatenate(r))) for index, r in ratios.items()}
 
 
@@ -57,6 +61,26 @@ def batch_routing(routing: Routing | None) -> Routing | None:
 
         raise UserError(f"{routing.spec()} adapts each prompt's last position: use it with `moekit run` or the "
                         f"Python API (benchmarks/routing.py measures it), not on whole evaluation or trace batches")
+    return routing
+
+
+def for_checkpoint(routing: Routing | None, model, *, per_prompt: bool = True, command: str | None = None,
+                   causal: bool = False) -> Routing | None:
+    """`routing` checked against the checkpoint folder `model` from its config alone (the model built on the meta
+    device): a family no policy applies to, a hash-routed or missing layer, an expert it does not have fail in one
+    line before any weight is read. per_prompt=False: C3PO is refused too (batch_routing). command / causal: the
+    command's own refusal first (MoEView.require), so that the line names what removing --routing would not fix."""
+    if routing is None:
+        return None
+    if not per_prompt:
+        batch_routing(routing)
+    if (Path(model) / "config.json").is_file():  # other folders are left to the loader that reads them
+        import moekit.models
+
+        skeleton = moekit.models.load(Path(model), meta=True)
+        if command is not None:
+            skeleton.require(command, causal=causal)
+        routing.check(skeleton)
     return routing
 
 

@@ -72,20 +72,18 @@ def find(trace_a, trace_b, method: str = "risk-diff", layers: list[int] | None =
     strength = default_strength if strength is None else strength
     if trace_a.num_experts != trace_b.num_experts or trace_a.layers != trace_b.layers:
         raise UserError("the two traces come from different models (MoE layers or expert counts differ)")
-    chosen = trace_a.layers if layers is None else [l for l in trace_a.layers if l in set(layers)]
-    if not chosen:
-        raise UserError(f"--layers selects none of the traced MoE layers {trace_a.layers}")
+    chosen = steerable_layers(trace_a, layers)
     E = trace_a.num_experts
     scores = []
     for l in chosen:
-        sa, sb = selection_matrix(trace_a.ids(l), E), selection_matrix(trace_b.ids(l), E)
+        (sa, seq_a, tok_a), (sb, seq_b, tok_b) = (_selections(t, l) for t in (trace_a, trace_b))
         if method == "risk-diff":
             scores.append(risk_diff(sa, sb))
         elif method == "frequency":
-            scores.append(frequency(sa, trace_a.seq_id, sb, trace_b.seq_id))
+            scores.append(frequency(sa, seq_a, sb, seq_b))
         else:
             in_a = np.concatenate([np.ones(len(sa), bool), np.zeros(len(sb), bool)])  # [T_a + T_b]
-            x = in_a if tokens is None else in_a & np.isin(np.concatenate([trace_a.token_id, trace_b.token_id]), tokens)
+            x = in_a if tokens is None else in_a & np.isin(np.concatenate([tok_a, tok_b]), tokens)
             sel = np.concatenate([sa, sb])
             scores.append(npmi(x, sel) - npmi(~in_a, sel))
     flat = np.stack(scores)  # [L', E]
@@ -94,6 +92,36 @@ def find(trace_a, trace_b, method: str = "risk-diff", layers: list[int] | None =
     order = np.argsort(-flat, axis=None, kind="stable")[:min(top, flat.size)]
     return [{"layer": int(chosen[i // E]), "expert": int(i % E), "action": action, "strength": float(strength),
              "score": float(flat.reshape(-1)[i])} for i in order if np.isfinite(flat.reshape(-1)[i])]
+
+
+def steerable_layers(trace, layers: list[int] | None = None) -> list[int]:
+    """The decoder layers a steering file may name for the traced model: its MoE layers (a loop layer once, however
+    many passes it ran), without the hash-routed ones; `layers` restricts them. One-line UserError when the family takes
+    no routing policy, or nothing is left."""
+    from moekit.models.registry import supported, get
+
+    model_type = trace.manifest.get("model_type")
+    fixed = get(model_type).fixed_routing if model_type in supported() else ""
+    if fixed:
+        raise UserError(f"{trace.folder} is a trace of {model_type}, which takes no routing policy ({fixed}): a "
+                        f"steering file for it could not be used")
+    if trace.layer_of is None:
+        raise UserError(f"{trace.folder} traces loop passes without naming their decoder layers (a trace recorded "
+                        f"before moekit wrote `layer_of`): record it again")
+    learned = [l for l in dict.fromkeys(trace.layer_of.values()) if l not in trace.hash_routed]
+    chosen = learned if layers is None else [l for l in learned if l in set(layers)]
+    if not chosen:
+        hashed = f" ({sorted(trace.hash_routed)} are hash-routed: policies leave them alone)" if trace.hash_routed else ""
+        raise UserError(f"--layers selects none of the traced MoE layers policies can steer, {learned}{hashed}")
+    return chosen
+
+
+def _selections(trace, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(selected [N, E] bool, seq_id [N], token_id [N]) of a decoder layer, every pass of a loop layer pooled (a
+    token's pass counts as one more observation: the policies steer the layer on every pass)."""
+    entries = [i for i in trace.layers if trace.layer_of[i] == layer]
+    sel = np.concatenate([selection_matrix(trace.ids(i), trace.num_experts) for i in entries])
+    return sel, np.tile(trace.seq_id, len(entries)), np.tile(trace.token_id, len(entries))
 
 
 def _cap_per_layer(scores: np.ndarray, k: int) -> np.ndarray:

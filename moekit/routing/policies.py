@@ -45,13 +45,19 @@ class Policy:
     reads_files = False  # its spec names a file it opens (a server never takes such a spec from a request)
     layers: frozenset[int] | None = None  # decoder layers it applies to (None: every MoE layer)
 
-    def bind(self, view) -> None:
-        """Check the policy against the model (layers, expert ids, the family's rule); called once per model."""
+    def check(self, view) -> None:
+        """Check the policy against the model (layers, expert ids, the family's rule) from its structure alone, so
+        that it can run on a model built on the meta device, before any weight is read."""
         if self.layers is not None:
             _check_layers(view, self.layers, self.spec())
 
+    def bind(self, view) -> None:
+        """check, and whatever else the policy needs from the loaded model (calibration, a trace); once per model."""
+        self.check(view)
+
     def applies(self, layer) -> bool:
-        return self.layers is None or layer.index in self.layers
+        """Whether the policy routes `layer`: hash-routed layers (DeepSeek-V4) keep their token table."""
+        return not layer.rule.hashed and (self.layers is None or layer.index in self.layers)
 
     def plan(self, layer, plan: Plan, span) -> None:
         raise NotImplementedError
@@ -90,8 +96,8 @@ class TopK(Policy):
         if self.k < 1:
             raise UserError(f"topk={self.k}: K must be >= 1")
 
-    def bind(self, view):
-        super().bind(view)
+    def check(self, view):
+        super().check(view)
         for layer in view.layers:
             if self.k != layer.rule.top_k:
                 _no_sparsemixer(layer, self.spec())
@@ -138,8 +144,8 @@ class TopP(Policy):
         if not 0 < self.p or math.isnan(self.p):
             raise UserError(f"top-p={self.p}: P must be > 0 (P >= 1 keeps every expert)")
 
-    def bind(self, view):
-        super().bind(view)
+    def check(self, view):
+        super().check(view)
         for layer in view.layers:
             _no_sparsemixer(layer, self.spec())
 
@@ -234,11 +240,11 @@ class Rank(Policy):
         if self.r < 0:
             raise UserError(f"rank={self.r}: the rank is 0-based and must be >= 0")
 
-    def bind(self, view):
-        super().bind(view)
+    def check(self, view):
+        super().check(view)
         for layer in view.layers:
             _no_sparsemixer(layer, self.spec())
-            if self.r >= _selectable(layer):
+            if self.applies(layer) and self.r >= _selectable(layer):
                 raise UserError(f"rank={self.r}: layer {layer.index} ranks only {_selectable(layer)} experts")
 
     def plan(self, layer, plan, span):
@@ -268,7 +274,7 @@ class _Experts(Policy):
     def from_spec(cls, value):
         return cls(G.pairs(value.split(",")))
 
-    def bind(self, view):
+    def check(self, view):
         _check_layers(view, frozenset(self.experts), self.spec())
         for index, ids in self.experts.items():
             width = _width(view.layer(index))
@@ -277,7 +283,7 @@ class _Experts(Policy):
                 raise UserError(f"{self.spec()}: layer {index} has experts 0..{width - 1}, not {bad}")
 
     def applies(self, layer):
-        return layer.index in self.experts
+        return not layer.rule.hashed and layer.index in self.experts
 
     def _mask(self, layer, plan) -> torch.Tensor:
         m = torch.zeros(plan.logits.shape[-1], dtype=torch.bool)
@@ -327,8 +333,8 @@ class Force(_Experts):
 
     example = "force=1:3"
 
-    def bind(self, view):
-        super().bind(view)
+    def check(self, view):
+        super().check(view)
         for index, ids in self.experts.items():
             k = view.layer(index).rule.top_k
             if len(set(ids)) > k:
@@ -382,8 +388,8 @@ class Scale(_Experts):
 
     beta: float = 1.0
 
-    def bind(self, view):
-        super().bind(view)
+    def check(self, view):
+        super().check(view)
         if not self.beta > 0:
             raise UserError(f"{self.spec()}: beta must be > 0")
 
@@ -415,7 +421,16 @@ class Routing:
     def spec(self) -> str:
         return "+".join(p.spec() for p in self.policies)
 
+    def check(self, view) -> Routing:
+        """Every policy checked against the model's structure (a model on the meta device will do): the CLI calls it
+        before any weight is read."""
+        _check_family(view, self.spec())
+        for p in self.policies:
+            p.check(view)
+        return self
+
     def bind(self, view) -> Routing:
+        _check_family(view, self.spec())
         for p in self.policies:
             p.bind(view)
         self.bound_to = view
@@ -432,16 +447,20 @@ class Routing:
         r.bound_to = self.bound_to
         return r
 
-    def route(self, layer, logits: torch.Tensor, span, router_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [t, K'], ids [t, K']) for this layer's logits [t, E] under every policy that applies
-        (router_ids [t, K]: the router's own choice, whose slot order unchanged tokens keep)."""
+    def route(self, layer, logits: torch.Tensor, span, router_ids=None):
+        """(weights [t, K'], ids [t, K'], shared weights [t, S] or None) for this layer's logits [t, E (+ S)] under
+        every policy that applies (router_ids [t, K]: the router's own choice, whose slot order unchanged tokens keep).
+        Inkling's logits end with its S shared experts' columns: policies see the routed ones, the weights both."""
         from moekit.routing.select import execute
 
-        plan = Plan(logits=logits.float(), top_k=layer.rule.top_k)
+        S = layer.rule.shared_logits
+        routed, shared = (logits[:, :-S], logits[:, -S:]) if S else (logits, None)
+        plan = Plan(logits=routed.float(), top_k=layer.rule.top_k, shared=shared)
         for p in self.policies:
             if p.applies(layer):
                 p.plan(layer, plan, span)
-        return execute(plan, layer.rule, layer.correction_bias, sentinel=_width(layer), router_ids=router_ids)
+        return execute(plan, layer.rule, layer.correction_bias, sentinel=_width(layer), router_ids=router_ids,
+                       router_scale=layer.router_scale)
 
     def max_k(self, layer) -> int:
         ks = [p.max_k(layer) for p in self.policies if p.applies(layer)]
@@ -477,7 +496,7 @@ class Routing:
 
 
 def sentinel(layer) -> int:
-    """The id a dropped slot carries: the router's logits width (E; E + zero experts for LongCat-Flash)."""
+    """The id a dropped slot carries: E (E + zero experts for LongCat-Flash; Zaya's skip expert is this id)."""
     return _width(layer)
 
 
@@ -485,9 +504,15 @@ def _width(layer) -> int:
     return layer.num_experts + layer.identity_experts
 
 
+def candidates(layer) -> int:
+    """The router's choices per token, the policies' columns: its experts, LongCat's zero experts, Zaya's skip
+    expert (Inkling's shared experts are not chosen: they always run)."""
+    return _width(layer) + layer.rule.null_experts
+
+
 def _selectable(layer) -> int:
     rule = layer.rule
-    return _width(layer) // rule.n_group * rule.topk_group
+    return candidates(layer) // rule.n_group * rule.topk_group
 
 
 def _selectable_why(layer) -> str:
@@ -508,6 +533,22 @@ def _check_layers(view, layers, spec: str) -> None:
     bad = sorted(set(layers) - set(known))
     if bad:
         raise UserError(f"{spec}: decoder layer(s) {bad} are not MoE layers of this model; MoE layers: {known}")
+    hashed = sorted(m.index for m in view.layers if m.index in layers and m.rule.hashed)
+    if hashed:
+        learned = [m.index for m in view.layers if not m.rule.hashed]
+        raise UserError(f"{spec}: decoder layer(s) {hashed} of {view.model_type} are hash-routed (their experts "
+                        f"come from a token-id table, not the router's scores): policies apply to its learned-routed "
+                        f"layers {learned}")
+
+
+def _check_family(view, spec: str) -> None:
+    """The families no policy applies to (Adapter.fixed_routing) and models with no learned-routed MoE layer."""
+    if view.adapter.fixed_routing:
+        raise UserError(f"--routing {spec}: routing policies do not apply to {view.model_type}: "
+                        f"{view.adapter.fixed_routing}; run it without --routing / --steer")
+    if all(m.rule.hashed for m in view.layers):
+        raise UserError(f"--routing {spec}: every MoE layer of this {view.model_type} model is hash-routed (experts "
+                        f"by token id): no layer takes a routing policy")
 
 
 def _layers_opt(layers) -> str:

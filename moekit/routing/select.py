@@ -4,9 +4,10 @@ with the constraints a policy adds, as one pure function of the router logits.
 A `Plan` collects what the policies of moekit/routing/policies.py decided for one router call; `execute` applies it in
 the family's op order (moekit/ops/routing.py), so that an empty plan is exactly `route()`, which tests/models prove
 bit-identical to every transformers router. A selection policy (top-p, skip, rank, replay) names the kept experts per
-token; K then varies per token, and the dropped slots get the sentinel id (the logits' width, E; E + zero experts for
-LongCat-Flash) and weight 0, which transformers' eager experts loops and moekit's offloaded engine skip.
-Dimension legend: T tokens, E experts (the router's logits width), K selected.
+token; K then varies per token, and the dropped slots get the sentinel id (E; E + zero experts for LongCat-Flash; a
+Zaya skip expert's column is that id) and weight 0, which transformers' eager experts loops and moekit's offloaded
+engine skip. Dimension legend: T tokens, E experts (the router's choices: the logits' width, Zaya's skip expert and
+LongCat's zero experts included), K selected, S shared experts (Inkling).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moekit.ops.routing import RoutingRule, _limit_to_groups, _renormalise_and_scale, _score, _sparsemixer
 
@@ -35,6 +37,7 @@ class Plan:
     raw: bool = False  # weights not renormalised over the kept set (top-p's default, arXiv 2403.07652)
     scale: torch.Tensor | None = None  # [E] factors on the weights of selected experts (RICE)
     override: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [r], probs [r, E]): C3PO's replaced ω
+    shared: torch.Tensor | None = None  # [T, S] shared experts' logits, normalised with the kept routed ones (Inkling)
 
     @property
     def empty(self) -> bool:
@@ -53,20 +56,23 @@ def normalised_scores(logits: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
 
 
 def execute(plan: Plan, rule: RoutingRule, correction_bias: torch.Tensor | None, sentinel: int,
-            router_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plan -> (weights [T, K'] float32, ids [T, K'] int64) in the selection's rank order (as transformers' sorted
-    top-k); dropped slots come last and hold `sentinel` with weight 0 (K' = the most experts any token keeps).
+            router_ids: torch.Tensor | None = None, router_scale: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Plan -> (weights [T, K'] float32, ids [T, K'] int64, shared weights [T, S] float32 or None) in the selection's
+    rank order (as transformers' sorted top-k); dropped slots come last and hold `sentinel` with weight 0 (K' = the
+    most experts any token keeps). A skip expert's selection (Zaya, rule.null_experts) is such a slot: it runs nothing.
     router_ids [T, K]: the router's own selection; tokens the plan selects the same experts for keep its slot order,
-    so that renormalisation sums in the router's order and the experts loops gather tokens in it (bit-identical)."""
+    so that renormalisation sums in the router's order and the experts loops gather tokens in it (bit-identical).
+    router_scale: the router's learned factor on the final weights (Inkling's global_scale)."""
     z = plan.logits.float()
     if rule.scoring == "sparsemixer":
-        return _execute_sparsemixer(plan, z, rule, sentinel)
+        return (*_execute_sparsemixer(plan, z, rule, sentinel), None)
     bias = correction_bias.float() if rule.correction_bias else None
     scores = pre_group = None
     if rule.score_after_topk:
         choice = z + bias if bias is not None else z
     else:
-        scores = pre_group = _score(z, rule.scoring)  # [T, E]
+        scores = pre_group = _scores(z, plan.shared, rule)  # [T, E]
         choice = scores + bias if bias is not None else scores
         if rule.n_group > 1:
             scores, choice = _limit_to_groups(scores, choice, rule)
@@ -88,12 +94,27 @@ def execute(plan: Plan, rule: RoutingRule, correction_bias: torch.Tensor | None,
         valid = keep.gather(1, ids)
     if router_ids is not None:
         ids, valid = _router_order(ids, valid, router_ids)
-    weights = _weights(plan, z, scores, pre_group, ids, valid, rule)
+    if rule.null_experts:  # Zaya's skip expert: selected like any expert, computed by none (weight 0, the sentinel)
+        real = ids < z.shape[1] - rule.null_experts
+        valid = real if valid is None else valid & real
+    shared = None
+    if rule.shared_logits:
+        weights, shared = _joint_weights(plan, z, ids, valid, rule, router_scale)
+    else:
+        weights = _weights(plan, z, scores, pre_group, ids, valid, rule)
     if plan.scale is not None:
         weights = weights * plan.scale[ids]
     if valid is not None:
         ids = ids.masked_fill(~valid, sentinel)
-    return weights, ids
+    return weights, ids, shared
+
+
+def _scores(z, shared, rule) -> torch.Tensor:
+    """The routed experts' scores [T, E]. Inkling scores its whole row, shared experts included, and slices: torch's
+    vectorised sigmoid can round a tensor's tail differently, so bit-equality needs the same shape."""
+    if shared is None:
+        return _score(z, rule.scoring)
+    return _score(torch.cat([z, shared.float()], dim=-1), rule.scoring)[:, : z.shape[1]]
 
 
 def _router_order(ids, valid, router_ids):
@@ -102,7 +123,8 @@ def _router_order(ids, valid, router_ids):
     if ids.shape != router_ids.shape:
         return ids, valid
     match = ids[:, :, None] == router_ids[:, None, :]  # [T, K, K]: slot i holds the router's slot j's expert
-    same = match.any(dim=1).all(dim=-1)  # [T]
+    # both ways: Zaya's router lists a skip selection as expert 0, which may also be a real selection of the token
+    same = match.any(dim=1).all(dim=-1) & match.any(dim=2).all(dim=-1)  # [T]
     if valid is not None:
         same &= valid.all(dim=-1)
     if not bool(same.any()):
@@ -131,6 +153,20 @@ def _weights(plan, z, scores, pre_group, ids, valid, rule) -> torch.Tensor:
     if plan.raw:
         return w * rule.routed_scaling_factor if rule.routed_scaling_factor != 1.0 else w
     return _renormalise_and_scale(w, rule)
+
+
+def _joint_weights(plan, z, ids, valid, rule, router_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inkling (moekit.ops.routing.joint_shared_weights): the kept routed experts' and the S shared experts' sigmoid
+    scores normalised together in log space, x routed_scaling_factor x the router's scale -> (routed [T, K'], shared
+    [T, S]). Dropped slots enter as -inf logits (weight 0). raw (top-p's default): the normaliser runs over every
+    routed expert and the shared ones, the analogue of p over all experts (not renormalised over the kept set)."""
+    kept = z.gather(1, ids)  # [T, K']
+    kept = kept.masked_fill(~valid, float("-inf")) if valid is not None else kept
+    log_scores = F.logsigmoid(torch.cat([kept, plan.shared.float()], dim=-1))  # [T, K' + S]
+    pool = F.logsigmoid(torch.cat([z, plan.shared.float()], dim=-1)) if plan.raw else log_scores
+    weights = torch.exp(log_scores - torch.logsumexp(pool, dim=-1, keepdim=True)) * rule.routed_scaling_factor
+    weights = weights * router_scale.float() if router_scale is not None else weights
+    return weights[:, : ids.shape[1]], weights[:, ids.shape[1]:]
 
 
 def _eligible_probs(z, choice, rule) -> torch.Tensor:

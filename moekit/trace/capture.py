@@ -19,7 +19,7 @@ class RouterCapture:
     def __init__(self, view, *, logits: bool = False, activation_stats: bool = False, width: int | None = None,
                  id_dtype=None):
         """width: selections kept per token (a routing policy's widest K; narrower tokens padded with the sentinel id,
-        the router logits' width, and weight 0). None: the model's top-k."""
+        E + zero experts, and weight 0). None: the model's top-k."""
         self.view, self.logits, self.activation_stats = view, logits, activation_stats
         self.ids_dtype = id_dtype if id_dtype is not None else ids_dtype(view.num_experts)
         self.width = width

@@ -120,6 +120,14 @@ class Trace:
         # before layer kinds were recorded are all decoders
         kinds = self.manifest.get("layer_kinds") or ["decoder"] * len(self.layers)
         self.layer_kinds: dict[int, str] = dict(zip(self.layers, kinds))
+        # the decoder layer each entry ran: itself, or for a loop layer's further passes that layer; None for a loop
+        # trace written before `layer_of` was recorded (its passes cannot be told apart)
+        layer_of = self.manifest.get("layer_of")
+        passes = any(" pass " in k for k in kinds)
+        self.layer_of: dict[int, int] | None = dict(zip(self.layers, layer_of)) if layer_of else \
+            (None if passes else {l: l for l in self.layers})
+        # decoder layers whose experts come from a token-id table (DeepSeek-V4), not the router's scores
+        self.hash_routed: frozenset[int] = frozenset(self.manifest.get("hash_routed", ()))
         self.num_experts: int = self.manifest["num_experts"]
         self.top_k: int = self.manifest["top_k"]
         # selections stored per token (K, or a policy's widest); None: an aggregate trace imported without --top-k

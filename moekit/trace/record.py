@@ -134,6 +134,8 @@ def new_manifest(view, model_name: str, sources: list[Source], options: TraceOpt
         "seq_len": options.seq_len,
         "layers": [index for index, *_ in view.trace_layers()],
         "layer_kinds": [kind for *_, kind in view.trace_layers()],  # added compatibly: traces without it are decoders
+        "layer_of": [m.index for _, m, *_ in view.trace_layers()],  # added compatibly: a loop pass's decoder layer
+        "hash_routed": [m.index for m in view.layers if m.rule.hashed],  # added compatibly: token-table layers
         "num_hidden_layers": view.num_layers,  # dense layers included (SGLang's placement map has a row for each)
         "top_k": view.top_k,
         "num_experts": view.num_experts,

@@ -14,7 +14,9 @@ router reports it as expert 0).
 
 The manifest's `layer_kinds` (one per entry of `layers`, added compatibly within version 1: older traces have none and
 read as all "decoder") says which stack a layer is in: "encoder" or "decoder" for encoder-decoder models, and
-"decoder pass 2", ... for the further runs of a loop layer (Inkling2-Loop), traced under indices after the last layer.
+"decoder pass 2", ... for the further runs of a loop layer (Inkling2-Loop), traced under indices after the last layer;
+`layer_of` (also added compatibly) the decoder layer each entry ran, and `hash_routed` the decoder layers whose
+experts come from a token-id table (DeepSeek-V4's first layers) rather than the router's scores.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def _run(policy, rule=MIXTRAL, logits=None, k=None):
     logits = _logits() if logits is None else logits
     plan = Plan(logits=logits, top_k=k or rule.top_k)
     policy.plan(_Layer(rule), plan, None)
-    return execute(plan, rule, None, sentinel=E)
+    return execute(plan, rule, None, sentinel=E)[:2]
 
 
 class _Layer:
@@ -108,7 +108,7 @@ def test_force_wins_over_selection_bias_and_groups():
     bias[:4] = 5.0  # group 0 always wins
     plan = Plan(logits=z, top_k=2)
     R.policies.Force({0: (7,)}).plan(_Layer(rule), plan, None)
-    w, ids = execute(plan, rule, bias, sentinel=E)
+    w, ids, _ = execute(plan, rule, bias, sentinel=E)
     assert (ids == 7).any(-1).all() and (w > 0).all()
     assert torch.allclose(w.sum(-1), torch.full((len(z),), 2.5))
 
