@@ -6,6 +6,7 @@ A malformed spec or file is a UserError of one line naming the known policies or
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from moekit.errors import UserError
@@ -104,8 +105,8 @@ def policies_from_steering(doc, path) -> list[P.Policy]:
         if e.get("action") not in ACTIONS:
             raise bad(f"experts[{i}].action", f"must be one of {', '.join(ACTIONS)}, got {e.get('action')!r}")
         strength = e.get("strength", 0.0 if e["action"] in ("force", "mask") else None)
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength != strength:
-            raise bad(f"experts[{i}].strength", f"must be a number, got {strength!r}")
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+            raise bad(f"experts[{i}].strength", f"must be a finite number, got {strength!r}")
         key = (e["action"], float(strength) if e["action"] in ("steer", "scale") else 0.0)
         groups.setdefault(key, {}).setdefault(e["layer"], []).append(e["expert"])
     out = []

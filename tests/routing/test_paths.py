@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 
 import moekit.trace
 from tests.helpers import run_cli
@@ -46,11 +47,12 @@ def _one_line_error(code, err, *needles):
 ])
 def test_a_policy_the_model_cannot_take_is_refused_before_any_weight_is_read(family, argv, checkpoints, corpus,
                                                                               tmp_path, capsys, monkeypatch):
-    ckpt = tmp_path / family
-    ckpt.mkdir()
-    src = checkpoints(family)
-    for f in src.iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes() if f.suffix != ".safetensors" else b"not weights")
+    ckpt = checkpoints(family)
+
+    def read(*args, **kwargs):  # the checkpoint's headers are validated first (moekit.models.validate); no data read
+        raise AssertionError("weights read before the refusal")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(read))
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()  # the fixture's save_pretrained progress
     code, _, err = run_cli([a.format(m=ckpt, d=corpus, o=tmp_path / "out") for a in argv], capsys)
