@@ -164,12 +164,26 @@ def test_place_and_place_eval_succeed_on_the_good_inputs(good, plan, tmp_path, c
     assert code == 0, err
 
 
-@pytest.mark.parametrize("damage", PLANS)
-def test_damaged_plan(good, plan, sealed, tmp_path, capsys, damage):
+PLAN_READERS = {  # command -> argv with the plan P (analyze --placement scores it in the report)
+    "place-eval": lambda g, p, tmp: ["place-eval", str(p), "--trace", str(g["trace"])],
+    "analyze --placement": lambda g, p, tmp: ["analyze", str(g["trace"]), "--placement", str(p), "--out",
+                                              str(tmp / "r.html")],
+}
+
+
+def test_analyze_with_a_placement_succeeds_on_the_good_inputs(good, plan, tmp_path, capsys):
+    code, _, err = run_cli(PLAN_READERS["analyze --placement"](good, plan, tmp_path), capsys)
+    assert code == 0 and (tmp_path / "r.html").is_file(), err
+
+
+@pytest.mark.parametrize("damage, cmd", [(d, c) for d in PLANS for c in PLAN_READERS], ids=lambda x: x)
+def test_damaged_plan(good, plan, sealed, tmp_path, capsys, damage, cmd):
     make, expect = PLANS[damage]
     folder = copy(plan, tmp_path / "plan")
     make(folder)
-    assert_one_line_error(["place-eval", str(folder), "--trace", str(good["trace"])], capsys, expect)
+    line = assert_one_line_error(PLAN_READERS[cmd](good, folder, tmp_path), capsys, expect)
+    assert str(folder) in line, line
+    assert not (tmp_path / "r.html").exists()
 
 
 @pytest.mark.parametrize("damage", SGLANG_MAPS)
@@ -177,7 +191,8 @@ def test_bad_sglang_map(good, sealed, tmp_path, capsys, damage):
     data, expect = SGLANG_MAPS[damage]
     path = tmp_path / "map.json"
     path.write_bytes(data)
-    assert_one_line_error(["place-eval", str(path), "--gpus", "2", "--trace", str(good["trace"])], capsys, expect)
+    line = assert_one_line_error(["place-eval", str(path), "--gpus", "2", "--trace", str(good["trace"])], capsys, expect)
+    assert str(path) in line, line
 
 
 PLACE_READS = {"meta", "ids"}  # what place and place-eval read of a trace
@@ -271,6 +286,32 @@ def test_damaged_model_of_place_and_simulate(good, sealed, tmp_path, capsys, dam
     make(model)
     out = tmp_path / "out"
     assert_one_line_error(MODEL_READERS[cmd](good, model, out), capsys, expect)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", TOKENIZERS)
+def test_analyze_with_a_damaged_tokenizer(good, sealed, tmp_path, capsys, damage):
+    make, expect = TOKENIZERS[damage]
+    model = copy(good["ckpt"], tmp_path / "model")
+    make(model)
+    assert_one_line_error(["analyze", str(good["trace"]), "--tokenizer", str(model), "--out", str(tmp_path / "r.html")],
+                          capsys, expect)
+    assert not (tmp_path / "r.html").exists()
+
+
+IMPORT = [({"--top-k": "0"}, "--top-k"), ({"--top-k": "-2"}, "--top-k"), ({"--top-k": "99"}, "--top-k"),
+          ({"--domain": ""}, "--domain"), ({"--out": "FILE"}, "file")]
+
+
+@pytest.mark.parametrize("changes, expect", IMPORT, ids=lambda x: str(x))
+def test_bad_trace_import_sglang_argument(sealed, tmp_path, capsys, changes, expect):
+    import torch
+
+    dump = tmp_path / "expert_distribution_recorder_1.pt"
+    torch.save({"rank": 0, "logical_count": torch.ones(2, 3, 4, dtype=torch.int64)}, dump)
+    out = tmp_path / "t"
+    assert_one_line_error(_with(["trace-import-sglang", str(dump), "--out", str(out)], changes, tmp_path), capsys,
+                          expect)
     assert not out.exists()
 
 
