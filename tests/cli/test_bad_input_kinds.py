@@ -18,10 +18,11 @@ import transformers
 import moekit.cli
 import moekit.serve.server
 import moekit.trace
-from tests.bad_inputs import (CHECKPOINTS, KIND_CHECKPOINTS, PLANS, ROUTING_SPECS, SGLANG, SGLANG_MAPS, STEERING,
-                              TOKENIZERS, TRACES, copy)
-from tests.cli.test_bad_input import ORIGINAL_STATUS, WorkStarted, assert_one_line_error, commands, good, guarded  # noqa: F401
 from moekit.trace import TraceOptions
+from tests.bad_inputs import (CHECKPOINTS, HARDWARE, KIND_CHECKPOINTS, PLANS, ROUTING_SPECS, SGLANG, SGLANG_MAPS,
+                              STEERING, TOKENIZERS, TRACES, copy)
+from tests.cli.test_bad_input import (ORIGINAL_STATUS, WorkStarted, assert_one_line_error, commands,  # noqa: F401
+                                      good, guarded)
 from tests.helpers import run_cli
 from tests.trace.helpers import save_checkpoint
 
@@ -34,6 +35,21 @@ def _serve(model: Path, store: Path) -> list[str]:
 
 def argv_of(g: dict, cmd: str, model: Path, out: Path, store: Path) -> list[str]:
     return _serve(model, store) if cmd == "serve" else commands(g, model, out, store)[cmd]
+
+
+def _with(argv: list[str], changes: dict, tmp: Path) -> list[str]:
+    """argv with each option's value replaced (or the option added); NOWHERE: a path with nothing there, FILE: a
+    file, UNDER_FILE: a path under that file."""
+    (tmp / "file").write_text("x")
+    argv = list(argv)
+    for option, value in changes.items():
+        value = {"NOWHERE": str(tmp / "nowhere"), "FILE": str(tmp / "file"),
+                 "UNDER_FILE": str(tmp / "file" / "out")}.get(value, value)
+        if option in argv:
+            argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
+    return argv
 
 
 @pytest.fixture
@@ -94,6 +110,19 @@ def test_bad_routing_spec(good, sealed, tmp_path, capsys, spec, cmd):
     assert not out.exists() and not store.exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("damage, cmd", [(d, c) for d, (_, _, part) in TRACES.items() if part == "meta"
+                                         for c in ROUTED], ids=lambda x: x)
+def test_replay_of_a_damaged_trace(good, sealed, tmp_path, capsys, damage, cmd):
+    """--routing replay=TRACE opens the trace (manifest, chunk footers) before any weight."""
+    make, expect, _ = TRACES[damage]
+    trace = copy(good["trace"], tmp_path / "trace")
+    make(trace)
+    out, store = tmp_path / "out", tmp_path / "store"
+    assert_one_line_error(argv_of(good, cmd, good["ckpt"], out, store) + ["--routing", f"replay={trace}"], capsys,
+                          expect if damage not in ("no trace folder", "no manifest") else "no trace there")
+    assert not out.exists() and not store.exists()
+
+
 # ------------------------------------------------------------------------------------------- serve
 
 
@@ -107,7 +136,8 @@ def test_serve_damaged_checkpoint(good, sealed, tmp_path, capsys, damage):
 
 
 SERVE = [({"--budget": "0"}, "minimum budget"), ({"--budget": "-5MB"}, "size"), ({"--io-threads": "0"}, "--io-threads"),
-         ({"--threads": "0"}, "--threads"), ({"--lowbit": "5"}, "--lowbit"), ({"--eam-trace": "NOWHERE"}, "no trace at"),
+         ({"--threads": "0"}, "--threads"), ({"--lowbit": "5"}, "--lowbit"),
+         ({"--eam-trace": "NOWHERE"}, "no trace at"),
          ({"--store": "FILE"}, "is a file"), ({"--max-queue": "0"}, "--max-queue"),
          ({"--max-kv-tokens": "0"}, "--max-kv-tokens"), ({"--max-step-tokens": "0"}, "--max-step-tokens"),
          ({"--max-model-len": "0"}, "--max-model-len"), ({"--port": "-1"}, "--port"),
@@ -116,15 +146,7 @@ SERVE = [({"--budget": "0"}, "minimum budget"), ({"--budget": "-5MB"}, "size"), 
 
 @pytest.mark.parametrize("changes, expect", SERVE, ids=lambda x: str(x))
 def test_bad_serve_argument(good, sealed, tmp_path, capsys, changes, expect):
-    (tmp_path / "file").write_text("x")
-    argv = _serve(good["ckpt"], tmp_path / "store")
-    for option, value in changes.items():
-        value = {"NOWHERE": str(tmp_path / "nowhere"), "FILE": str(tmp_path / "file")}.get(value, value)
-        if option in argv:
-            argv[argv.index(option) + 1] = value
-        else:
-            argv += [option, value]
-    assert_one_line_error(argv, capsys, expect)
+    assert_one_line_error(_with(_serve(good["ckpt"], tmp_path / "store"), changes, tmp_path), capsys, expect)
     assert not (tmp_path / "store").exists()
 
 
@@ -164,6 +186,16 @@ def test_place_and_place_eval_succeed_on_the_good_inputs(good, plan, tmp_path, c
     assert code == 0, err
 
 
+@pytest.mark.parametrize("damage", [d for d in HARDWARE if HARDWARE[d][1] in ("not a mapping",
+                                                                             "cannot read hardware profile")])
+def test_place_eval_with_a_bad_hardware_profile(good, plan, sealed, tmp_path, capsys, damage):
+    text, expect = HARDWARE[damage]
+    profile = tmp_path / "hw.yaml"
+    profile.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert_one_line_error(["place-eval", str(plan), "--trace", str(good["trace"]), "--hardware", str(profile)],
+                          capsys, expect)
+
+
 PLAN_READERS = {  # command -> argv with the plan P (analyze --placement scores it in the report)
     "place-eval": lambda g, p, tmp: ["place-eval", str(p), "--trace", str(g["trace"])],
     "analyze --placement": lambda g, p, tmp: ["analyze", str(g["trace"]), "--placement", str(p), "--out",
@@ -191,7 +223,8 @@ def test_bad_sglang_map(good, sealed, tmp_path, capsys, damage):
     data, expect = SGLANG_MAPS[damage]
     path = tmp_path / "map.json"
     path.write_bytes(data)
-    line = assert_one_line_error(["place-eval", str(path), "--gpus", "2", "--trace", str(good["trace"])], capsys, expect)
+    line = assert_one_line_error(["place-eval", str(path), "--gpus", "2", "--trace", str(good["trace"])], capsys,
+                                 expect)
     assert str(path) in line, line
 
 
@@ -213,7 +246,7 @@ def test_place_on_a_damaged_trace(good, plan, sealed, tmp_path, capsys, monkeypa
 
 
 STAT_DUMP = ("not a torch file", "empty file", "stat counts all zero", "stat counts of 4 dimensions",
-             "stat counts negative")  # place reads SGLang `stat` dumps: the table's message; a per_token dump is refused
+             "stat counts negative")  # place reads `stat` dumps (the table's message); a per_token one is refused
 
 
 @pytest.mark.parametrize("damage", SGLANG)
@@ -230,22 +263,10 @@ PLACE = [({"--gpus": "0"}, "--gpus"), ({"--gpus": "3"}, "--redundant"), ({"--nod
          ({"--nodes": "3"}, "--nodes"), ({"--redundant": "-1"}, "--redundant"), ({"--method": "bogus"}, "bogus"),
          ({"--time-limit": "0"}, "--time-limit"), ({"--balance-slack": "-1"}, "--balance-slack"),
          ({"--model": "NOWHERE"}, "no model at"), ({"--checkpoint": "NOWHERE"}, "no model at"),
-         ({"--out": "FILE"}, "file")]
+         ({"--out": "UNDER_FILE"}, "file")]
 PLACE_EVAL = [({"--hardware": "quantum"}, "hardware"), ({"--batch-tokens": "0"}, "--batch-tokens"),
               ({"--model": "NOWHERE"}, "no model at"), ({"--gpus": "3"}, "--gpus"), ({"--nodes": "0"}, "--nodes"),
               ({"--trace": "NOWHERE"}, "no trace at")]
-
-
-def _with(argv: list[str], changes: dict, tmp: Path) -> list[str]:
-    (tmp / "file").write_text("x")
-    argv = list(argv)
-    for option, value in changes.items():
-        value = {"NOWHERE": str(tmp / "nowhere"), "FILE": str(tmp / "file" / "out")}.get(value, value)
-        if option in argv:
-            argv[argv.index(option) + 1] = value
-        else:
-            argv += [option, value]
-    return argv
 
 
 @pytest.mark.parametrize("changes, expect", PLACE, ids=lambda x: str(x))
@@ -262,9 +283,9 @@ def test_bad_place_eval_argument(good, plan, sealed, tmp_path, capsys, changes, 
     assert_one_line_error(argv, capsys, expect)
 
 
-CONFIG_DAMAGE = ("missing folder", "a file, not a folder", "no config.json", "config.json not JSON", "config.json binary",
-                 "config.json a list", "config.json no model_type", "unknown model_type", "dense model",
-                 "config value of the wrong type", "config with a billion layers")  # what a --model read for its config
+CONFIG_DAMAGE = ("missing folder", "a file, not a folder", "no config.json", "config.json not JSON",
+                 "config.json binary", "config.json a list", "config.json no model_type", "unknown model_type",
+                 "dense model", "config value of the wrong type", "config with a billion layers")  # what --model reads
 MODEL_READERS = {  # command -> argv with the checkpoint M: --checkpoint reads the weights, --model the config only
     "place --checkpoint": lambda g, m, out: ["place", str(g["trace"]), "--gpus", "2", "--out", str(out),
                                              "--checkpoint", str(m)],
@@ -300,7 +321,7 @@ def test_analyze_with_a_damaged_tokenizer(good, sealed, tmp_path, capsys, damage
 
 
 IMPORT = [({"--top-k": "0"}, "--top-k"), ({"--top-k": "-2"}, "--top-k"), ({"--top-k": "99"}, "--top-k"),
-          ({"--domain": ""}, "--domain"), ({"--out": "FILE"}, "file")]
+          ({"--domain": ""}, "--domain"), ({"--out": "UNDER_FILE"}, "file")]
 
 
 @pytest.mark.parametrize("changes, expect", IMPORT, ids=lambda x: str(x))
@@ -331,7 +352,7 @@ def test_experts_find_on_a_damaged_trace(good, sealed, tmp_path, capsys, damage)
 
 FIND = [({"--method": "bogus"}, "bogus"), ({"--top": "0"}, "--top"), ({"--layers": "x"}, "--layers"),
         ({"--layers": "2-1"}, "empty"), ({"--layers": "7-9"}, "--layers"), ({"--action": "boost"}, "boost"),
-        ({"--strength": "nan"}, "--strength"), ({"--tokens": "a,b"}, "--tokens"), ({"--out": "FILE"}, "file")]
+        ({"--strength": "nan"}, "--strength"), ({"--tokens": "a,b"}, "--tokens"), ({"--out": "UNDER_FILE"}, "file")]
 
 
 @pytest.mark.parametrize("changes, expect", FIND, ids=lambda x: str(x))
