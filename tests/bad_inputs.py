@@ -511,3 +511,38 @@ KIND_CHECKPOINTS = {
     "generation_config.json not JSON": (lambda f: (f / "generation_config.json").write_text("{"),
                                         "generation_config.json"),
 }
+
+
+def _npz(path: Path, **changes) -> None:
+    """A C3PO reference file (moekit.routing.c3po.Reference.save's format) for the tiny model, arrays replaced."""
+    arrays = {"embeddings": np.zeros((2, 384), np.float32), "omegas": np.full((2, 3, 16), 1 / 16, np.float32),
+              "meta": np.array(json.dumps({"version": 1, "layers": [0, 1, 2]})), **changes}
+    with open(path, "wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def _npz_meta(path: Path, meta) -> None:
+    _npz(path, meta=np.array(json.dumps(meta)))
+
+
+# name -> (write(path), text the error line must hold): the reference file of --routing c3po=FILE
+REFERENCES = {
+    "text": (lambda p: p.write_text("hello"), "not an .npz archive"),
+    "empty": (lambda p: p.write_bytes(b""), "not a C3PO reference file"),
+    "truncated": (lambda p: (_npz(p), _truncate(p, 300)), "not a C3PO reference file"),
+    "a .npy array": (lambda p: np.save(p.open("wb"), np.zeros(3)), "single .npy array"),
+    "no meta": (lambda p: _npz(p, meta=None), "meta"),
+    "meta not JSON": (lambda p: _npz(p, meta=np.array("{")), "not a C3PO reference file"),
+    "meta a list": (lambda p: _npz_meta(p, [1]), "meta.layers"),
+    "layers not a list": (lambda p: _npz_meta(p, {"version": 1, "layers": 5}), "meta.layers"),
+    "another version": (lambda p: _npz_meta(p, {"version": 9, "layers": [0, 1, 2]}), "reference version 9"),
+    "omegas a scalar": (lambda p: _npz(p, omegas=np.float32(1)), "omegas must be floats"),
+    "omegas text": (lambda p: _npz(p, omegas=np.array([["a"]])), "omegas must be floats"),
+    "omegas of objects": (lambda p: _npz(p, omegas=np.array([None, 1], dtype=object)), "allow_pickle"),
+    "omegas NaN": (lambda p: _npz(p, omegas=np.full((2, 3, 16), np.nan, np.float32)), "non-finite"),
+    "embeddings of another width": (lambda p: _npz(p, embeddings=np.zeros((2, 5), np.float32)), "[N, 384]"),
+    "embeddings and omegas of other counts": (lambda p: _npz(p, embeddings=np.zeros((3, 384), np.float32)),
+                                              "omegas must be floats [N=3"),
+    "another model's": (lambda p: _npz(p, omegas=np.full((2, 2, 8), 1 / 8, np.float32),
+                                       meta=np.array(json.dumps({"version": 1, "layers": [0, 1]}))), "another model"),
+}

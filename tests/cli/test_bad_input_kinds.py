@@ -19,8 +19,8 @@ import moekit.cli
 import moekit.serve.server
 import moekit.trace
 from moekit.trace import TraceOptions
-from tests.bad_inputs import (CHECKPOINTS, HARDWARE, KIND_CHECKPOINTS, PLANS, ROUTING_SPECS, SGLANG, SGLANG_MAPS,
-                              STEERING, TOKENIZERS, TRACES, copy)
+from tests.bad_inputs import (CHECKPOINTS, HARDWARE, KIND_CHECKPOINTS, PLANS, REFERENCES, ROUTING_SPECS, SGLANG,
+                              SGLANG_MAPS, STEERING, TOKENIZERS, TRACES, copy)
 from tests.cli.test_bad_input import (ORIGINAL_STATUS, WorkStarted, assert_one_line_error, commands,  # noqa: F401
                                       good, guarded)
 from tests.helpers import run_cli
@@ -121,6 +121,19 @@ def test_replay_of_a_damaged_trace(good, sealed, tmp_path, capsys, damage, cmd):
     assert_one_line_error(argv_of(good, cmd, good["ckpt"], out, store) + ["--routing", f"replay={trace}"], capsys,
                           expect if damage not in ("no trace folder", "no manifest") else "no trace there")
     assert not out.exists() and not store.exists()
+
+
+@pytest.mark.parametrize("damage, cmd", [(d, c) for d in REFERENCES for c in ("run", "serve")], ids=lambda x: x)
+def test_bad_c3po_reference(good, sealed, tmp_path, capsys, damage, cmd):
+    """--routing c3po=FILE (run and serve: the batch commands refuse c3po) reads the reference before any weight."""
+    write, expect = REFERENCES[damage]
+    ref = tmp_path / "ref.npz"
+    write(ref)
+    store = tmp_path / "store"
+    line = assert_one_line_error(argv_of(good, cmd, good["ckpt"], tmp_path / "out", store) + ["--routing",
+                                                                                             f"c3po={ref}"],
+                                 capsys, expect)
+    assert str(ref) in line and not store.exists(), line
 
 
 # ------------------------------------------------------------------------------------------- serve
