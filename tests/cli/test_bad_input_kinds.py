@@ -425,3 +425,14 @@ def test_damaged_checkpoint_of_another_kind(good, kinds, sealed, tmp_path, capsy
     out, store = tmp_path / "out", tmp_path / "store"
     assert_one_line_error(argv_of(good, cmd, model, out, store), capsys, expect)
     assert not out.exists() and not store.exists() and not (tmp_path / "cache").exists()
+
+
+def test_an_eof_error_is_not_reported_as_an_interrupt(good, tmp_path, capsys, monkeypatch):
+    """click turns EOFError into Abort (^C); one escaping a reader (an empty file given to numpy or torch) is a bug to
+    see, not `interrupted` with exit 130."""
+    def truncated(*args, **kwargs):
+        raise EOFError("No data left in file")
+
+    monkeypatch.setattr(moekit.trace, "open", truncated)
+    with pytest.raises(EOFError):
+        moekit.cli.main(["trace-info", str(good["trace"])])
