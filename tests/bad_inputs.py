@@ -495,7 +495,8 @@ def _drop_expert_tensor(folder: Path) -> None:
     edit_weights(folder, lambda t: t.pop(next(k for k in sorted(t) if ".experts." in k or "expert_" in k)))
 
 
-# damages that apply to every kind of checkpoint (a multimodal wrapper, an encoder-decoder model): name ->
+# damages that apply to every kind of checkpoint (a multimodal wrapper, an encoder-decoder model, hash-routed and loop
+# layers): name ->
 # (damage(folder), text the error line must hold)
 KIND_CHECKPOINTS = {
     "weights truncated": CHECKPOINTS["weights truncated"],
@@ -504,7 +505,8 @@ KIND_CHECKPOINTS = {
     "unknown model_type": CHECKPOINTS["unknown model_type"],
     "hidden size != weights": (lambda f: _moe_config(f, **{"hidden_size|d_model": lambda v: 2 * v}),
                                "by config.json"),
-    "expert count != weights": (lambda f: _moe_config(f, **{"num_experts|num_local_experts": lambda v: v // 2}),
+    "expert count != weights": (lambda f: _moe_config(f, **{"num_experts|num_local_experts|n_routed_experts":
+                                                               lambda v: v // 2}),
                                 "by config.json"),
     "an expert tensor missing": (_drop_expert_tensor, "experts"),
     "no tokenizer": TOKENIZERS["no tokenizer"],

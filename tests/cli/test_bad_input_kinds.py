@@ -390,9 +390,11 @@ def test_experts_find_needs_two_traces(good, sealed, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- other kinds
 
-KINDS = {  # family -> the commands that take it (an encoder-decoder model: info, trace, prune)
-    "qwen3_vl_moe": ("info", "trace", "eval", "prune", "merge", "quantize", "run", "serve"),
-    "switch_transformers": ("info", "trace", "prune"),
+KINDS = {  # family -> the commands that take it (the others refuse it in one line, tests/routing/test_paths.py)
+    "qwen3_vl_moe": ("info", "trace", "eval", "prune", "merge", "quantize", "run", "serve"),  # multimodal wrapper
+    "switch_transformers": ("info", "trace", "prune"),  # encoder-decoder
+    "deepseek_v4": ("info", "trace", "eval", "quantize", "run", "serve"),  # hash-routed layers: no expert removal
+    "inkling2_loop_text": ("info", "trace", "eval", "prune", "merge", "quantize", "run", "serve"),  # a looped layer
 }
 
 
