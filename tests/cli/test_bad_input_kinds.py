@@ -391,25 +391,39 @@ def test_experts_find_needs_two_traces(good, sealed, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- other kinds
 
 KINDS = {  # family -> the commands that take it (the others refuse it in one line, tests/routing/test_paths.py)
-    "qwen3_vl_moe": ("info", "trace", "eval", "prune", "merge", "quantize", "run", "serve"),  # multimodal wrapper
+    "qwen3_vl_moe": ("info", "trace", "eval", "ablate", "prune", "merge", "quantize", "run", "serve"),  # a wrapper
     "switch_transformers": ("info", "trace", "prune"),  # encoder-decoder
-    "deepseek_v4": ("info", "trace", "eval", "quantize", "run", "serve"),  # hash-routed layers: no expert removal
-    "inkling2_loop_text": ("info", "trace", "eval", "prune", "merge", "quantize", "run", "serve"),  # a looped layer
+    "deepseek_v4": ("info", "trace", "eval", "ablate", "quantize", "run", "serve"),  # hash-routed: no expert removal
+    "inkling2_loop_text": ("info", "trace", "eval", "ablate", "prune", "merge", "quantize", "run", "serve"),  # a loop
 }
 
 
 @pytest.fixture(scope="module")
-def kinds(tmp_path_factory):
+def kinds(good, tmp_path_factory):
+    """family -> the inputs of `commands` for its checkpoint: `good`'s, with its own trace (activation statistics,
+    what ablate reads) where ablate takes it."""
     root = tmp_path_factory.mktemp("kinds")
-    return {family: save_checkpoint(root / family, family) for family in KINDS}
+    out = {}
+    for family, cmds in KINDS.items():
+        ckpt = save_checkpoint(root / family, family)
+        trace = root / f"{family}-trace"
+        if "ablate" in cmds:
+            moekit.trace.record(str(ckpt), [str(good["txt"])], trace,
+                                options=TraceOptions(seq_len=32, chunk_tokens=64, activation_stats=True))
+        out[family] = {**good, "ckpt": ckpt, "trace": trace}
+    return out
+
+
+def _kind_argv(inputs: dict, cmd: str, model: Path, tmp: Path) -> list[str]:
+    return argv_of(inputs, cmd, model, tmp / "out", tmp / "store")
 
 
 @pytest.mark.parametrize("family", KINDS)
-def test_kinds_succeed_when_good(good, kinds, family, tmp_path, capsys, monkeypatch):
+def test_kinds_succeed_when_good(kinds, family, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     for cmd in KINDS[family]:
         if cmd != "serve":
-            code, _, err = run_cli(argv_of(good, cmd, kinds[family], tmp_path / f"o-{cmd}", tmp_path / "s"), capsys)
+            code, _, err = run_cli(_kind_argv(kinds[family], cmd, kinds[family]["ckpt"], tmp_path / cmd), capsys)
             assert code == 0, f"{cmd}: {err}"
 
 
@@ -420,13 +434,13 @@ KIND_CASES = [(family, damage, cmd) for family, cmds in KINDS.items() for damage
 
 
 @pytest.mark.parametrize("family, damage, cmd", KIND_CASES, ids=lambda x: x)
-def test_damaged_checkpoint_of_another_kind(good, kinds, sealed, tmp_path, capsys, family, damage, cmd):
+def test_damaged_checkpoint_of_another_kind(kinds, sealed, tmp_path, capsys, family, damage, cmd):
     make, expect = KIND_CHECKPOINTS[damage]
-    model = copy(kinds[family], tmp_path / "model")
+    model = copy(kinds[family]["ckpt"], tmp_path / "model")
     make(model)
-    out, store = tmp_path / "out", tmp_path / "store"
-    assert_one_line_error(argv_of(good, cmd, model, out, store), capsys, expect)
-    assert not out.exists() and not store.exists() and not (tmp_path / "cache").exists()
+    assert_one_line_error(_kind_argv(kinds[family], cmd, model, tmp_path), capsys, expect)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_an_eof_error_is_not_reported_as_an_interrupt(good, tmp_path, capsys, monkeypatch):
