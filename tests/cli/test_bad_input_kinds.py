@@ -39,12 +39,13 @@ def argv_of(g: dict, cmd: str, model: Path, out: Path, store: Path) -> list[str]
 
 def _with(argv: list[str], changes: dict, tmp: Path) -> list[str]:
     """argv with each option's value replaced (or the option added); NOWHERE: a path with nothing there, FILE: a
-    file, UNDER_FILE: a path under that file."""
+    file, UNDER_FILE: a path under that file, FOLDER: a folder."""
     (tmp / "file").write_text("x")
+    paths = {"NOWHERE": tmp / "nowhere", "NOWHERE/s.json": tmp / "nowhere" / "s.json", "FILE": tmp / "file",
+             "UNDER_FILE": tmp / "file" / "out", "FOLDER": tmp}
     argv = list(argv)
     for option, value in changes.items():
-        value = {"NOWHERE": str(tmp / "nowhere"), "FILE": str(tmp / "file"),
-                 "UNDER_FILE": str(tmp / "file" / "out")}.get(value, value)
+        value = str(paths[value]) if value in paths else value
         if option in argv:
             argv[argv.index(option) + 1] = value
         else:
@@ -323,6 +324,13 @@ def test_damaged_model_of_place_and_simulate(good, sealed, tmp_path, capsys, dam
     assert not out.exists()
 
 
+def test_analyze_with_an_sglang_map_as_placement(good, plan, sealed, tmp_path, capsys):
+    """analyze --placement scores a plan folder; a map needs --gpus, which only place-eval takes: said so."""
+    assert_one_line_error(["analyze", str(good["trace"]), "--placement", str(plan / "sglang.json"), "--out",
+                           str(tmp_path / "r.html")], capsys, "moekit place-eval")
+    assert not (tmp_path / "r.html").exists()
+
+
 @pytest.mark.parametrize("damage", TOKENIZERS)
 def test_analyze_with_a_damaged_tokenizer(good, sealed, tmp_path, capsys, damage):
     make, expect = TOKENIZERS[damage]
@@ -365,7 +373,8 @@ def test_experts_find_on_a_damaged_trace(good, sealed, tmp_path, capsys, damage)
 
 FIND = [({"--method": "bogus"}, "bogus"), ({"--top": "0"}, "--top"), ({"--layers": "x"}, "--layers"),
         ({"--layers": "2-1"}, "empty"), ({"--layers": "7-9"}, "--layers"), ({"--action": "boost"}, "boost"),
-        ({"--strength": "nan"}, "--strength"), ({"--tokens": "a,b"}, "--tokens"), ({"--out": "UNDER_FILE"}, "file")]
+        ({"--strength": "nan"}, "--strength"), ({"--tokens": "a,b"}, "--tokens"), ({"--out": "UNDER_FILE"}, "file"),
+        ({"--out": "NOWHERE/s.json"}, "does not exist"), ({"--out": "FOLDER"}, "is a folder")]
 
 
 @pytest.mark.parametrize("changes, expect", FIND, ids=lambda x: str(x))
