@@ -155,7 +155,9 @@ SERVE = [({"--budget": "0"}, "minimum budget"), ({"--budget": "-5MB"}, "size"), 
          ({"--store": "FILE"}, "is a file"), ({"--max-queue": "0"}, "--max-queue"),
          ({"--max-kv-tokens": "0"}, "--max-kv-tokens"), ({"--max-step-tokens": "0"}, "--max-step-tokens"),
          ({"--max-model-len": "0"}, "--max-model-len"), ({"--port": "-1"}, "--port"),
-         ({"--host": "not a host name"}, "--host"), ({"--device": "tpu"}, "--device")]
+         ({"--host": "not a host name"}, "--host"), ({"--device": "tpu"}, "--device"),
+         ({"--served-name": " "}, "--served-name"), ({"--max-queue": "-1"}, "--max-queue"),
+         ({"--max-body-bytes": "-1"}, "--max-body-bytes")]
 
 
 @pytest.mark.parametrize("changes, expect", SERVE, ids=lambda x: str(x))
