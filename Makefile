@@ -31,6 +31,7 @@ demo: setup
 	$(MOEKIT) analyze $(OUT)/demo-trace --out $(OUT)/demo-report.html
 	$(MOEKIT) simulate $(OUT)/demo-trace --policy lru,lfu,lfru,score,belady --capacity 1x,2x,4x
 	$(MOEKIT) run $(DEMO_MODEL) --budget 6MiB --prompt "def fibonacci(n):" --max-new-tokens 40 --stats
+	$(PY) demo/serve_demo.py
 	@echo "report: $(OUT)/demo-report.html"
 
 # The report test renders in Debian's headless Chromium; install it when missing (it skips if that is impossible).

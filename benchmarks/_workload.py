@@ -17,6 +17,12 @@ model keeps 12-41% per layer (mean 0.29 sampled, 0.30 greedy, over its 4 layers 
 `routing_reuse` measures this directly; its verdict `static` flags a workload whose mean consecutive reuse exceeds
 MAX_REUSE = 0.5, above every trained model measured here. It is a floor, not a proof of realism: a workload passing it can still
 differ from a trained model's locality (a replayed trace's SRP/SCH is the real reference).
+
+A replayed workload (benchmarks/_replay.py) is checked against the trace it replays: `locality_kept` compares the
+routing the run executed with the trace rows it replayed, row by row (each row's expert set must be the mapped trace
+row's) and by the locality statistics of "Not All Models Suit Expert Offloading" (arXiv 2505.16056; moekit/analysis/
+locality.py): SRP at m = 4 and 16 and SCH at capacities 2 and 4 x top-k (each side's own top-k), each prompt one
+sequence; both within MAX_LOCALITY_DIFF.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Sequence
 MIN_DISTINCT_2 = 0.5
 MAX_CYCLE_FRACTION = 0.5
 MAX_REUSE = 0.5
+MAX_LOCALITY_DIFF = 0.05  # SRP / SCH of a replayed run vs the trace rows it replayed (tests/routing/test_steering.py)
+LOCALITY_SEGMENTS = (4, 16)  # segment lengths m that a prompt's ~40 rows hold windows of
 
 
 def periodic_suffix(tokens: Sequence[int]) -> tuple[int, int]:
@@ -77,3 +85,55 @@ def routing_reuse(per_layer: Sequence[Sequence], num_experts: int) -> dict:
 
 def _flat(ids) -> list[int]:
     return [int(e) for e in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
+
+
+def locality(ids, seq_id, num_experts: int, capacities, segment_lengths=LOCALITY_SEGMENTS) -> dict:
+    """SRP [M] and SCH [M, C] of one layer's routing ids [T, K] over the sequences of seq_id [T] (NaN where no
+    sequence holds a window of m)."""
+    import numpy as np
+
+    from moekit.analysis.locality import segment_cache_hit_rate, segment_routing_performance
+
+    ids = np.asarray(ids, dtype=np.int64)
+    return {"srp": segment_routing_performance(ids, seq_id, num_experts, segment_lengths).f1.tolist(),
+            "sch": np.asarray(segment_cache_hit_rate(ids, seq_id, num_experts, capacities, segment_lengths)).tolist()}
+
+
+def locality_kept(trace_rows: Sequence[Sequence], run_rows: Sequence[Sequence], trace_experts: int,
+                  model_experts: int) -> dict:
+    """Did a replayed run keep the trace's routing? trace_rows[l][p]: ids [T_p, K_t] of the trace rows prompt p replayed
+    at model layer l (the trace layer it follows); run_rows[l][p]: ids [T_p, K_m] its routers returned. Per layer: the
+    share of rows whose expert set is the mapped trace row's (moekit.routing.replay.map_ids), SRP and SCH of both
+    (capacities 2 and 4 x top-k: K_t in the trace, K_m in the run; the benchmark's 25% of 64 experts is 2 x 8); `kept`
+    when every row follows and the statistics differ by at most MAX_LOCALITY_DIFF."""
+    import numpy as np
+
+    from moekit.routing.replay import map_ids
+
+    layers = []
+    for want, got in zip(trace_rows, run_rows, strict=True):
+        seq = np.concatenate([np.full(len(w), p) for p, w in enumerate(want)])  # [T] prompt p = sequence p
+        want_all, got_all = np.concatenate(want).astype(np.int64), np.concatenate(got).astype(np.int64)
+        k_t, k_m = want_all.shape[1], got_all.shape[1]
+        mapped = map_ids(want_all, trace_experts, model_experts, k_m)
+        follows = float(np.mean([set(a) == set(b) for a, b in zip(mapped.tolist(), got_all.tolist())]))
+        caps_t, caps_m = [2 * k_t, 4 * k_t], [2 * k_m, 4 * k_m]
+        t, r = locality(want_all, seq, trace_experts, caps_t), locality(got_all, seq, model_experts, caps_m)
+        layers.append({"follows": follows, "capacities_trace": caps_t, "capacities_model": caps_m,
+                       "srp_trace": t["srp"], "srp_run": r["srp"], "sch_trace": t["sch"], "sch_run": r["sch"],
+                       "srp_diff": _max_diff(t["srp"], r["srp"]), "sch_diff": _max_diff(t["sch"], r["sch"])})
+    srp = max(x["srp_diff"] for x in layers)
+    sch = max(x["sch_diff"] for x in layers)
+    follows = min(x["follows"] for x in layers)
+    return {"per_layer": layers, "follows": follows, "max_srp_diff": srp, "max_sch_diff": sch,
+            "segment_lengths": list(LOCALITY_SEGMENTS),
+            "kept": follows == 1.0 and srp <= MAX_LOCALITY_DIFF and sch <= MAX_LOCALITY_DIFF}
+
+
+def _max_diff(a, b) -> float:
+    """max |a - b| over the entries both define (a NaN on one side only is a difference of 1: a lost window)."""
+    import numpy as np
+
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    both, one = ~np.isnan(a) & ~np.isnan(b), np.isnan(a) ^ np.isnan(b)
+    return float(max(np.abs(a[both] - b[both]).max(initial=0.0), 1.0 if one.any() else 0.0))

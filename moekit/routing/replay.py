@@ -10,8 +10,12 @@ The mapping, trace (E_t experts, top-K_t, L_t MoE layers) -> model (E_m, K_m, L_
   expert when E_m <= E_t, several when larger). A token's model experts are read slot-major: the first member of each
   of its trace experts' blocks (by weight), then the second members, ...; duplicates dropped, the first K_m kept;
   when fewer than K_m remain (E_m < E_t collapses experts), the next free ids after the token's first one fill up.
-  With E_m = c * E_t and K_m = c * K_t every selection is one trace expert's whole block, so a window's counts are
-  the trace's, duplicated c times: SRP is preserved exactly, and SCH nearly (tests/routing/test_replay.py);
+  With K_m = c * K_t and E_m >= c * E_t (blocks of at least c) every selection is the first c members of each of
+  the token's trace experts' blocks, so a window's counts are the trace's, duplicated c times: SRP is preserved
+  exactly, and SCH at c times the capacity nearly (tests/routing/test_steering.py, tests/benchmarks/
+  test_workload.py). Otherwise (K_m not a multiple of K_t, or E_m < E_t collapsing experts) it is not preserved by
+  construction: a sticky 16-expert top-4 routing replayed on 8 experts top-3 lost 0.10 of SRP, on 4 top-3 0.33
+  (benchmarks/_workload.py `locality_kept` measures it for a run);
 - tokens: each layer reads the trace's tokens as one stream, T rows per router call, wrapping at its end.
 The weights are the model's own rule on the replayed set (its router's scores for those experts).
 """
@@ -55,6 +59,42 @@ def map_ids(ids: np.ndarray, trace_experts: int, model_experts: int, model_k: in
     return out
 
 
+def source_layer(i: int, trace_layers: int, model_layers: int) -> int:
+    """The trace layer (position in the trace's MoE layers) that model MoE layer i (position) follows."""
+    return i * trace_layers // model_layers
+
+
+def mapped_layers(trace, view, what: str = "replay", rows: slice = slice(None)) -> list[tuple[int, int, np.ndarray]]:
+    """(model decoder-layer index, trace decoder-layer index, model ids [T, K_m]) for every MoE layer of `view`: the
+    trace's routing (its tokens `rows`) mapped onto this model (the module docstring's mapping). `view` may be a meta
+    view (no weights)."""
+    if trace.kind != "tokens" or trace.num_tokens == 0:
+        raise UserError(f"{what}: the trace {trace.folder} has no per-token routing to replay")
+    out = []
+    for i, layer in enumerate(view.layers):
+        source = trace.layers[source_layer(i, len(trace.layers), len(view.layers))]
+        out.append((layer.index, source, map_ids(trace.ids(source)[rows], trace.num_experts, view.num_experts,
+                                                 layer.rule.top_k)))
+    return out
+
+
+def map_weights(ids: np.ndarray, weights: np.ndarray, mapped: np.ndarray, trace_experts: int,
+                model_experts: int) -> np.ndarray:
+    """The trace's weights [T, K_t] carried to the mapped ids [T, K_m]: a model expert gets the weight of the trace
+    expert whose block holds it, shared evenly over that block (summed where blocks collapse onto one expert); ids the
+    fill-up added get 0. For what-if tools that need weights (the simulator's score policy); the live policy uses the
+    model's own rule instead."""
+    share = np.zeros((trace_experts, model_experts))  # [E_t, E_m]
+    for e, block in enumerate(expert_blocks(trace_experts, model_experts)):
+        share[e, block] = 1.0 / len(block)
+    T = ids.shape[0]
+    dense = np.zeros((T, trace_experts))  # [T, E_t]
+    real = ids < trace_experts  # a policy trace's dropped slots carry no weight
+    rows = np.broadcast_to(np.arange(T)[:, None], ids.shape)
+    np.add.at(dense, (rows[real], ids[real].astype(np.int64)), np.nan_to_num(weights[real]))
+    return np.take_along_axis(dense @ share, mapped, axis=1).astype(np.float32)  # [T, K_m]
+
+
 @register("replay")
 @dataclass
 class Replay(Policy):
@@ -77,13 +117,7 @@ class Replay(Policy):
     def bind(self, view):
         import moekit.trace
 
-        trace = moekit.trace.open(self.path)
-        if trace.kind != "tokens" or trace.num_tokens == 0:
-            raise UserError(f"replay={self.path}: the trace has no per-token routing to replay")
-        E = view.num_experts
-        for i, layer in enumerate(view.layers):
-            source = trace.layers[i * len(trace.layers) // len(view.layers)]
-            self._ids[layer.index] = map_ids(trace.ids(source), trace.num_experts, E, layer.rule.top_k)
+        self._ids = {index: ids for index, _, ids in mapped_layers(moekit.trace.open(self.path), view, self.spec())}
 
     def fresh(self):
         r = Replay(self.path)

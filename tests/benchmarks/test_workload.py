@@ -1,8 +1,10 @@
-"""The loop check the offload benchmark applies to generated tokens (benchmarks/_workload.py)."""
+"""The workload checks the offload benchmark applies (benchmarks/_workload.py): looping tokens, static routing, a replayed
+run against its trace."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.benchmarks.helpers import bench_module
 
@@ -57,3 +59,55 @@ def test_static_routing_is_flagged_and_random_routing_is_not():
     collapsed = [[np.r_[np.arange(7), 7 + s % 2] for s in range(steps)] for _ in range(4)]
     r = workload.routing_reuse(collapsed, e)
     assert r["mean"] == 7 / 8 and r["static"]
+
+
+def sticky_routing(rng, tokens: int, experts: int, k: int, keep: float = 0.6) -> np.ndarray:
+    """[tokens, k] ids where each expert stays for the next token with probability `keep` (a routing with locality)."""
+    rows, cur = [], list(rng.choice(experts, k, replace=False))
+    for _ in range(tokens):
+        nxt = [e for e in cur if rng.random() < keep]
+        while len(nxt) < k:
+            e = int(rng.integers(experts))
+            if e not in nxt:
+                nxt.append(e)
+        rows.append(nxt)
+        cur = nxt
+    return np.array(rows)
+
+
+def test_a_faithful_replay_keeps_the_traces_locality():
+    """A run whose rows are the mapped trace rows (any slot order) keeps SRP exactly and SCH within the bound, for
+    E and K both doubled, and for E x3 / x4 with K doubled (blocks wider than the share of them a token uses)."""
+    from moekit.routing.replay import map_ids
+
+    rng = np.random.default_rng(0)
+    trace = [[sticky_routing(rng, 40, 16, 4) for _ in range(2)] for _ in range(2)]  # [L][prompt] -> [T_p, 4]
+    for experts in (32, 48, 64):
+        run = [[rng.permuted(map_ids(p, 16, experts, 8), axis=1) for p in layer] for layer in trace]
+        r = workload.locality_kept(trace, run, 16, experts)
+        assert r["kept"] and r["follows"] == 1.0 and r["max_srp_diff"] == 0.0, experts
+        assert 0 < r["max_sch_diff"] <= workload.MAX_LOCALITY_DIFF
+        assert r["per_layer"][0]["capacities_trace"] == [8, 16] and r["per_layer"][0]["capacities_model"] == [16, 32]
+
+
+def test_a_replay_off_its_trace_or_a_lossy_mapping_is_not_kept():
+    from moekit.routing.replay import map_ids
+
+    rng = np.random.default_rng(1)
+    trace = [[sticky_routing(rng, 40, 16, 4) for _ in range(2)]]
+    # one row late (a cursor not reset between prompts): same locality, but the rows are not the trace's
+    late = [[map_ids(np.roll(p, 1, axis=0), 16, 32, 8) for p in trace[0]]]
+    r = workload.locality_kept(trace, late, 16, 32)
+    assert r["follows"] < 0.5 and not r["kept"]
+    # the model's own random routing: no locality left
+    own = [[np.array([rng.choice(32, 8, replace=False) for _ in range(40)]) for _ in range(2)]]
+    assert workload.locality_kept(trace, own, 16, 32)["max_srp_diff"] > 0.1
+    # fewer experts than the trace: blocks collapse and fill-ups dilute the windows, so locality is visibly lost
+    collapsed = [[map_ids(p, 16, 4, 3) for p in trace[0]]]
+    r = workload.locality_kept(trace, collapsed, 16, 4)
+    assert r["follows"] == 1.0 and not r["kept"] and r["max_srp_diff"] > workload.MAX_LOCALITY_DIFF
+
+
+def test_max_diff_counts_a_window_lost_on_one_side():
+    assert workload._max_diff([0.5, float("nan")], [0.4, float("nan")]) == pytest.approx(0.1)
+    assert workload._max_diff([0.5, 0.3], [0.5, float("nan")]) == 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import transformers
 
 import moekit.trace
@@ -49,10 +50,11 @@ def test_a_policy_the_model_cannot_take_is_refused_before_any_weight_is_read(fam
                                                                               tmp_path, capsys, monkeypatch):
     ckpt = checkpoints(family)
 
-    def read(*args, **kwargs):  # the checkpoint's headers are validated first (moekit.models.validate); no data read
-        raise AssertionError("weights read before the refusal")
+    def read_weights(*args, **kwargs):  # the checkpoint validator reads safetensors headers only
+        raise AssertionError("weights read before the routing policy was refused")
 
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(read))
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(read_weights))
+    monkeypatch.setattr(safetensors.torch, "load_file", read_weights)
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()  # the fixture's save_pretrained progress
     code, _, err = run_cli([a.format(m=ckpt, d=corpus, o=tmp_path / "out") for a in argv], capsys)

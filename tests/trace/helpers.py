@@ -43,3 +43,15 @@ def write_corpus(folder: Path) -> tuple[Path, Path]:
             {"text": "for i in range(10): print(i)", "domain": "code"}]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return txt, jsonl
+
+
+def record_small_trace(folder: Path, seq_len: int) -> Path:
+    """`folder`/trace: the tiny qwen3_moe checkpoint (16 experts top-4, 3 MoE layers) traced over write_corpus's
+    three domains (prose, code, math) in windows of `seq_len` tokens."""
+    import moekit.trace
+
+    ckpt = save_checkpoint(folder / "ckpt")
+    txt, jsonl = write_corpus(folder / "data")
+    moekit.trace.record(ckpt, [str(txt), str(jsonl)], folder / "trace",
+                        options=moekit.trace.TraceOptions(seq_len=seq_len))
+    return folder / "trace"
