@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import rich.console
+import safetensors.torch
 import transformers
 
 import moekit.cli
@@ -55,13 +56,15 @@ def _with(argv: list[str], changes: dict, tmp: Path) -> list[str]:
 
 @pytest.fixture
 def sealed(guarded, monkeypatch):
-    """`guarded`, and no port bound, nor weights read through a wrapper's or encoder-decoder's own class."""
+    """`guarded`, and no port bound, nor weights read through a wrapper's or encoder-decoder's own class or
+    safetensors' load_file (the validator reads headers only)."""
 
     def started(*args, **kwargs):
         raise WorkStarted("work started before the error")
 
     monkeypatch.setattr(moekit.serve.server, "bind", started)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(started))
+    monkeypatch.setattr(safetensors.torch, "load_file", started)
 
 
 def test_serve_reaches_its_port_on_the_good_inputs(good, sealed, tmp_path):
