@@ -80,7 +80,10 @@ def read_steering(path: Path) -> list[P.Policy]:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--steer {path}: not JSON ({err})") from None
-    return policies_from_steering(doc, path)
+    policies = policies_from_steering(doc, path)
+    for p in policies:  # a refusal against the model names the file (policies.Routing.check)
+        p.source = f"--steer {path}"
+    return policies
 
 
 def policies_from_steering(doc, path) -> list[P.Policy]:
