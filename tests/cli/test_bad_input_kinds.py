@@ -134,9 +134,8 @@ def test_bad_c3po_reference(good, sealed, tmp_path, capsys, damage, cmd):
     ref = tmp_path / "ref.npz"
     write(ref)
     store = tmp_path / "store"
-    line = assert_one_line_error(argv_of(good, cmd, good["ckpt"], tmp_path / "out", store) + ["--routing",
-                                                                                             f"c3po={ref}"],
-                                 capsys, expect)
+    argv = argv_of(good, cmd, good["ckpt"], tmp_path / "out", store) + ["--routing", f"c3po={ref}"]
+    line = assert_one_line_error(argv, capsys, expect)
     assert str(ref) in line and not store.exists(), line
 
 
