@@ -341,3 +341,210 @@ STORES = {
     "layer file header damaged": (lambda s: flip_header_byte(s / "layer_002.safetensors"), "layer_002.safetensors"),
     "resident weights missing": (lambda s: (s / "resident.safetensors").unlink(), "resident.safetensors"),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------- routing
+
+
+def steering(*entries: dict, **doc) -> bytes:
+    """A steering file (what `moekit experts find` writes) with these entries and top-level fields replaced."""
+    return json.dumps({"schema": "moekit.steering", "version": 1, "meta": {}, "experts": list(entries),
+                       **doc}).encode()
+
+
+def _entry(**changes) -> dict:
+    return {"layer": 0, "expert": 1, "action": "mask", "strength": 0.0, **changes}
+
+
+# name -> (the file's bytes, or None for no file; text the error line must hold). The last four are well-formed files
+# that do not fit the tiny model (3 MoE layers 0-2, 16 experts, top-4): refused against its meta-device view.
+STEERING = {
+    "no such file": (None, "no such file"),
+    "not JSON": (b'{"schema": ', "not JSON"),
+    "binary": (bytes(range(256)), "not JSON"),
+    "a list": (b"[]", "schema"),
+    "another schema": (steering(schema="moekit.trace"), "schema"),
+    "another version": (steering(version=9), "version is 9"),
+    "experts not a list": (steering(experts={"0": 1}), "experts must be a list"),
+    "an entry not an object": (steering(5), "experts[0] must be an object"),
+    "layer negative": (steering(_entry(layer=-1)), "experts[0].layer"),
+    "expert not a number": (steering(_entry(expert="three")), "experts[0].expert"),
+    "action unknown": (steering(_entry(action="boost")), "experts[0].action"),
+    "strength text": (steering(_entry(action="steer", strength="strong")), "experts[0].strength"),
+    "strength NaN": (b'{"schema": "moekit.steering", "version": 1, "experts": [{"layer": 0, "expert": 1, '
+                     b'"action": "scale", "strength": NaN}]}', "experts[0].strength"),
+    "a layer that is not an MoE layer": (steering(_entry(layer=7)), "not MoE layers"),
+    "an expert beyond the model's": (steering(_entry(expert=99)), "has experts 0..15"),
+    "more forced experts than top-k": (steering(*(_entry(expert=e, action="force") for e in range(5))),
+                                       "force at most 4"),
+}
+
+# --routing SPEC -> text the error line must hold; the last ones parse but do not fit the tiny model
+ROUTING_SPECS = {
+    "hottest=1": "unknown routing policy 'hottest'",
+    "topk": "needs a value",
+    "topk=many": "write it like topk=2",
+    "topk=0": "K must be >= 1",
+    "top-p=0": "P must be > 0",
+    "skip=-1": "beta must be >= 0",
+    "steer=abc@0:1": "strength must be a number",
+    "topk=2+": "unknown routing policy ''",
+    "top-p=0.5+skip=0.3": "both choose",
+    "replay=NOWHERE": "no trace there",
+    "c3po=NOWHERE": "no reference file",
+    "topk=99": "can select at most 16 experts",
+    "rank=99": "ranks only 16 experts",
+    "mask=7:1": "not MoE layers",
+    "mask=0:99": "has experts 0..15",
+    "force=0:1,0:2,0:3,0:4,0:5": "force at most 4",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- placement
+
+
+def _plan_json(folder: Path, **changes) -> None:
+    edit_json(folder / "plan.json", **changes)
+
+
+def _topology(folder: Path, **changes) -> None:
+    meta = json.loads((folder / "plan.json").read_text())
+    _plan_json(folder, topology={**meta["topology"], **changes})
+
+
+def _sglang_rows(folder: Path, fn) -> None:
+    path = folder / "sglang.json"
+    rows = json.loads(path.read_text())["physical_to_logical_map"]
+    fn(rows)
+    path.write_text(json.dumps({"physical_to_logical_map": rows}))
+
+
+def _swap_eplb_slots(folder: Path) -> None:
+    """eplb.safetensors consistent in itself, but placing two experts of layer 0 apart from sglang.json."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    t = load_np(folder / "eplb.safetensors")
+    p2l = t["phy2log"].copy()
+    a, b = 0, int(np.flatnonzero(p2l[0] != p2l[0, 0])[0])
+    p2l[0, [a, b]] = p2l[0, [b, a]]
+    l2p = t["log2phy"].copy()
+    for e in (p2l[0, a], p2l[0, b]):
+        slots = np.flatnonzero(p2l[0] == e)
+        l2p[0, e, :] = -1
+        l2p[0, e, :len(slots)] = slots
+    save_np({"phy2log": p2l, "log2phy": l2p, "logcnt": t["logcnt"]}, folder / "eplb.safetensors")
+
+
+# name -> (damage(plan folder), text the error line must hold). The folder is a `moekit place --gpus 2` plan of the
+# tiny model's trace (3 MoE layers, 16 experts).
+PLANS = {
+    "no plan": (lambda f: shutil.rmtree(f), "no placement plan at"),
+    "plan.json not JSON": (lambda f: (f / "plan.json").write_text('{"topology": '), "cannot read"),
+    "plan.json binary": (lambda f: (f / "plan.json").write_bytes(b"\x80\x81" * 64), "cannot read"),
+    "plan.json a list": (lambda f: (f / "plan.json").write_text("[]"), "not an object"),
+    "topology missing": (lambda f: _plan_json(f, topology=None), "topology is not an object"),
+    "topology gpus 0": (lambda f: _topology(f, gpus=0), "topology.gpus"),
+    "topology slots not experts + redundant": (lambda f: _topology(f, physical_experts=99), "physical_experts"),
+    "layers not a list": (lambda f: _plan_json(f, layers="0-2"), "layers"),
+    "layers beyond num_hidden_layers": (lambda f: _plan_json(f, num_hidden_layers=2), "num_hidden_layers"),
+    "method not text": (lambda f: _plan_json(f, method=None), "method"),
+    "sglang.json missing": (lambda f: (f / "sglang.json").unlink(), "sglang.json"),
+    "sglang.json not JSON": (lambda f: (f / "sglang.json").write_text("[[0, 1"), "sglang.json"),
+    "sglang.json another key": (lambda f: (f / "sglang.json").write_text('{"map": []}'), "single key"),
+    "sglang.json a row short": (lambda f: _sglang_rows(f, lambda r: r[1].pop()), "different lengths"),
+    "sglang.json an expert out of range": (lambda f: _sglang_rows(f, lambda r: r[1].__setitem__(0, 99)),
+                                           "outside [0, 16)"),
+    "sglang.json an expert without a slot": (lambda f: _sglang_rows(f, lambda r: r[2].__setitem__(0, r[2][1])),
+                                             "have no slot"),
+    "eplb.safetensors missing": (lambda f: (f / "eplb.safetensors").unlink(), "eplb.safetensors"),
+    "eplb.safetensors truncated": (lambda f: _truncate(f / "eplb.safetensors", 60), "eplb.safetensors"),
+    "eplb.safetensors another placement": (_swap_eplb_slots, "place the experts differently"),
+}
+
+# an SGLang physical_to_logical_map file given to place-eval (with --gpus 2): its bytes -> text the error line must hold
+SGLANG_MAPS = {
+    "not JSON": (b"{", "is not an SGLang map"),
+    "another key": (b'{"map": [[0, 1]]}', "is not an SGLang map"),
+    "rows of different lengths": (b'{"physical_to_logical_map": [[0, 1], [0]]}', "rectangular"),
+    "no rows": (b'{"physical_to_logical_map": []}', "rectangular"),
+    "floats": (b'{"physical_to_logical_map": [[0.5, 1.0]]}', "rectangular"),
+    "negative ids": (b'{"physical_to_logical_map": [[-1, 0]]}', "logical expert ids"),
+    "ids beyond the slots": (b'{"physical_to_logical_map": [[0, 1000000000000]]}', "logical expert ids"),
+    "an expert missing in a row": (b'{"physical_to_logical_map": [[0, 1, 2, 3], [0, 0, 2, 3]]}', "have no slot"),
+    "another model's": (json.dumps({"physical_to_logical_map": [list(range(8))] * 3}).encode(),
+                        "the map has 3 rows of 8 experts"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- other kinds
+
+
+def _moe_config(folder: Path, **changes) -> None:
+    """Edit the config that holds the MoE keys: a multimodal wrapper's text_config, else config.json itself. A key
+    given as "a|b" edits whichever of the two the config has (hidden_size in causal LMs, d_model in T5-style ones)."""
+    data = json.loads((folder / "config.json").read_text())
+    target = data["text_config"] if isinstance(data.get("text_config"), dict) else data
+    for key, value in changes.items():
+        name = next((k for k in key.split("|") if k in target), key.split("|")[0])
+        target[name] = value(target.get(name)) if callable(value) else value
+    (folder / "config.json").write_text(json.dumps(data))
+
+
+def _drop_expert_tensor(folder: Path) -> None:
+    edit_weights(folder, lambda t: t.pop(next(k for k in sorted(t) if ".experts." in k or "expert_" in k)))
+
+
+# damages that apply to every kind of checkpoint (a multimodal wrapper, an encoder-decoder model, hash-routed and loop
+# layers): name ->
+# (damage(folder), text the error line must hold)
+KIND_CHECKPOINTS = {
+    "weights truncated": CHECKPOINTS["weights truncated"],
+    "weights header byte flipped": CHECKPOINTS["weights header byte flipped"],
+    "no weights": CHECKPOINTS["no weights"],
+    "unknown model_type": CHECKPOINTS["unknown model_type"],
+    "hidden size != weights": (lambda f: _moe_config(f, **{"hidden_size|d_model": lambda v: 2 * v}),
+                               "by config.json"),
+    "expert count != weights": (lambda f: _moe_config(f, **{"num_experts|num_local_experts|n_routed_experts":
+                                                               lambda v: v // 2}),
+                                "by config.json"),
+    "an expert tensor missing": (_drop_expert_tensor, "experts"),
+    "no tokenizer": TOKENIZERS["no tokenizer"],
+    "generation_config.json not JSON": (lambda f: (f / "generation_config.json").write_text("{"),
+                                        "generation_config.json"),
+}
+
+
+def _npz(path: Path, **changes) -> None:
+    """A C3PO reference file (moekit.routing.c3po.Reference.save's format) for the tiny model, arrays replaced."""
+    arrays = {"embeddings": np.zeros((2, 384), np.float32), "omegas": np.full((2, 3, 16), 1 / 16, np.float32),
+              "meta": np.array(json.dumps({"version": 1, "layers": [0, 1, 2]})), **changes}
+    with open(path, "wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+
+def _npz_meta(path: Path, meta) -> None:
+    _npz(path, meta=np.array(json.dumps(meta)))
+
+
+# name -> (write(path), text the error line must hold): the reference file of --routing c3po=FILE
+REFERENCES = {
+    "text": (lambda p: p.write_text("hello"), "not an .npz archive"),
+    "empty": (lambda p: p.write_bytes(b""), "not a C3PO reference file"),
+    "truncated": (lambda p: (_npz(p), _truncate(p, 300)), "not a C3PO reference file"),
+    "a .npy array": (lambda p: np.save(p.open("wb"), np.zeros(3)), "single .npy array"),
+    "no meta": (lambda p: _npz(p, meta=None), "meta"),
+    "meta not JSON": (lambda p: _npz(p, meta=np.array("{")), "not a C3PO reference file"),
+    "meta a list": (lambda p: _npz_meta(p, [1]), "meta.layers"),
+    "layers not a list": (lambda p: _npz_meta(p, {"version": 1, "layers": 5}), "meta.layers"),
+    "another version": (lambda p: _npz_meta(p, {"version": 9, "layers": [0, 1, 2]}), "reference version 9"),
+    "omegas a scalar": (lambda p: _npz(p, omegas=np.float32(1)), "omegas must be floats"),
+    "omegas text": (lambda p: _npz(p, omegas=np.array([["a"]])), "omegas must be floats"),
+    "omegas of objects": (lambda p: _npz(p, omegas=np.array([None, 1], dtype=object)), "allow_pickle"),
+    "omegas NaN": (lambda p: _npz(p, omegas=np.full((2, 3, 16), np.nan, np.float32)), "non-finite"),
+    "embeddings of another width": (lambda p: _npz(p, embeddings=np.zeros((2, 5), np.float32)), "[N, 384]"),
+    "embeddings and omegas of other counts": (lambda p: _npz(p, embeddings=np.zeros((3, 384), np.float32)),
+                                              "omegas must be floats [N=3"),
+    "another model's": (lambda p: _npz(p, omegas=np.full((2, 2, 8), 1 / 8, np.float32),
+                                       meta=np.array(json.dumps({"version": 1, "layers": [0, 1]}))), "another model"),
+}

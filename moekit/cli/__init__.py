@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(err, "ctx", None)
         _fail(f"{err.format_message()} (see `{ctx.command_path if ctx is not None else 'moekit'} --help`)")
-    except (KeyboardInterrupt, typer.Abort):
+    except (KeyboardInterrupt, typer.Abort) as err:
+        if isinstance(err.__cause__, EOFError):  # click turns an EOFError escaping a reader into Abort: a bug, not ^C
+            raise err.__cause__
         err_console.print("interrupted")
         sys.exit(130)
     except UserError as err:

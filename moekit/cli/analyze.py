@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app, console, err_console, print_json
+from moekit.errors import UserError
 
 
 @app.command()
@@ -35,6 +36,9 @@ def analyze(
         from moekit.placement import place_eval
         from moekit.placement.api import check_place_eval
 
+        if placement.is_file() and placement.name != "plan.json":  # an SGLang map needs --gpus, which is place-eval's
+            raise UserError(f"--placement {placement}: give a `moekit place` output folder; score an SGLang map with "
+                            f"`moekit place-eval {placement} --gpus G --trace {trace_dir}`")
         scoring = check_place_eval(placement, trace_dir)
     with err_console.status("analysing routing"):
         results = analyze_trace(trace, tokenizer=tok)

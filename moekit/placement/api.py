@@ -184,7 +184,7 @@ def check_place_eval(plan_path, trace, *, hardware: str | None = "dgx-h100", bat
     profile = _profile(hardware)
     t = moekit.trace.open(Path(trace))
     check_plannable(t)
-    plan = _on_layers(plan, t)
+    plan = _on_layers(plan, t, plan_path)
     if plan.topology.num_experts != t.num_experts or list(plan.layers) != list(t.layers):
         raise UserError(f"the plan places {plan.topology.num_experts} experts in MoE layers {list(plan.layers)}, the "
                         f"trace {trace} has {t.num_experts} in {t.layers}: score it on a trace of the same model")
@@ -245,14 +245,15 @@ def _profile(hardware):
     return profile
 
 
-def _on_layers(plan: Plan, stats) -> Plan:
+def _on_layers(plan: Plan, stats, path) -> Plan:
     """An SGLang map read from JSON covers every decoder layer: keep the trace's MoE layers (stats: RoutingStats or
     a Trace)."""
     if plan.method != "sglang map":
         return plan
     if max(stats.layers) >= len(plan.phy2log) or plan.topology.num_experts != stats.num_experts:
-        raise UserError(f"the map has {len(plan.phy2log)} rows of {plan.topology.num_experts} experts; the trace's "
-                        f"MoE layers are {stats.layers} with {stats.num_experts} experts")
+        raise UserError(f"{path}: the map has {len(plan.phy2log)} rows of {plan.topology.num_experts} experts; the "
+                        f"trace's MoE layers are {stats.layers} with {stats.num_experts} experts: give the map of the "
+                        f"model the trace was recorded from")
     return Plan(plan.topology, plan.phy2log[stats.layers], stats.layers, len(plan.phy2log), plan.method, plan.solver)
 
 

@@ -24,7 +24,11 @@ SCHEMA = "moekit.placement/1"
 
 
 def check_out(out: Path) -> None:
-    """Cheap: refuse an --out that holds something, before any work."""
+    """Cheap: refuse an --out that holds something, or that cannot be written (under a file, no permission), before
+    any work."""
+    from moekit.files import check_out as check_writable
+
+    check_writable(out, exist_ok=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty: choose another --out or remove it")
 
@@ -74,8 +78,17 @@ def read_plan(path: Path, gpus: int | None = None, nodes: int = 1) -> Plan:
     """A `moekit place` output folder (or its plan.json), or an SGLang map (sglang.json; needs gpus)."""
     path = Path(path)
     folder = path.parent if path.name == "plan.json" else path
+    for option, value in (("--gpus", gpus), ("--nodes", nodes)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be >= 1, got {value}")
     if folder.is_dir() and (folder / "plan.json").is_file():
-        return _read_dir(folder)
+        plan = _read_dir(folder)
+        # --gpus / --nodes describe an SGLang map; a plan folder records its own: a different value is a mistake
+        for option, value, planned in (("--gpus", gpus, plan.topology.gpus), ("--nodes", nodes, plan.topology.nodes)):
+            if value is not None and value != planned and not (option == "--nodes" and value == 1):
+                raise UserError(f"{option} {value}: the plan at {folder} is for {planned}; {option} is for an SGLang "
+                                f"map JSON, leave it out for a `moekit place` folder")
+        return plan
     if path.is_file() and path.suffix == ".json":
         return _read_sglang(path, gpus, nodes)
     raise UserError(f"no placement plan at {path}: give a `moekit place` output folder or an SGLang "

@@ -28,6 +28,7 @@ from moekit.errors import UserError
 from moekit.routing.policies import Policy, register
 
 REFERENCE_VERSION = 1
+EMBED_DIM = 384  # all-MiniLM-L6-v2's sentence embeddings (embed below)
 
 
 @lru_cache(maxsize=1)
@@ -82,17 +83,41 @@ class Reference:
 
     @classmethod
     def load(cls, path: Path) -> Reference:
+        """Read and check a reference file: every array and field the policy uses, each problem one line."""
+        import zipfile
+
+        def bad(why) -> UserError:
+            return UserError(f"c3po={path}: not a C3PO reference file ({why}); build one with "
+                             f"moekit.routing.c3po.build_reference")
+
+        # EOFError too: an empty file raises it, and click would report it as an interrupt
+        unreadable = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
         try:
-            with np.load(path) as f:
+            archive = np.load(path)
+        except unreadable as err:  # text or pickles: numpy's message would suggest allow_pickle
+            raise bad("not an .npz archive" if "pickle" in str(err) else err) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise bad("a single .npy array, not the .npz archive Reference.save writes")
+        try:
+            with archive as f:
                 meta = json.loads(str(f["meta"]))
-                ref = cls(f["embeddings"], f["omegas"], list(meta["layers"]))
-        except (OSError, KeyError, ValueError) as err:
-            raise UserError(f"c3po={path}: not a C3PO reference file ({err}); build one with "
-                            f"moekit.routing.c3po.build_reference") from None
+                embeddings, omegas = f["embeddings"], f["omegas"]
+        except unreadable as err:
+            raise bad(err) from None
+        layers = meta.get("layers") if isinstance(meta, dict) else None
+        if not isinstance(layers, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
+            raise bad("meta.layers is not a list of layer indices")
         if meta.get("version") != REFERENCE_VERSION:
             raise UserError(f"c3po={path}: reference version {meta.get('version')}, this moekit reads "
                             f"{REFERENCE_VERSION}")
-        return ref
+        n = len(embeddings) if embeddings.ndim else 0
+        if embeddings.shape != (n, EMBED_DIM) or not np.issubdtype(embeddings.dtype, np.floating):
+            raise bad(f"embeddings must be floats [N, {EMBED_DIM}], got {embeddings.dtype} {list(embeddings.shape)}")
+        if omegas.ndim != 3 or omegas.shape[:2] != (n, len(layers)) or not np.issubdtype(omegas.dtype, np.floating):
+            raise bad(f"omegas must be floats [N={n}, L={len(layers)}, E], got {omegas.dtype} {list(omegas.shape)}")
+        if not (np.isfinite(embeddings).all() and np.isfinite(omegas).all()):
+            raise bad("non-finite values")
+        return cls(embeddings, omegas, layers)
 
 
 def last_position_omegas(view, windows: list[np.ndarray], batch_size: int = 16):

@@ -14,6 +14,8 @@ Methods (a score per (layer, expert); the top N over all chosen layers are kept,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moekit.errors import UserError
@@ -70,6 +72,8 @@ def find(trace_a, trace_b, method: str = "risk-diff", layers: list[int] | None =
     if action not in ACTIONS:
         raise UserError(f"--action {action!r}: known actions {', '.join(ACTIONS)}")
     strength = default_strength if strength is None else strength
+    if not math.isfinite(strength):  # else the file fails to read back, naming --steer, not this option
+        raise UserError(f"--strength must be a finite number, got {strength}")
     if trace_a.num_experts != trace_b.num_experts or trace_a.layers != trace_b.layers:
         raise UserError("the two traces come from different models (MoE layers or expert counts differ)")
     chosen = steerable_layers(trace_a, layers)

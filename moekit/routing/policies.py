@@ -14,6 +14,7 @@ Options that take a layer range (`layers=a-b`) limit a selection policy to those
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -426,13 +427,15 @@ class Routing:
         before any weight is read."""
         _check_family(view, self.spec())
         for p in self.policies:
-            p.check(view)
+            with _named_source(p):
+                p.check(view)
         return self
 
     def bind(self, view) -> Routing:
         _check_family(view, self.spec())
         for p in self.policies:
-            p.bind(view)
+            with _named_source(p):
+                p.bind(view)
         self.bound_to = view
         return self
 
@@ -558,3 +561,16 @@ def _layers_opt(layers) -> str:
     if ls == list(range(ls[0], ls[-1] + 1)):
         return f",layers={ls[0]}-{ls[-1]}"
     return ",layers=" + "/".join(map(str, ls))
+
+
+@contextmanager
+def _named_source(policy: Policy):
+    """A policy read from a file (`--steer FILE` sets `policy.source`) names that file in its refusal: the user wrote
+    the file, not the spec the refusal quotes."""
+    try:
+        yield
+    except UserError as err:
+        source = getattr(policy, "source", None)
+        if source is None:
+            raise
+        raise UserError(f"{source}: {err}") from None

@@ -6,6 +6,7 @@ A malformed spec or file is a UserError of one line naming the known policies or
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from moekit.errors import UserError
@@ -79,7 +80,10 @@ def read_steering(path: Path) -> list[P.Policy]:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"--steer {path}: not JSON ({err})") from None
-    return policies_from_steering(doc, path)
+    policies = policies_from_steering(doc, path)
+    for p in policies:  # a refusal against the model names the file (policies.Routing.check)
+        p.source = f"--steer {path}"
+    return policies
 
 
 def policies_from_steering(doc, path) -> list[P.Policy]:
@@ -104,8 +108,8 @@ def policies_from_steering(doc, path) -> list[P.Policy]:
         if e.get("action") not in ACTIONS:
             raise bad(f"experts[{i}].action", f"must be one of {', '.join(ACTIONS)}, got {e.get('action')!r}")
         strength = e.get("strength", 0.0 if e["action"] in ("force", "mask") else None)
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength != strength:
-            raise bad(f"experts[{i}].strength", f"must be a number, got {strength!r}")
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+            raise bad(f"experts[{i}].strength", f"must be a finite number, got {strength!r}")
         key = (e["action"], float(strength) if e["action"] in ("steer", "scale") else 0.0)
         groups.setdefault(key, {}).setdefault(e["layer"], []).append(e["expert"])
     out = []

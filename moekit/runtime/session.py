@@ -61,6 +61,8 @@ class RuntimeOptions:
             raise UserError(f"--lowbit bits must be one of {', '.join(map(str, LOWBIT_WIDTHS))}, got {self.lowbit}")
         if self.lowbit_threshold < 0:
             raise UserError(f"--lowbit-threshold must be >= 0, got {self.lowbit_threshold}")
+        if self.device is not None and _device_kind(self.device) not in ("cpu", "cuda"):
+            raise UserError(f"--device {self.device!r}: use cpu or cuda (cuda:N for one GPU)")
         if self.device is not None and self.device != "cpu" and not torch.cuda.is_available():
             raise UserError(f"device {self.device!r} asked for, but torch sees no GPU here: leave it out (CPU)")
         if self.fiddler and self.resolved_device() != "cuda":
@@ -161,6 +163,13 @@ class Checked:
     predictor: object | None = None
 
 
+def _device_kind(device: str) -> str | None:
+    try:
+        return torch.device(device).type
+    except (RuntimeError, ValueError):  # "tpu", "gpu", "cuda:x": not a device torch knows
+        return None
+
+
 def check_offloaded(model, options: RuntimeOptions, *, tokenizer: bool = True) -> Checked:
     """Every check `open_offloaded` makes before it reads a weight or builds anything, in one line each: the store
     folder, the checkpoint (validate.open_checkpoint: config, headers, shapes, MoE layers, tokenizer; a config-only
@@ -184,13 +193,19 @@ def check_offloaded(model, options: RuntimeOptions, *, tokenizer: bool = True) -
         from moekit.runtime.eam import collection_from_trace
 
         eams = collection_from_trace(options.eam_trace)
-        check_eam(eams, skeleton)
+        try:
+            check_eam(eams, skeleton)
+        except UserError as err:  # name the file the user gave
+            raise UserError(f"--eam-trace {options.eam_trace}: {err}") from None
     predictor = None
     if options.predictor is not None:
         from moekit.runtime.predictor import load
 
-        predictor = load(options.predictor)
-        predictor.check(skeleton)
+        predictor = load(options.predictor)  # its messages name the file already
+        try:
+            predictor.check(skeleton)
+        except UserError as err:  # name the file the user gave
+            raise UserError(f"--predictor {options.predictor}: {err}") from None
     check_routing(options.parsed_routing(), skeleton)
     return Checked(skeleton, checkpoint.tokenizer, store, built, eams, predictor)
 

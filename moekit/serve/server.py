@@ -41,6 +41,8 @@ class ServeOptions:
             raise UserError(f"--port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("--api-key is empty: give a key, or leave the option out")
+        if self.served_name is not None and not self.served_name.strip():  # clients send it as `model`
+            raise UserError("--served-name is empty: give the name clients use, or leave it out (the folder's name)")
         if not self.is_loopback() and self.api_key is None and not self.allow_no_api_key:
             raise UserError(f"--host {self.host} exposes the server beyond this machine without an API key: pass "
                             f"--api-key KEY (or set MOEKIT_API_KEY), or --allow-no-api-key if that is intended")

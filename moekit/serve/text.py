@@ -56,17 +56,26 @@ class StopStrings:
         if not self.stops:
             return text
         buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = self._first(buf)
+        # the earliest position where a stop may still complete with the next text; a complete stop found after it
+        # ('B' in "::B" with stops B and ":B:") is not the first stop yet
+        pending = len(buf) - max((_overlap(buf, s) for s in self.stops), default=0)
+        if 0 <= cut <= pending:
             self.stopped, self.held = True, ""
             return buf[:cut]
-        keep = max((_overlap(buf, s) for s in self.stops), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        self.held = buf[pending:]
+        return buf[:pending]
 
     def flush(self) -> str:
         out, self.held = self.held, ""
+        cut = self._first(out)  # held text may hold a complete stop behind a pending longer one
+        if cut >= 0:
+            self.stopped = True
+            return out[:cut]
         return out
+
+    def _first(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -39,6 +39,8 @@ def import_sglang(dump: Path, out: Path, *, domain: str = "sglang", top_k: int |
     check_out(out, exist_ok=True)
     if top_k is not None:
         at_least("--top-k", top_k)
+    if not domain.strip():  # readers group and report tokens by this label
+        raise UserError("--domain is empty: give the imported tokens a label, e.g. --domain chat")
     data = _load(dump)
     if isinstance(data, dict) and "records" in data:
         convert = lambda folder: _import_per_token(data, dump, folder, domain, chunk_tokens)  # noqa: E731
