@@ -29,6 +29,9 @@ setup: $(STAMP)
 # under a memory budget, with LRU and with the predictive cache.
 demo: setup
 	$(MOEKIT) info $(DEMO_MODEL)
+	@# a demo trace from before the predictor cannot be resumed with it (its options differ): record it again
+	@if [ -f $(OUT)/demo-trace/manifest.json ] && ! grep -q '"predictor": {' $(OUT)/demo-trace/manifest.json; then \
+		echo "$(OUT)/demo-trace was recorded without the demo predictor: recording it again"; rm -rf $(OUT)/demo-trace; fi
 	$(MOEKIT) trace $(DEMO_MODEL) --data $(DEMO_DATA) --out $(OUT)/demo-trace --max-tokens 65536 --activation-stats --predictor $(DEMO_PREDICTOR) --resume
 	$(MOEKIT) analyze $(OUT)/demo-trace --out $(OUT)/demo-report.html
 	$(MOEKIT) simulate $(OUT)/demo-trace --policy lru,lfu,lfru,score,predictive,belady --capacity 1x,2x,4x
