@@ -317,7 +317,8 @@ class Engine:
         if seq.stops.stopped:
             self._finish(seq, "stop", [token], text, lps)
         elif len(seq.generated) >= seq.spec.max_tokens or len(seq.prompt) + len(seq.generated) >= self.max_len:
-            self._finish(seq, "length", [token], text + self._rest(seq), lps)
+            rest = self._rest(seq)  # the held-back text may hold a complete stop string (behind a longer pending one)
+            self._finish(seq, "stop" if seq.stops.stopped else "length", [token], text + rest, lps)
         else:
             self._emit(seq, Event(seq.spec.index, text, [token], lps))
 

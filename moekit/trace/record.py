@@ -219,8 +219,8 @@ def _reopen(out: Path, fresh: dict) -> dict:
     old["options"] = {**{k: v for k, v in defaults.items() if k not in old.get("options", {})}, **old.get("options", {})}
     for key in RESUME_KEYS:
         if old.get(key) != fresh.get(key):
-            raise UserError(f"cannot --resume {out}: its {key} differs from this run's (was {old.get(key)!r}); "
-                            f"rerun with the same model, data and options, or choose another --out")
+            raise UserError(f"cannot --resume {out}: its manifest's {key} differs from this run's (was "
+                            f"{old.get(key)!r}); rerun with the same model, data and options, or choose another --out")
     store.discard_temp_files(out)
     _drop_damaged_chunks(out, old, check_chunk)
     listed = {c["file"] for c in old["chunks"]}

@@ -163,6 +163,22 @@ def test_stop_token_ids_end_the_sequence(demo):
     assert out.tokens["r"] == ref[i][:cut] and out.finish["r"] == "stop"
 
 
+def test_a_stop_string_found_in_the_text_held_back_at_max_tokens_is_a_stop(demo):
+    """The last token completes a stop string y while a longer stop x + y + ... is still pending from x on, so y is
+    held back; at max_tokens the flushed text holds y: finish_reason is "stop" (not "length"), the text cut before y.
+    y is the shortest suffix of the unstopped text found nowhere earlier in it."""
+    om, ids, _ = demo
+    m, prompt = 12, ids[0]
+    out = Collect()
+    run_all(engine(om), {0: [("free", [SequenceSpec(prompt, m, GREEDY)], out.sink("free"))]})
+    full = out.text["free"]
+    n = next(n for n in range(1, len(full)) if full.find(full[-n:]) == len(full) - n)  # y: found only at the end
+    x, y = full[-n - 1], full[-n:]
+    run_all(engine(om), {0: [("r", [SequenceSpec(prompt, m, GREEDY, stop=[y, x + y + "\u0000"])], out.sink("r"))]})
+    assert out.finish["free"] == "length"
+    assert out.finish["r"] == "stop" and out.text["r"] == full[:-n], (x, y)
+
+
 @pytest.mark.parametrize("family, batched", [("qwen3_moe", True), ("deepseek_v3", True), ("gpt_oss", True),
                                              ("mimo_v2_flash", True), ("qwen3_next", False), ("minimax", False),
                                              ("deepseek_v32", False)])

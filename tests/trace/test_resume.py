@@ -92,9 +92,9 @@ def test_existing_output_needs_resume(setup):
 def test_resume_refuses_other_options_or_data(setup):
     model, data, tmp = setup
     _record(model, data, tmp / "t", _stop_after_chunks=1)
-    with pytest.raises(UserError, match="options differs"):
+    with pytest.raises(UserError, match="manifest.s options differs"):
         _record(model, data, tmp / "t", resume=True, options=TraceOptions(seq_len=16, chunk_tokens=48))
-    with pytest.raises(UserError, match="data differs"):
+    with pytest.raises(UserError, match="manifest.s data differs"):
         _record(model, data[:1], tmp / "t", resume=True)
 
 
