@@ -60,8 +60,10 @@ class ReplaySource:
         """Trace row where prompt p's replay begins: the first window holding rows[p] rows of the trace's domain
         p * D / n (D domains, in the order they were traced); of any domain when that one has no such window; row 0
         when no window is long enough (the replay then runs on into the next window)."""
+        from moekit.routing.replay import sequence_starts
+
         seq, names = self.trace.seq_id, self.trace.manifest.get("domain_names") or [""]
-        first = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])  # [S] first row of each window
+        first = sequence_starts(self.trace)  # [S] first row of each window
         length = np.diff(np.r_[first, seq.size])  # [S]
         domain = self.trace.domain[first] if len(names) > 1 else np.zeros(first.size, np.int64)  # [S]
         out = []
