@@ -1,7 +1,9 @@
 """Serving: `moekit serve` against `transformers serve --continuous-batching`, and batching over offloaded experts.
 
-    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (~40 min on 2 shared cores)
+    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (over 40 min on 2 shared cores)
     .venv/bin/python benchmarks/serve.py --setups memory --repeats 1
+    .venv/bin/python benchmarks/serve.py --setups offload --offload-models synthetic --offload-concurrency 1,16 \
+        --repeats 3 --max-tokens 32      # the replayed synthetic offload rows of docs/serving.md (~6 min)
 
 Setup 1, demo model in memory: moekit serve (--budget all: every expert stays resident once read; a warm-up pass reads
 them before any timing) and
@@ -50,10 +52,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2 as httpx  # the openai package's HTTP client (in the lock as its dependency)
 
@@ -62,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from _replay import ReplaySource, open_source, routing_source  # noqa: E402  (benchmarks/_replay.py)
 from moekit.routing.replay import sequence_starts  # noqa: E402
+
 DOMAINS = ["prose", "code", "math", "german", "french", "russian", "japanese", "dialogue"]
 SYNTH = {"hidden_size": 1024, "moe_intermediate_size": 512, "num_experts": 64, "num_experts_per_tok": 8,
          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,

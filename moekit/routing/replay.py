@@ -144,7 +144,7 @@ class Replay(Policy):
         """A per-sequence copy: the n-th made from the bound policy starts at traced sequence n mod S (the module
         docstring); an unbound copy (structure checks) takes no number."""
         r = Replay(self.path)
-        r._ids, r._starts, r._issued = self._ids, self._starts, self._issued  # read-only, shared
+        r._ids, r._starts, r._issued = self._ids, self._starts, self._issued  # shared (the ids read-only)
         if self._ids:
             start = int(self._starts[next(self._issued) % len(self._starts)])  # next(): atomic under the GIL
             r.cursor = {index: start for index in self._ids}
