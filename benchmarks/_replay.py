@@ -25,6 +25,7 @@ with the trace rows it replayed (benchmarks/_workload.py `locality_kept`).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,10 @@ class ReplaySource:
         """Trace row where prompt p's replay begins: the first window holding rows[p] rows of the trace's domain
         p * D / n (D domains, in the order they were traced); of any domain when that one has no such window; row 0
         when no window is long enough (the replay then runs on into the next window)."""
+        from moekit.routing.replay import sequence_starts
+
         seq, names = self.trace.seq_id, self.trace.manifest.get("domain_names") or [""]
-        first = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])  # [S] first row of each window
+        first = sequence_starts(self.trace)  # [S] first row of each window
         length = np.diff(np.r_[first, seq.size])  # [S]
         domain = self.trace.domain[first] if len(names) > 1 else np.zeros(first.size, np.int64)  # [S]
         out = []
@@ -111,3 +114,28 @@ class Replayed:
         for h in self._capture:
             h.remove()
         self.hooks.remove()
+
+
+# --synthetic-routing NAME[=VALUE] (offload.py, serve.py): name -> a function(work folder, value) giving the source the
+# routers follow (None: the model's own routers). `replay`: the demo model's held-out trace, recorded under --work on
+# first use; `replay=TRACE`: any recorded trace (yours: how would your model's routing behave offloaded at this size).
+ROUTING_SOURCES = {"own": None,
+                   "replay": lambda work, value: ReplaySource(Path(value) if value else demo_trace(work))}
+
+
+def routing_source(spec: str) -> str:
+    """argparse type of --synthetic-routing: the spec, checked (a trace folder must hold a trace)."""
+    name, eq, value = spec.partition("=")
+    if name not in ROUTING_SOURCES or (eq and name != "replay"):
+        raise argparse.ArgumentTypeError(f"{spec!r}: known: own, replay (the demo model's held-out trace), "
+                                         f"replay=TRACE (a trace folder written by `moekit trace`)")
+    if eq and not (Path(value) / "manifest.json").is_file():
+        raise argparse.ArgumentTypeError(f"{spec!r}: no trace at {value} (record one with `moekit trace MODEL --data "
+                                         f"... --out DIR`)")
+    return spec
+
+
+def open_source(spec: str, work: Path) -> ReplaySource | None:
+    """The source of a checked --synthetic-routing spec (None: the model's own routers)."""
+    name, _, value = spec.partition("=")
+    return ROUTING_SOURCES[name](work, value) if ROUTING_SOURCES[name] else None

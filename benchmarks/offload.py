@@ -64,14 +64,8 @@ sys.path.insert(0, str(ROOT))
 
 import moekit.models  # noqa: E402
 import moekit.runtime as rt  # noqa: E402
-from _replay import ReplaySource, demo_trace  # noqa: E402  (benchmarks/_replay.py)
+from _replay import ReplaySource, open_source, routing_source  # noqa: E402  (benchmarks/_replay.py)
 from _workload import locality, locality_kept, repetition, routing_reuse  # noqa: E402  (benchmarks/_workload.py)
-
-# --synthetic-routing NAME[=VALUE]: name -> a function(work folder, value) giving the source both systems' routers follow
-# (None: the model's own routers). `replay`: the demo model's held-out trace, recorded under --work on first use;
-# `replay=TRACE`: any recorded trace (yours: how would your model's routing behave offloaded at this size).
-ROUTING_SOURCES = {"own": None,
-                   "replay": lambda work, value: ReplaySource(Path(value) if value else demo_trace(work))}
 
 SYNTH = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 64, "num_experts_per_tok": 8,
          "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128,
@@ -346,8 +340,7 @@ def median_run(runs: list[dict]) -> dict:
 
 def bench(path: Path, work: Path, args, routing_name: str | None = None, repeats: int = 3) -> dict:
     prompts = prompts_for(path, moekit.models.load_config(path).vocab_size, args.prompts)
-    name, _, value = (routing_name or "own").partition("=")
-    routing = ROUTING_SOURCES[name](work, value) if ROUTING_SOURCES[name] else None
+    routing = open_source(routing_name or "own", work)
     rows_per_prompt = [p.shape[1] + args.new_tokens - 1 for p in prompts]  # prefill rows + one per fed-back token
     starts = routing.starts(len(prompts), rows_per_prompt) if routing is not None else None
     mk_runs, acc_runs, ratios, loads, bws, same, same_routing = [], [], [], [], [], [], []
@@ -563,17 +556,6 @@ def verdict(row: dict) -> str:
     if why:
         return f"DEGENERATE ({', '.join(why)})"
     return "ok (no loop, routing varies" + (", trace locality kept)" if rep is not None else ")")
-
-
-def routing_source(spec: str) -> str:
-    name, eq, value = spec.partition("=")
-    if name not in ROUTING_SOURCES or (eq and name != "replay"):
-        raise argparse.ArgumentTypeError(f"{spec!r}: known: own, replay (the demo model's held-out trace), "
-                                         f"replay=TRACE (a trace folder written by `moekit trace`)")
-    if eq and not (Path(value) / "manifest.json").is_file():
-        raise argparse.ArgumentTypeError(f"{spec!r}: no trace at {value} (record one with `moekit trace MODEL --data "
-                                         f"... --out DIR`)")
-    return spec
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Serving: `moekit serve` against `transformers serve --continuous-batching`, and batching over offloaded experts.
 
-    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (~40 min on 2 shared cores)
+    .venv/bin/python benchmarks/serve.py                  # both setups, 3 repeats (over 40 min on 2 shared cores)
     .venv/bin/python benchmarks/serve.py --setups memory --repeats 1
+    .venv/bin/python benchmarks/serve.py --setups offload --offload-models synthetic --offload-concurrency 1,16 \
+        --repeats 3 --max-tokens 32      # the replayed synthetic offload rows of docs/serving.md (~6 min)
 
 Setup 1, demo model in memory: moekit serve (--budget all: every expert stays resident once read; a warm-up pass reads
 them before any timing) and
@@ -20,11 +22,18 @@ Two workloads (--offload-models): `synthetic`, a Qwen3-MoE with 64 experts, top-
 issue's setup); and `demo`, the demo model (trained routing, 8 of each layer's 32 experts cached). Random weights loop
 under greedy decoding (the same tokens, the same routing, flattering hit rates), so the synthetic workload samples
 (temperature 1, seeded) from prompts of 32 random token ids, a different prompt per request; the distinct character
-4-gram fraction of the outputs is printed to show nothing loops. Its routers still route one sequence very
-consistently (the residual stream of a random model is dominated by slowly varying attention averages), so its
-concurrency-1 hit rate is far above a trained model's, which batching different sequences cannot keep: read its
-ratios with that in mind, and the demo workload's for trained routing. The routing source is swappable:
---offload-serve-args passes flags to that server (a replay routing policy, issue #13, plugs in there).
+4-gram fraction of the outputs is printed to show nothing loops. The synthetic model's routing comes from
+--synthetic-routing. Default `replay`: the trained demo model's routing on held-out text (the offload benchmark's
+4,096-token trace over the 8 demo-corpus domains, S = 27 windows of at most 256 tokens, recorded once under --work;
+benchmarks/_replay.py), served with `--routing replay=TRACE`: the demo's 32 experts top-4 map onto the synthetic 64
+top-8 as blocks of two, and the server's n-th sequence replays traced window n mod S (moekit/routing/replay.py), so
+concurrent sequences route like different users on different texts. Every concurrency then sends the same number of
+requests (the largest concurrency, at least --offload-requests-min), after untimed one-token requests that bring the
+server's count to a multiple of S: each measurement replays traced windows 0..15 (prose to japanese), the same ones
+at every concurrency and repeat, so concurrency 1 is not flattered by an easier subset. `own`: the random routers,
+which route one sequence almost statically (the residual stream of a random model is dominated by slowly varying
+attention averages; issue #18), so their concurrency-1 hit rate is far above a trained model's and batching looks
+worse than it is. Concurrencies are interleaved within each repeat (order alternating).
 Goal (issue #12): at 16, bytes per token <= 0.5x and tokens/s >= 3x their concurrency-1 values.
 
 Prints tables, the load average, and one JSON line at the end.
@@ -43,12 +52,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx  # the openai package's HTTP client (in the lock as its dependency)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _replay import ReplaySource, open_source, routing_source  # noqa: E402  (benchmarks/_replay.py)
+from moekit.routing.replay import sequence_starts  # noqa: E402
+
 DOMAINS = ["prose", "code", "math", "german", "french", "russian", "japanese", "dialogue"]
 SYNTH = {"hidden_size": 1024, "moe_intermediate_size": 512, "num_experts": 64, "num_experts_per_tok": 8,
          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
@@ -241,8 +256,21 @@ def memory_setup(args, env) -> dict:
     return out
 
 
-def offload_workloads(args) -> dict:
-    """name -> (checkpoint, 25% budget in bytes, prompts, sampling(i, rep), expert bytes, all experts' bytes)."""
+@dataclass
+class Workload:
+    """One offloaded workload: its checkpoint, 25% budget, prompts, sampling(i, rep), expert sizes, routing."""
+
+    model: Path
+    budget: int  # bytes
+    prompts: list
+    sampling: Callable[[int, int], dict]
+    expert_bytes: int
+    total: int  # all experts' bytes
+    how: str  # for the table's heading
+    replay: ReplaySource | None = None  # the server's --routing replay=TRACE (None: the model's own routers)
+
+
+def offload_workloads(args) -> dict[str, Workload]:
     out = {}
     if "synthetic" in args.offload_models:
         model = synthetic_checkpoint(args.work / "serve-synthetic")
@@ -250,44 +278,64 @@ def offload_workloads(args) -> dict:
         total = eb * SYNTH["num_experts"] * SYNTH["num_hidden_layers"]
         g = random.Random(0)  # distinct random-token prompts: each request routes its own way
         prompts = [[g.randrange(1, SYNTH["vocab_size"]) for _ in range(32)] for _ in range(64)]
-        out["synthetic"] = (model, total // 4, prompts, lambda i, rep: {"temperature": 1.0, "seed": 1000 * rep + i},
-                            eb, total)
+        source = open_source(args.synthetic_routing, args.work)
+        how = (f"routing replayed from {source.path} (each sequence its own traced sequence)" if source is not None
+               else "its own random routers")
+        out["synthetic"] = Workload(model, total // 4, prompts, lambda i, rep: {"temperature": 1.0,
+                                                                               "seed": 1000 * rep + i},
+                                    eb, total, f"sampling at temperature 1, random-token prompts, {how}", source)
     if "demo" in args.offload_models:  # trained routing: what batching does when routing is not random
         eb, total = 3 * 256 * 128 * 2, 3 * 256 * 128 * 2 * 32 * 4
-        out["demo"] = (ROOT / "demo" / "model", total // 4, demo_prompts(64), lambda i, rep: {"temperature": 0},
-                       eb, total)
+        out["demo"] = Workload(ROOT / "demo" / "model", total // 4, demo_prompts(64), lambda i, rep: {"temperature": 0},
+                               eb, total, "greedy, held-out text")
     return out
 
 
-def offload_setup(args, env, name, workload) -> dict:
-    model, budget, prompts, sampling, expert_bytes, total = workload
-    extra = ["--budget", str(budget), "--no-page-cache", "--store", str(args.work / f"serve-store-{name}"),
-             *shlex.split(args.offload_serve_args)]
-    srv = Server("moekit", moekit_cmd(model, args.port + 2, args, extra), f"http://127.0.0.1:{args.port + 2}",
-                 model.name, env)
-    out = {}
+def offload_setup(args, env, name, w: Workload) -> dict:
+    extra = ["--budget", str(w.budget), "--no-page-cache", "--store", str(args.work / f"serve-store-{name}"),
+             *(["--routing", w.replay.spec] if w.replay is not None else []), *shlex.split(args.offload_serve_args)]
+    srv = Server("moekit", moekit_cmd(w.model, args.port + 2, args, extra), f"http://127.0.0.1:{args.port + 2}",
+                 w.model.name, env)
+    # Replayed: the server's n-th sequence replays traced sequence n mod S (moekit/routing/replay.py). Every
+    # concurrency sends the same number of requests (the largest concurrency), and untimed one-token requests before
+    # each measurement bring the server's count to a multiple of S: every measurement replays traced sequences
+    # 0..most-1, the same users at every concurrency and repeat.
+    most = max(*args.offload_concurrency, args.offload_requests_min)
+    S = len(sequence_starts(w.replay.trace)) if w.replay is not None else 0
+    out = {c: {"runs": []} for c in args.offload_concurrency}
     try:
-        asyncio.run(run_load(srv, prompts[-2:], 2, 4, lambda i: sampling(i, 99)))
-        for c in args.offload_concurrency:
-            runs = []
-            for rep in range(args.repeats):
+        asyncio.run(run_load(srv, w.prompts[-2:], 2, 4, lambda i: w.sampling(i, 99)))
+        issued = 2  # sequences the server has numbered (the warm-up's)
+        for rep in range(args.repeats):
+            order = args.offload_concurrency if rep % 2 == 0 else args.offload_concurrency[::-1]  # interleaved
+            for c in order:
+                if S and issued % S:
+                    pad = S - issued % S
+                    asyncio.run(run_load(srv, w.prompts[:pad], min(pad, most), 1, lambda i: w.sampling(i, 99)))
+                    issued += pad
                 before = srv.metrics()
-                res = asyncio.run(run_load(srv, prompts[:max(c, args.offload_requests_min)], c, args.max_tokens,
-                                           lambda i, rep=rep: sampling(i, rep)))
+                n = most if S else max(c, args.offload_requests_min)
+                res = asyncio.run(run_load(srv, w.prompts[:n], c, args.max_tokens,
+                                           lambda i, rep=rep: w.sampling(i, rep)))
                 after = srv.metrics()
                 d = lambda k: after.get(k, 0) - before.get(k, 0)  # noqa: E731
                 hits, misses = d("moekit:expert_cache_hits_total"), d("moekit:expert_cache_misses_total")
                 res.update(bytes_per_token=d("moekit:expert_bytes_read_total") / max(1, res["tokens"]),
                            hit_rate=hits / max(1, hits + misses), load=loadavg(),
                            distinct_tokens=distinct_fraction(res["texts"], list))
-                runs.append(res)
+                if S:
+                    res["traced_sequences"] = sorted({(issued + k) % S for k in range(n)})
+                issued += n
+                out[c]["runs"].append(res)
                 print(f"  offload {name} c={c:<3} rep {rep} {res['tok_s']:8.2f} tok/s  "
                       f"{res['bytes_per_token'] / 1e6:7.2f} MB/token  hit rate {res['hit_rate']:.3f}  "
-                      f"load {res['load']}", flush=True)
-            out[c] = {"runs": runs}
+                      f"load {res['load']}"
+                      + (f"  replays {len(res['traced_sequences'])} of {S} traced sequences" if S else ""),
+                      flush=True)
     finally:
         srv.stop()
-    out["expert_mb"], out["experts_gb"], out["budget_mb"] = expert_bytes / 1e6, total / 1e9, budget / 1e6
+    out["expert_mb"], out["experts_gb"], out["budget_mb"] = w.expert_bytes / 1e6, w.total / 1e9, w.budget / 1e6
+    out["how"] = w.how
     return out
 
 
@@ -310,9 +358,8 @@ def print_memory(res: dict) -> None:
 
 
 def print_offload(name: str, res: dict) -> None:
-    how = "sampling at temperature 1, random-token prompts" if name == "synthetic" else "greedy, held-out text"
     print(f"\n{name} model offloaded: {res['experts_gb']:.3f} GB of experts ({res['expert_mb']:.2f} MB each), "
-          f"budget {res['budget_mb']:.1f} MB (25%), O_DIRECT reads, {how}")
+          f"budget {res['budget_mb']:.1f} MB (25%), O_DIRECT reads, {res['how']}")
     print(f"{'conc':>4}{'tok/s':>26}{'MB read/token':>16}{'hit rate':>10}{'distinct char 4-grams':>23}")
     base = None
     for c, row in res.items():
@@ -344,8 +391,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/moekit-serve-bench"))
     ap.add_argument("--offload-models", default="synthetic,demo",
                     help="offloaded workloads: synthetic (random weights) and/or demo (trained routing)")
-    ap.add_argument("--offload-serve-args", default="", help="extra `moekit serve` flags for the offloaded setup "
-                                                             "(e.g. a routing source)")
+    ap.add_argument("--synthetic-routing", default="replay", type=routing_source,
+                    help="the synthetic model's routing: replay (default: the demo model's routing on held-out text, "
+                         "recorded under --work, served with --routing replay=TRACE), replay=TRACE (any trace), own "
+                         "(its random routers: near-static, flattering hit rates)")
+    ap.add_argument("--offload-serve-args", default="", help="extra `moekit serve` flags for the offloaded setup")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MOEKIT_CACHE": str(args.work / "cache"),

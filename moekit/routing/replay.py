@@ -18,10 +18,20 @@ The mapping, trace (E_t experts, top-K_t, L_t MoE layers) -> model (E_m, K_m, L_
   (benchmarks/_workload.py `locality_kept` measures it for a run);
 - tokens: each layer reads the trace's tokens as one stream, T rows per router call, wrapping at its end.
 The weights are the model's own rule on the replayed set (its router's scores for those experts).
+
+Per sequence: the bound policy used as it is (`RoutingHooks.set_all(policy)`) reads the stream from row 0. Each
+per-sequence copy (`fresh()` / `Routing.for_prompt`, one per sequence: serve's choices, `moekit run`'s prompt) is
+numbered n = 0, 1, 2, ... in the order they are made from the bound policy, and starts at the first row of the trace's
+(n mod S)-th traced sequence (S traced sequences, in trace order); from there it reads on in order, into the next
+traced sequence when its own runs out. So the first sequence (`moekit run`'s one prompt) replays from row 0 as
+before, and concurrent sequences of a server replay different traced sequences (different users, different
+domains), not the same rows in lockstep: with one shared stream every sequence of a batch would route identically,
+a degenerate serving workload.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +67,12 @@ def map_ids(ids: np.ndarray, trace_experts: int, model_experts: int, model_k: in
                 picked.append(nxt)
         out[t] = picked
     return out
+
+
+def sequence_starts(trace) -> np.ndarray:
+    """[S] the first row of each traced sequence (rows of one sequence are contiguous, in trace order)."""
+    seq = trace.seq_id  # [T]
+    return np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]]) if seq.size else np.zeros(1, np.int64)
 
 
 def source_layer(i: int, trace_layers: int, model_layers: int) -> int:
@@ -112,16 +128,26 @@ class Replay(Policy):
         self.path = Path(self.path)
         if not (self.path / "manifest.json").is_file():
             raise UserError(f"replay={self.path}: no trace there (record one with `moekit trace MODEL --out DIR`)")
-        self._ids: dict[int, np.ndarray] = {}
+        self._ids: dict[int, np.ndarray] = {}  # decoder layer -> mapped ids [T, K_m]
+        self._starts = np.zeros(1, np.int64)  # [S] first row of each traced sequence
+        self._issued = itertools.count()  # per-sequence copies made from the bound policy (shared by its copies)
 
     def bind(self, view):
         import moekit.trace
 
-        self._ids = {index: ids for index, _, ids in mapped_layers(moekit.trace.open(self.path), view, self.spec())}
+        trace = moekit.trace.open(self.path)
+        self._ids = {index: ids for index, _, ids in mapped_layers(trace, view, self.spec())}
+        self._starts = sequence_starts(trace)
+        self._issued = itertools.count()
 
     def fresh(self):
+        """A per-sequence copy: the n-th made from the bound policy starts at traced sequence n mod S (the module
+        docstring); an unbound copy (structure checks) takes no number."""
         r = Replay(self.path)
-        r._ids = self._ids  # read-only, shared
+        r._ids, r._starts, r._issued = self._ids, self._starts, self._issued  # shared (the ids read-only)
+        if self._ids:
+            start = int(self._starts[next(self._issued) % len(self._starts)])  # next(): atomic under the GIL
+            r.cursor = {index: start for index in self._ids}
         return r
 
     def plan(self, layer, plan, span):

@@ -13,9 +13,11 @@ import torch
 import moekit.models
 import moekit.runtime as rt
 import moekit.trace
-from moekit.routing.replay import map_ids, map_weights, mapped_layers
+from moekit.routing.replay import map_ids, map_weights, mapped_layers, sequence_starts
 from moekit.runtime.simulate import simulate, with_bounds
 from moekit.runtime.hardware import load_profile
+from moekit.runtime.sampling import SamplingParams
+from moekit.serve.scheduler import Engine, EngineConfig, SequenceSpec
 from tests.helpers import run_cli
 from tests.trace.helpers import char_tokenizer, record_small_trace
 
@@ -70,6 +72,55 @@ def test_run_with_replay_follows_the_trace(trace_dir, bigger):
         got = np.concatenate(seen[index])
         assert got.shape == (ids.shape[1] + 4, 8)  # the prefill's rows, then one per fed-back token
         assert [set(r) for r in got.tolist()] == [set(r) for r in want[:len(got)].tolist()]
+    for h in hooks:
+        h.remove()
+    om.close()
+
+
+def test_served_sequences_replay_their_own_traced_sequences(trace_dir, bigger):
+    """Under a server-wide replay=TRACE each new sequence replays its own traced sequence (n mod S): one sequence
+    alone follows the trace from row 0 (as before); then two sequences packed in the same steps get different
+    expert ids, each its own traced sequence's rows (mapped), not the same rows in lockstep."""
+    om = rt.open_offloaded(bigger, rt.RuntimeOptions(budget="1GB", routing=f"replay={trace_dir}", threads=1))
+    eng = Engine(om.model, om.tokenizer, EngineConfig(max_batch=4, max_step_tokens=64), max_len=256,
+                 routing_hooks=om.routing_hooks)
+    calls = {m.index: [] for m in om.view.layers}  # per router call (one per step): the packed rows' ids
+    hooks = [m.router.register_forward_hook(lambda mod, a, out, m=m: calls[m.index].append(
+        m.parse_router_output(out)[2].numpy().copy())) for m in om.view.layers]
+    max_tokens = 6
+
+    def serve(prompts: list[str]) -> dict[int, list[np.ndarray]]:
+        """Each sequence's routed rows per layer. The first step packs the prompts (admission order), every later
+        one decodes one token of each sequence (the same order): docs of moekit/serve/scheduler.py."""
+        for c in calls.values():
+            c.clear()
+        ids = [om.tokenizer(p).input_ids for p in prompts]
+        for i, p in enumerate(ids):
+            eng.submit(f"r{i}", [SequenceSpec(p, max_tokens, SamplingParams(temperature=0),
+                                              routing=om.routing_policy.for_prompt(prompts[i]))], lambda events: None)
+        for _ in range(50):
+            if not eng.step():
+                break
+        edges = np.cumsum([0] + [len(p) for p in ids])
+        assert all(c[0].shape[0] == edges[-1] and all(len(step) == len(ids) for step in c[1:]) for c in calls.values())
+        return {index: [np.concatenate([c[0][edges[s]:edges[s + 1]], *(step[s:s + 1] for step in c[1:])])
+                        for s in range(len(ids))] for index, c in calls.items()}
+
+    trace = moekit.trace.open(trace_dir)
+    starts = sequence_starts(trace)
+    want = {index: ids for index, _, ids in mapped_layers(trace, om.view)}
+    assert np.diff(starts[:4]).min() >= 20  # sequences 0-2's stretches each inside its own traced window
+    alone = serve(["It was the best"])  # sequence 0
+    pair = serve(["It was the best", "The code runs"])  # sequences 1 and 2, in the same steps
+    as_sets = lambda a: [set(r) for r in a.tolist()]  # noqa: E731  (the order within a row is the router's)
+    for index in want:
+        got = alone[index][0]
+        assert got.shape[0] == len(om.tokenizer("It was the best").input_ids) + max_tokens - 1  # prompt, fed back
+        assert as_sets(got) == as_sets(want[index][:len(got)])  # row 0 on: what one sequence always replayed
+        a, b = pair[index]
+        assert as_sets(a) != as_sets(b[:len(a)])
+        for seq, rows in ((1, a), (2, b)):
+            assert as_sets(rows) == as_sets(want[index][starts[seq]:starts[seq] + len(rows)])
     for h in hooks:
         h.remove()
     om.close()
