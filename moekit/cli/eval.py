@@ -32,14 +32,14 @@ def eval_(
 
     from moekit.compress.evaluate import evaluate_path
     from moekit.routing import parse
-    from moekit.routing.calibrate import for_checkpoint
+    from moekit.routing.calibrate import batch_routing
     from moekit.routing.scmoe import parse_contrast
 
     at_least("--threads", threads, 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    contrast = parse_contrast(scmoe)  # before any weight is read
-    policy = for_checkpoint(parse(routing, steer), model, per_prompt=False, command="eval", causal=True)
+    # before any weight is read; check_evaluation checks both against the model's meta-device view
+    policy, contrast = batch_routing(parse(routing, steer)), parse_contrast(scmoe)
     if contrast is not None:
         from moekit.compress.evaluate import check_evaluation
 

@@ -170,6 +170,7 @@ def check_evaluation(path: Path, data: list[str], seq_len: int, max_tokens: int 
     routings = [r for r in routings if r is not None]
     if routings:
         meta = moekit.models.load(path, meta=True)
+        meta.require("eval", causal=True)  # the command's own refusal first: removing --routing would not fix it
         for routing in routings:
             check_routing(routing, meta)
     return sources

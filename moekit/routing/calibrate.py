@@ -8,7 +8,6 @@ the demo corpus's held-out text (every domain, 4,096 tokens each) or `--calib` d
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,26 +60,6 @@ def batch_routing(routing: Routing | None) -> Routing | None:
 
         raise UserError(f"{routing.spec()} adapts each prompt's last position: use it with `moekit run` or the "
                         f"Python API (benchmarks/routing.py measures it), not on whole evaluation or trace batches")
-    return routing
-
-
-def for_checkpoint(routing: Routing | None, model, *, per_prompt: bool = True, command: str | None = None,
-                   causal: bool = False) -> Routing | None:
-    """`routing` checked against the checkpoint folder `model` from its config alone (the model built on the meta
-    device): a family no policy applies to, a hash-routed or missing layer, an expert it does not have fail in one
-    line before any weight is read. per_prompt=False: C3PO is refused too (batch_routing). command / causal: the
-    command's own refusal first (MoEView.require), so that the line names what removing --routing would not fix."""
-    if routing is None:
-        return None
-    if not per_prompt:
-        batch_routing(routing)
-    if (Path(model) / "config.json").is_file():  # other folders are left to the loader that reads them
-        import moekit.models
-
-        skeleton = moekit.models.load(Path(model), meta=True)
-        if command is not None:
-            skeleton.require(command, causal=causal)
-        routing.check(skeleton)
     return routing
 
 
